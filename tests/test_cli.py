@@ -1,0 +1,79 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from turnrl.cli import main
+
+SMALL = ["--model.tiny-hidden", "32", "--model.tiny-layers", "1", "--model.tiny-heads", "2", "--model.tiny-ff", "64",
+         "--rollout.n-groups", "2", "--rollout.group-size", "2", "--rollout.max-turns", "2",
+         "--rollout.max-new-tokens", "6", "--sft.episodes", "8", "--sft.steps", "2", "--sft.batch-size", "4",
+         "--eval.episodes", "4", "--eval.k", "2", "--iterations", "1", "--no-progress"]
+
+
+def run(args, capsys):
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--preset", "quikstart"], "did you mean 'quickstart'"),
+    (["train", "--env.name", "sokobn"], "did you mean 'sokoban'"),
+    (["train", "--algo.filter-keep", "1.5"], "filter_keep"),
+    (["train", "--model.name", "/no/such/model"], "not found"),
+    (["eval", "/no/such/dir", "--env", "sokoban"], "not found"),
+    (["eval", "/no/such/dir"], "--env is required"),
+    (["train", "--resume", "/no/such/run"], "cannot resume"),
+    (["play", "nope"], "unknown environment"),
+    (["frobnicate"], "unknown command"),
+])
+def test_bad_input_exits_2_with_one_line(args, message, capsys, tmp_path):
+    code, _out, err = run(args + (["--out", str(tmp_path / "r")] if args[0] == "train" and "--resume" not in args else []), capsys)
+    assert code == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_invalid_field_value_exits_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "turnrl.cli", "train", "--rollout.n-groups", "many"],
+                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "100"})
+    assert proc.returncode == 2
+    assert "n-groups" in proc.stderr or "n_groups" in proc.stderr
+
+
+def test_unwritable_output_dir_exits_2(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _out, err = run(["train", "--out", str(blocker / "sub")] + SMALL, capsys)
+    assert code == 2 and "not writable" in err
+
+
+def test_envs_lists_builtins(capsys):
+    code, out, _ = run(["envs"], capsys)
+    assert code == 0
+    for name in ("bandit", "bandit_test", "frozen_lake", "sokoban"):
+        assert name in out
+
+
+def test_train_then_eval_reproduces(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    code, out, _ = run(["train", "--preset", "quickstart", "--out", str(out_dir)] + SMALL, capsys)
+    assert code == 0
+    assert "after_rl" in out and "untrained" in out and "after_sft" in out
+    saved = json.loads((out_dir / "eval.json").read_text())["after_rl"]
+    code, out, _ = run(["eval", str(out_dir)], capsys)
+    assert code == 0
+    result = json.loads(out)
+    # same weights, same held-out seeds, same sampling seed: the same number
+    assert result["success_rate"] == pytest.approx(saved["success_rate"])
+    assert result["mean_return"] == pytest.approx(saved["mean_return"])
+
+
+def test_play_reads_actions_from_stdin():
+    proc = subprocess.run([sys.executable, "-m", "turnrl.cli", "play", "bandit", "--seed", "1"],
+                          input="Dragon || Phoenix\n", capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "points" in proc.stdout or "Invalid" in proc.stdout

@@ -1,0 +1,129 @@
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from turnrl.config import (AlgoConfig, ConfigError, EnvConfig, EvalConfig, ModelConfig, OptimConfig, RolloutConfig,
+                           SFTConfig, TrainConfig)
+from turnrl.models import load_policy
+from turnrl.train import train
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
+
+
+def tiny_config(out, **over) -> TrainConfig:
+    cfg = TrainConfig(
+        model=ModelConfig(name="tiny", tiny_hidden=32, tiny_layers=1, tiny_heads=2, tiny_ff=64),
+        env=EnvConfig(name="frozen_lake_det", system_prompt=False),
+        rollout=RolloutConfig(n_groups=4, group_size=2, max_turns=2, max_actions_per_turn=1, max_new_tokens=6,
+                              max_context_tokens=256, think=False),
+        algo=AlgoConfig(estimator="grpo", filter="std", filter_keep=0.5),
+        optim=OptimConfig(lr=1e-3, warmup_steps=0),
+        sft=SFTConfig(episodes=16, epsilon=0.2, steps=3, batch_size=8),
+        eval=EvalConfig(episodes=4, k=2),
+        iterations=2, save_every=1, out=str(out), progress=False,
+    )
+    for key, value in over.items():
+        section, _, field = key.partition("__")
+        setattr(getattr(cfg, section), field, value) if field else setattr(cfg, section, value)
+    return cfg
+
+
+def weights(path):
+    policy = load_policy(str(path))
+    return {k: v.clone() for k, v in policy.lm.state_dict().items()}
+
+
+def test_two_iterations_write_everything_and_change_parameters(tmp_path):
+    cfg = tiny_config(tmp_path / "run")
+    evals = train(cfg, log=lambda *_: None)
+    run = tmp_path / "run"
+    for name in ("config.json", "metrics.jsonl", "eval.json", "final/config.json"):
+        assert (run / name).exists(), name
+    saved = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
+    assert saved == cfg
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [0, 1]
+    for key in ("rollout/success_rate", "rollout/mean_reward", "rollout/reward_std", "filter/kept_fraction",
+                "loss/policy", "loss/entropy", "actor/grad_norm", "perf/tokens_per_second"):
+        assert key in records[0]
+    assert set(evals) == {"untrained", "after_sft", "after_rl"}
+    for e in evals.values():
+        assert {"success_rate", "mean_return", "pass_at_k"} <= set(e)
+    assert json.loads((run / "eval.json").read_text()) == evals
+    # RL changed the weights: compare the checkpoint at the start of RL with the final model
+    start = weights(run / "checkpoints" / "ckpt-000000" / "model") if (run / "checkpoints" / "ckpt-000000").exists() else None
+    final = weights(run / "final")
+    ckpts = sorted((run / "checkpoints").iterdir())
+    assert len(ckpts) == cfg.keep_checkpoints  # older ones pruned
+    assert ckpts[-1].name == "ckpt-000002"
+    if start is not None:
+        assert any(not torch.equal(start[k], final[k]) for k in final)
+
+
+def test_every_metric_key_is_documented(tmp_path):
+    cfg = tiny_config(tmp_path / "run", iterations=1)
+    cfg.algo = AlgoConfig(estimator="gae", filter="none", kl_coef=0.01)  # logs loss/value and loss/kl too
+    cfg.sft.episodes = 0
+    train(cfg, log=lambda *_: None)
+    documented = set(re.findall(r"^\| `([^`]+)` \|", DOCS.read_text(), flags=re.M))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    written = set().union(*(r.keys() for r in records))
+    written |= set(json.loads((tmp_path / "run" / "eval.json").read_text())["after_rl"])
+    assert written - documented == set()
+    assert {"loss/value", "loss/kl"} <= written
+
+
+def test_ppo_with_value_head_runs_and_learns_values(tmp_path):
+    cfg = tiny_config(tmp_path / "run", iterations=2)
+    cfg.algo = AlgoConfig(estimator="gae", gamma=0.99, lam=0.95, filter="none")
+    train(cfg, log=lambda *_: None)
+    assert (tmp_path / "run" / "final" / "value_head.pt").exists()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss/value"] is not None and r["loss/value"] >= 0 for r in records)
+
+
+def test_resume_continues_from_checkpoint(tmp_path):
+    cfg = tiny_config(tmp_path / "run", iterations=1)
+    train(cfg, log=lambda *_: None)
+    cfg.iterations = 3
+    train(cfg, resume=True, log=lambda *_: None)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [0, 1, 2]
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    cfg = tiny_config(tmp_path / "run", iterations=1)
+    train(cfg, log=lambda *_: None)
+    cfg.algo.clip_high = 0.3
+    with pytest.raises(ConfigError, match="algo.clip_high"):
+        train(cfg, resume=True, log=lambda *_: None)
+
+
+def test_refuses_to_overwrite_a_run(tmp_path):
+    cfg = tiny_config(tmp_path / "run", iterations=1)
+    train(cfg, log=lambda *_: None)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(cfg, log=lambda *_: None)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(algo=dict(filter="std", filter_keep=1.0)), "keeps everything"),
+    (dict(algo=dict(estimator="grpo", gamma=0.9)), "only used by estimator 'gae'"),
+    (dict(rollout=dict(temperature=0.0)), "temperature"),
+    (dict(rollout=dict(format_penalty=0.5)), "penalty"),
+])
+def test_config_validation_names_the_fix(kwargs, message):
+    sections = {"algo": AlgoConfig, "rollout": RolloutConfig}
+    with pytest.raises(ConfigError, match=message):
+        for section, values in kwargs.items():
+            sections[section](**values)
+
+
+def test_unknown_env_fails_early(tmp_path):
+    cfg = tiny_config(tmp_path / "run")
+    cfg.env.name = "frozen_lak"
+    with pytest.raises(ConfigError, match="did you mean 'frozen_lake'"):
+        train(cfg, log=lambda *_: None)

@@ -1,0 +1,281 @@
+"""Policy / value losses and token-level helpers for LLM RL.
+
+All functions are pure. Shapes: ``B`` rows, ``T`` token positions, ``V`` vocab.
+``mask`` is ``(B, T)`` bool/float with 1 on model tokens that are trained on;
+per-token losses are returned as ``(B, T)`` matrices with 0 where mask == 0 and
+reduced with :func:`aggregate`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ppo_clip_loss",
+    "aggregate",
+    "kl_penalty",
+    "entropy_from_logits",
+    "token_logprobs",
+    "value_loss",
+    "gspo_loss",
+]
+
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+KL_KINDS = ("k1", "k2", "k3")
+# exp() of a log-ratio above this overflows nothing but produces useless
+# 1e8-sized ratios; verl clamps to the same +-20 window.
+_MAX_LOG_RATIO = 20.0
+
+
+def _bool_mask(mask: Tensor, like: Tensor) -> Tensor:
+    if mask.shape != like.shape:
+        raise ValueError(f"mask {tuple(mask.shape)} does not match {tuple(like.shape)}")
+    return mask != 0
+
+
+def _masked_mean_float(x: Tensor, m: Tensor) -> float:
+    n = int(m.sum())
+    return float(x.detach()[m].sum() / n) if n > 0 else 0.0
+
+
+def ppo_clip_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
+                  clip_low: float = 0.2, clip_high: float = 0.28,
+                  dual_clip: float | None = None) -> tuple[Tensor, dict]:
+    """Per-token PPO clipped surrogate loss with decoupled (clip-higher) and dual clipping.
+
+    Papers: Schulman et al., "Proximal Policy Optimization Algorithms"
+    (arXiv 1707.06347); clip-higher from Yu et al., "DAPO: An Open-Source LLM
+    Reinforcement Learning System at Scale" (arXiv 2503.14476); dual-clip from
+    Ye et al., "Mastering Complex Control in MOBA Games with Deep Reinforcement
+    Learning" (arXiv 1912.09729).
+
+        rho  = exp(logp - logp_old)
+        L    = max(-A * rho, -A * clip(rho, 1 - clip_low, 1 + clip_high))
+        dual: if A < 0, L = min(L, -dual_clip * A)
+
+    Args:
+        logprobs: ``(B, T)`` log-probs under the current policy (with grad).
+        old_logprobs: ``(B, T)`` log-probs under the behaviour policy.
+        advantages: ``(B, T)`` advantages broadcast to tokens.
+        mask: ``(B, T)`` 1 on trained tokens.
+        dual_clip: constant c > 1, or None to disable.
+    Returns:
+        ``(loss, stats)``: loss ``(B, T)`` (0 where mask == 0); stats floats
+        ``clip_frac`` (masked fraction where the clipped PPO branch is strictly
+        larger, i.e. the token gets no gradient from the ratio),
+        ``dual_clip_frac`` (masked fraction where the dual clip bound is active),
+        ``approx_kl`` (masked mean of old - new, the k1 estimator of KL(old||new)).
+    """
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    m = _bool_mask(mask, logprobs)
+    adv = advantages.detach()
+    # where() before exp so garbage (e.g. -inf) on padding cannot create nan/inf
+    # (gradient through the unselected branch is exactly 0).
+    log_ratio = torch.where(m, logprobs - old_logprobs.detach(), torch.zeros_like(logprobs))
+    ratio = torch.exp(log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
+    pg1 = -adv * ratio
+    pg2 = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    loss = torch.maximum(pg1, pg2)
+    clipped = (pg2 > pg1) & m
+    dual_active = torch.zeros_like(m)
+    if dual_clip is not None:
+        cap = -dual_clip * adv
+        dual_active = (adv < 0) & (loss > cap) & m
+        loss = torch.where(adv < 0, torch.minimum(loss, cap), loss)
+    loss = torch.where(m, loss, torch.zeros_like(loss))
+    n = int(m.sum())
+    stats = {
+        "clip_frac": float(clipped.sum()) / n if n else 0.0,
+        "dual_clip_frac": float(dual_active.sum()) / n if n else 0.0,
+        "approx_kl": _masked_mean_float(-log_ratio, m),
+    }
+    return loss, stats
+
+
+def aggregate(loss: Tensor, mask: Tensor, mode: str, *, num_seqs: int | None = None,
+              num_tokens: int | None = None) -> Tensor:
+    """Reduce a per-token loss ``(B, T)`` to a scalar, micro-batch additive.
+
+    Loss aggregation modes as compared in DAPO (arXiv 2503.14476, token-level
+    loss) and Dr.GRPO "Understanding R1-Zero-Like Training" (arXiv 2503.20783).
+
+    * ``"token-mean"``: sum of masked token losses / ``num_tokens``.
+    * ``"seq-mean-token-mean"``: sum over rows of (row's masked token mean) / ``num_seqs``.
+    * ``"seq-mean-token-sum"``: sum over rows of (row's masked token sum) / ``num_seqs``.
+
+    The denominators are NOT computed from the micro-batch when given: pass the
+    totals of the whole mini-batch so that summing the aggregated micro-batch
+    losses equals (value and gradient) aggregating the mini-batch at once. When
+    None they default to this batch's counts: ``num_tokens`` = number of masked
+    tokens, ``num_seqs`` = number of rows with at least one masked token.
+    Rows with no masked token contribute 0 to the numerator; they count in the
+    denominator only if the caller includes them in ``num_seqs``.
+
+    Args:
+        loss: ``(B, T)``; mask: ``(B, T)``.
+    Returns:
+        0-dim tensor (0 if the denominator is 0).
+    """
+    m = _bool_mask(mask, loss)
+    mf = m.to(loss.dtype)
+    masked = torch.where(m, loss, torch.zeros_like(loss))  # ignore nan/inf on padding
+    if mode == "token-mean":
+        denom = int(m.sum()) if num_tokens is None else num_tokens
+        return masked.sum() / max(denom, 1)
+    if mode in ("seq-mean-token-mean", "seq-mean-token-sum"):
+        tok = mf.sum(-1)
+        denom = int((tok > 0).sum()) if num_seqs is None else num_seqs
+        per_seq = masked.sum(-1)
+        if mode == "seq-mean-token-mean":
+            per_seq = per_seq / tok.clamp(min=1)
+        return per_seq.sum() / max(denom, 1)
+    raise ValueError(f"unknown aggregation mode {mode!r}; choose one of {AGG_MODES}")
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k3") -> Tensor:
+    """Per-token sample estimators of KL(pi || pi_ref) from tokens sampled from pi.
+
+    Reference: Schulman, "Approximating KL Divergence" (blog post, 2020); k3 is
+    the estimator used by GRPO (DeepSeekMath, arXiv 2402.03300).
+
+        k1 = logp - logp_ref                      (unbiased, high variance, can be < 0)
+        k2 = 0.5 * (logp - logp_ref)^2            (biased, >= 0)
+        k3 = exp(logp_ref - logp) - (logp_ref - logp) - 1   (unbiased, >= 0)
+
+    Args:
+        logprobs, ref_logprobs: same shape, e.g. ``(B, T)``.
+    Returns:
+        Tensor of the same shape (no masking; multiply/aggregate with your mask).
+    """
+    if kind == "k1":
+        return logprobs - ref_logprobs
+    if kind == "k2":
+        return 0.5 * (logprobs - ref_logprobs) ** 2
+    if kind == "k3":
+        d = ref_logprobs - logprobs
+        return torch.exp(d) - d - 1.0
+    raise ValueError(f"unknown KL estimator {kind!r}; choose one of {KL_KINDS}")
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of softmax(logits) over the last axis, numerically stable.
+
+    H = -sum_v p_v log p_v with log p = logits - logsumexp(logits) (log_softmax),
+    so no exp overflow for large logits. Entries with p == 0 (e.g. logits of
+    -inf) contribute 0 instead of 0 * -inf = nan.
+
+    Args:
+        logits: ``(..., V)``.
+    Returns:
+        ``(...)``.
+    """
+    logp = torch.log_softmax(logits, dim=-1)
+    p = logp.exp()
+    return -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1)
+
+
+def token_logprobs(logits: Tensor, targets: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """log softmax(logits / temperature) gathered at ``targets``.
+
+    Used by every policy-gradient method; the temperature must match sampling
+    so that log-probs are those of the behaviour policy.
+
+    Memory: processed one batch row at a time, so besides the input only a
+    ``(T, V)`` temporary exists in forward (autograd still saves the scaled
+    logits, i.e. at most one extra ``(B, T, V)`` tensor). Half / bfloat16
+    logits are upcast to float32 per row for an accurate logsumexp.
+
+    Args:
+        logits: ``(B, T, V)``; targets: ``(B, T)`` long token ids.
+    Returns:
+        ``(B, T)`` log-probabilities (float32 for half inputs, else logits' dtype).
+    """
+    if logits.dim() != 3 or targets.shape != logits.shape[:2]:
+        raise ValueError(f"expected logits (B, T, V) and targets (B, T), got "
+                         f"{tuple(logits.shape)} and {tuple(targets.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    out = []
+    for row, tgt in zip(logits, targets):
+        x = row.float() if row.dtype in (torch.float16, torch.bfloat16) else row
+        if temperature != 1.0:
+            x = x / temperature
+        picked = x.gather(-1, tgt.long().unsqueeze(-1)).squeeze(-1)
+        out.append(picked - torch.logsumexp(x, dim=-1))
+    if not out:
+        dt = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
+        return logits.new_zeros(logits.shape[:2], dtype=dt)
+    return torch.stack(out)
+
+
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, *,
+               clip: float | None = 0.2) -> Tensor:
+    """Per-token clipped value (critic) loss.
+
+    Paper: PPO (arXiv 1707.06347); value clipping as in the OpenAI baselines
+    implementation ("Implementation Matters in Deep Policy Gradients", arXiv 2005.12729).
+
+        L = 0.5 * max((v - R)^2, (old + clip(v - old, -c, c) - R)^2)
+
+    Taking the max keeps the update pessimistic: a value already moved more than
+    c away from ``old_values`` gets no gradient pulling it further.
+
+    Args:
+        values, old_values, returns, mask: ``(B, T)``; ``clip=None`` -> 0.5*(v-R)^2.
+    Returns:
+        ``(B, T)``, 0 where mask == 0.
+    """
+    m = _bool_mask(mask, values)
+    ret = returns.detach()
+    unclipped = (values - ret) ** 2
+    if clip is None:
+        loss = unclipped
+    else:
+        old = old_values.detach()
+        v_clip = old + (values - old).clamp(-clip, clip)
+        loss = torch.maximum(unclipped, (v_clip - ret) ** 2)
+    return torch.where(m, 0.5 * loss, torch.zeros_like(loss))
+
+
+def gspo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages_seq: Tensor, mask: Tensor, *,
+              clip_low: float, clip_high: float) -> tuple[Tensor, dict]:
+    """GSPO: PPO-style clipping on a length-normalised sequence importance ratio.
+
+    Paper: Zheng et al., "Group Sequence Policy Optimization" (arXiv 2507.18071).
+
+        s_i = exp( (1/|y_i|) * sum_t (logp_{i,t} - logp_old_{i,t}) )
+        L_i = max(-A_i * s_i, -A_i * clip(s_i, 1 - clip_low, 1 + clip_high))
+
+    The paper's clip ranges are tiny (e.g. 3e-4 / 4e-4) because s_i is a
+    geometric mean of token ratios. ``L_i`` is written on every masked token of
+    row i, so ``aggregate(loss, mask, "seq-mean-token-mean")`` gives exactly the
+    paper's objective (1/G) sum_i L_i (value and gradient).
+
+    Args:
+        logprobs, old_logprobs, mask: ``(B, T)``; advantages_seq: ``(B,)``.
+    Returns:
+        ``(loss, stats)``: loss ``(B, T)`` (0 where mask == 0), stats floats
+        ``clip_frac`` (fraction of non-empty rows clipped) and ``approx_kl``
+        (token-masked mean of old - new).
+    """
+    m = _bool_mask(mask, logprobs)
+    if advantages_seq.shape != logprobs.shape[:1]:
+        raise ValueError(f"advantages_seq must be (B,), got {tuple(advantages_seq.shape)}")
+    log_ratio = torch.where(m, logprobs - old_logprobs.detach(), torch.zeros_like(logprobs))
+    n_tok = m.sum(-1)
+    seq_log_ratio = log_ratio.sum(-1) / n_tok.clamp(min=1).to(log_ratio.dtype)
+    s = torch.exp(seq_log_ratio.clamp(max=_MAX_LOG_RATIO))
+    adv = advantages_seq.detach().to(s.dtype)
+    pg1 = -adv * s
+    pg2 = -adv * s.clamp(1.0 - clip_low, 1.0 + clip_high)
+    seq_loss = torch.maximum(pg1, pg2)
+    loss = torch.where(m, seq_loss[:, None].expand_as(log_ratio), torch.zeros_like(log_ratio))
+    rows = n_tok > 0
+    n_rows = int(rows.sum())
+    stats = {
+        "clip_frac": float(((pg2 > pg1) & rows).sum()) / n_rows if n_rows else 0.0,
+        "approx_kl": _masked_mean_float(-log_ratio, m),
+    }
+    return loss, stats

@@ -1,0 +1,99 @@
+"""Atomic checkpoints and the run directory's append-only metrics log.
+
+A checkpoint is written into a temporary directory and renamed into place, so a crash while saving
+leaves the previous checkpoint intact; only the newest `keep` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CKPT_PREFIX = "ckpt-"
+
+
+def rng_state(generators: dict[str, torch.Generator]) -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "generators": {name: g.get_state() for name, g in generators.items()},
+    }
+
+
+def set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    for name, g in generators.items():
+        g.set_state(state["generators"][name])
+
+
+def save_checkpoint(run_dir: Path, step: int, policy, optimizer, scheduler, state: dict,
+                    generators: dict[str, torch.Generator], keep: int) -> Path:
+    """Saves model, optimizer, scheduler, RNG states and `state` (phase, iteration) atomically."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{CKPT_PREFIX}{step:06d}"
+    tmp = root / f".tmp-{CKPT_PREFIX}{step:06d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    policy.save(tmp / "model")
+    torch.save({"optimizer": optimizer.state_dict() if optimizer else None,
+                "scheduler": scheduler.state_dict() if scheduler else None,
+                "rng": rng_state(generators)}, tmp / "trainer.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith(CKPT_PREFIX) and (p / "state.json").exists())
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, flushed and fsynced per record."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        records = []
+        for line in self.path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a torn last line from a crash: drop it
+                break
+        return records
+
+    def truncate_to(self, records: list[dict]) -> None:
+        """Rewrites the log with `records` (drops a torn tail or iterations after the resumed checkpoint)."""
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, self.path)
+
+    def append(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())

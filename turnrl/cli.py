@@ -1,0 +1,233 @@
+"""Command line: `turnrl train | eval | play | envs`.
+
+`turnrl train` builds its flags from the config dataclasses (tyro), so every field can be overridden,
+e.g. `turnrl train --preset quickstart --algo.clip-high 0.3 --rollout.n-groups 8`.
+Bad input exits with status 2 and a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+USAGE = """usage: turnrl <command> [options]
+
+commands:
+  train   train an agent:   turnrl train [--preset NAME] [--out DIR] [--iterations N] [--resume DIR] [field overrides]
+  eval    evaluate a run or model:   turnrl eval RUN_DIR_OR_MODEL [--env NAME] [--episodes N] [--k K]
+  play    play an environment yourself in the terminal:   turnrl play ENV [--seed S]
+  envs    list the registered environments
+
+`turnrl <command> --help` shows the options of a command."""
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _fail(message: str) -> int:
+    print(f"turnrl: error: {message}", file=sys.stderr)
+    return 2
+
+
+def cmd_train(argv: list[str]) -> int:
+    import tyro
+
+    from turnrl.config import PRESETS, TrainConfig, get_preset
+    from turnrl.train import train
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default=None)
+    pre.add_argument("--resume", default=None)
+    known, rest = pre.parse_known_args(argv)
+    if known.resume:
+        run_dir = Path(known.resume)
+        if not (run_dir / "config.json").exists():
+            raise UsageError(f"cannot resume {str(run_dir)!r}: no config.json there (not a turnrl run directory)")
+        base = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+        if known.preset:
+            base = get_preset(known.preset)
+        base.out = str(run_dir)
+    else:
+        base = get_preset(known.preset or "quickstart")
+    description = (f"Train an agent. --preset NAME picks the starting config (known: {', '.join(PRESETS)}; "
+                   "default quickstart); --resume DIR continues a run from its newest checkpoint.")
+    cfg = _parse_config(TrainConfig, base, rest, description)
+    if known.resume:
+        cfg.out = str(Path(known.resume))
+    evals = train(cfg, resume=bool(known.resume))
+    _print_evals(evals, Path(cfg.out))
+    return 0
+
+
+def _parse_config(cls, base, args: list[str], description: str):
+    """tyro parsing, with its multi-line error panels folded into one line (exit status 2)."""
+    import io
+    import re
+    from contextlib import redirect_stderr, redirect_stdout
+
+    import tyro
+
+    captured = io.StringIO()
+    try:
+        with redirect_stderr(captured), redirect_stdout(captured):
+            return tyro.cli(cls, default=base, args=args, prog="turnrl train", description=description)
+    except SystemExit as exit_:
+        text = captured.getvalue()
+        if exit_.code in (0, None):  # --help
+            print(text, end="")
+            raise
+        lines = [re.sub(r"[\u2500-\u257f│─╭╮╰╯]", " ", line).strip() for line in text.splitlines()]
+        lines = [line for line in lines if line and not line.startswith("For full helptext")]
+        message = re.sub(r"-{3,}", " ", " ".join(lines)).split("Argument helptext")[0]
+        raise UsageError(" ".join(message.split()) or "invalid arguments") from None
+
+
+def _print_evals(evals: dict, run_dir: Path) -> None:
+    print(f"\nHeld-out evaluation ({run_dir / 'eval.json'}):")
+    print(f"  {'point':<10} {'success':>8} {'greedy':>8} {'return':>8} {'pass@k':>8}")
+    for name in ("untrained", "after_sft", "after_rl"):
+        if name in evals:
+            e = evals[name]
+            greedy = "-" if e.get("greedy_success_rate") is None else f"{e['greedy_success_rate']:.3f}"
+            print(f"  {name:<10} {e['success_rate']:>8.3f} {greedy:>8} {e['mean_return']:>8.3f} {e['pass_at_k']:>8.3f}"
+                  f"   (T={e['temperature']}, {e['episodes']} seeds x {e['k']})")
+    if "after_rl" in evals and "after_sft" in evals:
+        gain = evals["after_rl"]["success_rate"] - evals["after_sft"]["success_rate"]
+        print(f"  RL gain (after_rl - after_sft success): {gain:+.3f}")
+
+
+def cmd_eval(argv: list[str]) -> int:
+    from turnrl.config import EnvConfig, ModelConfig, TrainConfig
+    from turnrl.evaluate import evaluate
+    from turnrl.train import build_policy, check_env_config
+
+    p = argparse.ArgumentParser(prog="turnrl eval", description="Evaluate a training run (its final model) or a model on held-out seeds.")
+    p.add_argument("target", help="a turnrl run directory or a model (directory or hub id)")
+    p.add_argument("--env", default=None, help="environment (default: the run's evaluation env)")
+    p.add_argument("--episodes", type=int, default=None, help="held-out start states (seeds 0..N-1)")
+    p.add_argument("--k", type=int, default=None, help="samples per start state (pass@k)")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=None, help="also report greedy success")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--out", default=None, help="write the result as JSON here")
+    args = p.parse_args(argv)
+
+    target = Path(args.target)
+    if (target / "config.json").exists() and ((target / "final").is_dir() or (target / "checkpoints").is_dir()):
+        cfg = TrainConfig.from_dict(json.loads((target / "config.json").read_text()))
+        model_dir = target / "final"
+        if not model_dir.is_dir():
+            from turnrl.checkpoint import latest_checkpoint
+            ckpt = latest_checkpoint(target)
+            if ckpt is None:
+                raise UsageError(f"run {str(target)!r} has no final model and no checkpoint yet")
+            model_dir = ckpt / "model"
+        model_name = str(model_dir)
+    else:
+        if args.env is None:
+            raise UsageError("--env is required when evaluating a model rather than a run directory")
+        cfg = TrainConfig(model=ModelConfig(name=args.target), env=EnvConfig(name=args.env))
+        model_name = None
+    if args.env:
+        cfg.env.name, cfg.env.eval_name = args.env, None
+    check_env_config(cfg)
+    policy = build_policy(cfg, model_name)
+    result, _ = evaluate(policy, cfg, episodes=args.episodes, k=args.k, temperature=args.temperature,
+                         greedy=args.greedy, seed=args.seed)
+    payload = {"env": cfg.env.eval_name or cfg.env.name, "model": model_name or args.target, **result.to_dict()}
+    print(json.dumps(payload, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(payload, indent=2))
+    return 0
+
+
+def cmd_play(argv: list[str]) -> int:
+    from turnrl.envs import make
+    from turnrl.parsing import ACTION_SEP
+
+    p = argparse.ArgumentParser(prog="turnrl play", description="Play an environment in the terminal. "
+                                "Type an action (or several separated by '||'); Ctrl-D quits.")
+    p.add_argument("env")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kwargs", default="{}", help="env constructor arguments as JSON")
+    args = p.parse_args(argv)
+    try:
+        kwargs = json.loads(args.kwargs)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"--kwargs is not valid JSON: {err.msg}") from err
+    env = make(args.env, **kwargs)
+    print(env.system_prompt(), "\n")
+    obs, _ = env.reset(seed=args.seed)
+    total = 0.0
+    while True:
+        print(obs)
+        try:
+            line = input(f"actions [{', '.join(env.available_actions())}]> ")
+        except EOFError:
+            print()
+            break
+        done = False
+        for action in [a.strip() for a in line.split(ACTION_SEP) if a.strip()]:
+            obs, reward, terminated, truncated, info = env.step(action)
+            total += reward
+            print(f"reward {reward:+.2f}  (total {total:+.2f})")
+            if terminated or truncated:
+                print(obs)
+                print(f"episode over: {'success' if info.get('success') else 'failure'}, return {total:+.2f}")
+                done = True
+                break
+        if done:
+            break
+    env.close()
+    return 0
+
+
+def cmd_envs(argv: list[str]) -> int:
+    from turnrl.envs import env_summary, list_envs
+
+    argparse.ArgumentParser(prog="turnrl envs", description="List the registered environments.").parse_args(argv)
+    names = list_envs()
+    width = max(len(n) for n in names)
+    for name in names:
+        print(f"{name:<{width}}  {env_summary(name)}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "play": cmd_play, "envs": cmd_envs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        import difflib
+        close = difflib.get_close_matches(command, COMMANDS, n=1)
+        return _fail(f"unknown command {command!r}" + (f"; did you mean {close[0]!r}?" if close else "") +
+                     f" (commands: {', '.join(COMMANDS)})")
+    from turnrl.config import ConfigError
+    from turnrl.models import ModelLoadError
+
+    try:
+        return COMMANDS[command](rest)
+    except (ConfigError, ModelLoadError, UsageError) as err:
+        return _fail(str(err))
+    except ValueError as err:  # unknown env names and bad env arguments from the registry
+        from turnrl.envs import UnknownEnvError
+        if isinstance(err, UnknownEnvError) or "environment" in str(err):
+            return _fail(str(err))
+        raise
+    except KeyboardInterrupt:
+        print("\nturnrl: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as exit_:  # --help of a subcommand
+        return exit_.code if isinstance(exit_.code, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

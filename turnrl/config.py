@@ -1,0 +1,289 @@
+"""Typed configuration: one dataclass per concern, nested in `TrainConfig`, plus named presets.
+
+Every config validates itself in `__post_init__` and fails with a message that says what to change.
+A setting that would silently do nothing is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+# Seed ranges never overlap: evaluation uses [0, TRAIN_SEED_BASE), RL rollouts and SFT demos use
+# disjoint ranges above it, so no held-out episode is ever trained on.
+EVAL_SEED_LIMIT = 1_000_000
+TRAIN_SEED_BASE = 1_000_000
+SFT_SEED_BASE = 500_000_000
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"  # "tiny" (built-in ~1M Llama, tokenizer built in code), a local model dir, or a hub id
+    gguf_file: str | None = None  # GGUF file inside `name` (a directory), e.g. SmolLM2's
+    tiny_hidden: int = 128  # tiny model: hidden size
+    tiny_layers: int = 4  # tiny model: number of layers
+    tiny_heads: int = 4  # tiny model: attention heads
+    tiny_ff: int = 512  # tiny model: MLP width
+
+    def __post_init__(self):
+        _check(bool(self.name), "model.name is empty: give 'tiny', a model directory or a hub id")
+        _check(self.tiny_hidden % self.tiny_heads == 0, "model.tiny_hidden must be divisible by model.tiny_heads")
+
+
+@dataclass
+class EnvConfig:
+    name: str = "sokoban"  # registered env name or 'package.module:Class'
+    kwargs: dict[str, str | int | float | bool] = field(default_factory=dict)  # constructor arguments of the env
+    eval_name: str | None = None  # env used for held-out evaluation (default: same as name), e.g. bandit_test
+    system_prompt: bool = True  # show the env's rules as a system message (tiny models may skip it)
+
+    def __post_init__(self):
+        _check(bool(self.name), "env.name is empty")
+
+
+@dataclass
+class RolloutConfig:
+    n_groups: int = 8  # env groups per iteration (distinct start states)
+    group_size: int = 16  # episodes per group (same seed, same start state)
+    max_turns: int = 5  # model replies per episode
+    max_actions_per_turn: int = 5  # actions kept from one '<answer>A || B</answer>'
+    max_new_tokens: int = 100  # tokens the model may generate per turn
+    max_context_tokens: int = 3600  # episode length limit; overflow truncates the episode
+    temperature: float = 1.0  # sampling temperature during training rollouts
+    top_p: float = 1.0  # nucleus sampling during rollouts
+    think: bool = True  # reply format '<think>..</think><answer>..</answer>'; False: '<answer>..</answer>' only
+    format_penalty: float = -0.1  # added to a turn whose reply does not parse or holds an invalid action
+    gen_batch_size: int = 128  # episodes per generation batch
+
+    def __post_init__(self):
+        for name in ("n_groups", "group_size", "max_turns", "max_actions_per_turn", "max_new_tokens", "gen_batch_size"):
+            _check(getattr(self, name) >= 1, f"rollout.{name} must be >= 1, got {getattr(self, name)}")
+        _check(self.temperature > 0, f"rollout.temperature must be > 0, got {self.temperature}")
+        _check(0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        _check(self.max_context_tokens > self.max_new_tokens,
+               "rollout.max_context_tokens must exceed rollout.max_new_tokens")
+        _check(self.format_penalty <= 0, f"rollout.format_penalty is a penalty and must be <= 0, got {self.format_penalty}")
+
+
+@dataclass
+class AlgoConfig:
+    estimator: Literal["grpo", "dr_grpo", "rloo", "gae"] = "grpo"  # advantage estimator; gae trains a value head (PPO)
+    gamma: float = 1.0  # GAE discount (gae only)
+    lam: float = 1.0  # GAE lambda (gae only)
+    filter: Literal["std", "none"] = "std"  # StarPO-S: keep the groups with the highest reward std
+    filter_keep: float = 0.25  # fraction of groups kept by the std filter
+    drop_zero_std: bool = False  # also drop groups whose rewards are all equal (no learning signal)
+    clip_low: float = 0.2  # PPO ratio clip below 1
+    clip_high: float = 0.28  # PPO ratio clip above 1 (clip-higher, DAPO)
+    dual_clip: float | None = None  # dual-clip constant (> 1) for negative advantages; None = off
+    kl_coef: float = 0.0  # KL penalty to a frozen reference (k-estimator below); 0 = off, no reference kept
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # KL estimator when kl_coef > 0
+    entropy_coef: float = 0.001  # entropy bonus
+    vf_coef: float = 0.5  # value loss weight (gae only)
+    value_clip: float = 0.2  # value clipping range (gae only)
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"  # loss aggregation
+    epochs: int = 1  # passes over each batch
+    minibatches: int = 1  # optimizer steps per epoch
+
+    def __post_init__(self):
+        _check(0 < self.filter_keep <= 1, f"algo.filter_keep must be in (0, 1], got {self.filter_keep}")
+        _check(not (self.filter == "std" and self.filter_keep == 1.0 and not self.drop_zero_std),
+               "algo.filter='std' with filter_keep=1.0 keeps everything: set algo.filter='none' or lower filter_keep")
+        _check(self.estimator == "gae" or (self.gamma == 1.0 and self.lam == 1.0),
+               f"algo.gamma/lam are only used by estimator 'gae', not {self.estimator!r}: remove them or use gae")
+        _check(self.clip_low > 0 and self.clip_high > 0, "algo.clip_low and algo.clip_high must be > 0")
+        _check(self.dual_clip is None or self.dual_clip > 1, "algo.dual_clip must be > 1 (or None)")
+        _check(self.kl_coef >= 0, "algo.kl_coef must be >= 0")
+        _check(self.epochs >= 1 and self.minibatches >= 1, "algo.epochs and algo.minibatches must be >= 1")
+        _check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "algo.gamma and algo.lam must be in [0, 1]")
+
+    @property
+    def needs_critic(self) -> bool:
+        return self.estimator == "gae"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6  # learning rate of RL updates (RAGEN actor default)
+    warmup_steps: int = 10  # linear warm-up of the RL learning rate, in optimizer steps
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping
+    micro_batch_tokens: int = 16384  # padded tokens per forward/backward micro-batch (memory bound)
+    bf16: bool = False  # bf16 autocast for training forwards (fp32 master weights)
+
+    def __post_init__(self):
+        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _check(self.micro_batch_tokens >= 64, "optim.micro_batch_tokens must be >= 64")
+        _check(self.max_grad_norm > 0, "optim.max_grad_norm must be > 0")
+
+
+@dataclass
+class SFTConfig:
+    episodes: int = 0  # solver demonstration episodes for the warm start; 0 = no SFT
+    epsilon: float = 0.0  # probability of a random action in a demonstration (noisy demos)
+    steps: int = 500  # SFT optimizer steps
+    batch_size: int = 64  # demonstrations per SFT step
+    lr: float = 1e-3  # SFT peak learning rate (cosine decay to 10%)
+    bf16: bool = True  # bf16 autocast for SFT forwards (about 2x faster on CPUs with bf16 support)
+
+    def __post_init__(self):
+        _check(self.episodes >= 0, "sft.episodes must be >= 0")
+        _check(0 <= self.epsilon <= 1, f"sft.epsilon must be in [0, 1], got {self.epsilon}")
+        _check(self.steps >= 1 and self.batch_size >= 1, "sft.steps and sft.batch_size must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    episodes: int = 128  # held-out start states per evaluation
+    k: int = 4  # samples per start state (pass@k)
+    temperature: float = 1.0  # sampling temperature of the evaluation
+    greedy: bool = True  # also report greedy (temperature 0) success
+    seed: int = 1234  # sampling seed of the evaluation (the env seeds are fixed: 0..episodes-1)
+
+    def __post_init__(self):
+        _check(1 <= self.episodes < EVAL_SEED_LIMIT, f"eval.episodes must be in [1, {EVAL_SEED_LIMIT})")
+        _check(self.k >= 1, "eval.k must be >= 1")
+        _check(self.temperature > 0, "eval.temperature must be > 0 (use eval.greedy for temperature 0)")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    iterations: int = 200  # RL iterations
+    seed: int = 0  # seed of model init, sampling and the RL seed stream
+    out: str = "runs/latest"  # run directory (config.json, metrics.jsonl, eval.json, checkpoints/, final/)
+    save_every: int = 10  # checkpoint every N iterations (and at the end)
+    keep_checkpoints: int = 2  # checkpoints kept on disk
+    threads: int = 0  # torch threads; 0 = all cores
+    progress: bool = True  # show a progress bar
+
+    def __post_init__(self):
+        _check(self.iterations >= 0, f"iterations must be >= 0, got {self.iterations}")
+        _check(self.save_every >= 1 and self.keep_checkpoints >= 1, "save_every and keep_checkpoints must be >= 1")
+        _check(self.threads >= 0, "threads must be >= 0")
+        kept = self.rollout.n_groups * self.algo.filter_keep if self.algo.filter == "std" else self.rollout.n_groups
+        _check(kept >= 0.5, f"algo.filter_keep={self.algo.filter_keep} keeps no group of rollout.n_groups={self.rollout.n_groups}")
+        _check(not (self.algo.estimator != "dr_grpo" and self.algo.estimator != "gae" and self.rollout.group_size < 2),
+               f"estimator {self.algo.estimator!r} compares episodes within a group: rollout.group_size must be >= 2")
+        _check(not (self.algo.filter == "std" and self.rollout.group_size < 2),
+               "algo.filter='std' ranks groups by reward std: rollout.group_size must be >= 2")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        parts = {f.name: f.type for f in dataclasses.fields(cls)}
+        nested = {"model": ModelConfig, "env": EnvConfig, "rollout": RolloutConfig, "algo": AlgoConfig,
+                  "optim": OptimConfig, "sft": SFTConfig, "eval": EvalConfig}
+        kwargs = {}
+        for key, value in data.items():
+            if key not in parts:
+                raise ConfigError(f"unknown config field {key!r}")
+            kwargs[key] = nested[key](**value) if key in nested else value
+        return cls(**kwargs)
+
+
+def diff_configs(a: TrainConfig, b: TrainConfig, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Dotted names of the fields that differ (used to refuse resuming with another config)."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and k != "kwargs":
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+    fa, fb = flat(a.to_dict()), flat(b.to_dict())
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k) and k not in ignore)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Presets
+# ---------------------------------------------------------------------------------------------------
+
+def quickstart() -> TrainConfig:
+    """Tiny model, SFT warm start on noisy solver demos, then StarPO-S (GRPO + std filter) on
+    deterministic FrozenLake; about 10 minutes on 2 CPU cores."""
+    return TrainConfig(
+        model=ModelConfig(name="tiny"),
+        env=EnvConfig(name="frozen_lake_det", system_prompt=False),
+        rollout=RolloutConfig(n_groups=16, group_size=8, max_turns=8, max_actions_per_turn=1, max_new_tokens=8,
+                              max_context_tokens=1024, think=False, format_penalty=-0.1),
+        algo=AlgoConfig(estimator="grpo", filter="std", filter_keep=0.5, drop_zero_std=True,
+                        loss_agg="seq-mean-token-mean", entropy_coef=0.0),
+        optim=OptimConfig(lr=1e-4, warmup_steps=10),
+        sft=SFTConfig(episodes=3000, epsilon=0.5, steps=600, batch_size=64, lr=1e-3),
+        eval=EvalConfig(episodes=128, k=4, temperature=1.0),
+        iterations=60,
+        out="runs/quickstart",
+    )
+
+
+def ragen_sokoban_05b() -> TrainConfig:
+    """RAGEN v1 defaults (Qwen2.5-0.5B-Instruct, 8 groups x 16, 5 turns, 5 actions/turn, 200 iterations,
+    StarPO-S top-25% std filter, clip 0.2/0.28, no KL). For GPU machines."""
+    return TrainConfig(
+        model=ModelConfig(name="Qwen/Qwen2.5-0.5B-Instruct"),
+        env=EnvConfig(name="sokoban"),
+        rollout=RolloutConfig(n_groups=8, group_size=16, max_turns=5, max_actions_per_turn=5, max_new_tokens=100,
+                              max_context_tokens=3600, think=True),
+        algo=AlgoConfig(estimator="gae", filter="std", filter_keep=0.25, entropy_coef=0.001),
+        optim=OptimConfig(lr=1e-6, warmup_steps=0, bf16=True, micro_batch_tokens=8192),
+        eval=EvalConfig(episodes=256, k=1, temperature=0.5, greedy=False),
+        iterations=200,
+        out="runs/ragen-sokoban-0.5b",
+    )
+
+
+def bandit_tiny() -> TrainConfig:
+    """A one-turn bandit with the tiny model: SFT on uniformly random arm choices (format only),
+    then GRPO must discover the better arm. Small enough for tests."""
+    return TrainConfig(
+        model=ModelConfig(name="tiny", tiny_hidden=64, tiny_layers=2, tiny_heads=4, tiny_ff=256),
+        env=EnvConfig(name="bandit", eval_name="bandit", system_prompt=False),
+        rollout=RolloutConfig(n_groups=16, group_size=8, max_turns=1, max_actions_per_turn=1, max_new_tokens=8,
+                              max_context_tokens=256, think=False),
+        algo=AlgoConfig(estimator="grpo", filter="none", loss_agg="seq-mean-token-mean", entropy_coef=0.0),
+        optim=OptimConfig(lr=3e-4, warmup_steps=0),
+        sft=SFTConfig(episodes=512, epsilon=1.0, steps=80, batch_size=64, lr=3e-3),
+        eval=EvalConfig(episodes=128, k=1, temperature=1.0, greedy=False),
+        iterations=30,
+        out="runs/bandit-tiny",
+    )
+
+
+PRESETS = {
+    "quickstart": quickstart,
+    "ragen-sokoban-0.5b": ragen_sokoban_05b,
+    "bandit-tiny": bandit_tiny,
+}
+
+
+def get_preset(name: str) -> TrainConfig:
+    if name not in PRESETS:
+        import difflib
+        close = difflib.get_close_matches(name, PRESETS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown preset {name!r}{hint} (known: {', '.join(PRESETS)})")
+    return PRESETS[name]()

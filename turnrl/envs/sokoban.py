@@ -1,0 +1,311 @@
+"""Sokoban with our own room generator (random-walk topology + reverse play)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import deque
+
+from .base import Env, StepResult
+from .solvers import SOKOBAN_ACTIONS, sokoban_solve
+
+WALL, FLOOR, TARGET, BOX, BOX_ON_TARGET, PLAYER, PLAYER_ON_TARGET = "#", "_", "O", "X", "√", "P", "S"
+STEP_PENALTY, BOX_ON_REWARD, BOX_OFF_PENALTY, SOLVED_REWARD = -0.1, 1.0, -1.0, 10.0
+FLOOR_FRACTION = 0.6  # share of interior cells carved into floor, as in gym-sokoban rooms
+MAX_ROOM_ATTEMPTS = 200
+
+State = tuple[int, frozenset]  # (player cell, box cells); cells are flat indices r * width + c
+
+
+def _carve_floor(dim: int, rng: random.Random) -> set[int]:
+    """Random walk over the interior; direction changes keep the room from being one corridor."""
+    lo, hi = 1, dim - 2
+    wanted = max(3, round(FLOOR_FRACTION * (dim - 2) ** 2))
+    r, c = rng.randint(lo, hi), rng.randint(lo, hi)
+    dr, dc = rng.choice(((-1, 0), (1, 0), (0, -1), (0, 1)))
+    floor = {r * dim + c}
+    for _ in range(100 * dim * dim):
+        if len(floor) >= wanted:
+            break
+        if rng.random() < 0.35:
+            dr, dc = rng.choice(((-1, 0), (1, 0), (0, -1), (0, 1)))
+        if lo <= r + dr <= hi and lo <= c + dc <= hi:
+            r, c = r + dr, c + dc
+            floor.add(r * dim + c)
+        else:
+            dr, dc = rng.choice(((-1, 0), (1, 0), (0, -1), (0, 1)))
+    return floor
+
+
+def _displacement(boxes: frozenset, targets: tuple[int, ...], width: int) -> int:
+    """Manhattan distance of the boxes from the targets under the best box-target matching."""
+    def dist(a: int, b: int) -> int:
+        return abs(a // width - b // width) + abs(a % width - b % width)
+
+    if len(targets) <= 4:
+        return min(sum(dist(b, t) for b, t in zip(perm, targets)) for perm in itertools.permutations(boxes))
+    return sum(min(dist(b, t) for t in targets) for b in boxes)  # cheap bound for many boxes
+
+
+def _reverse_search(floor: set[int], targets: frozenset, width: int, max_depth: int) -> dict[State, int]:
+    """BFS over reverse moves (the player walks back or pulls a box) from every solved state.
+
+    Starting from all player positions with the boxes on the targets makes the BFS depth of
+    a state exactly its optimal forward solution length, so capping the depth bounds the
+    puzzle's difficulty without a separate solver call per candidate.
+    """
+    deltas = (-width, width, -1, 1)
+    depth: dict[State, int] = {(p, targets): 0 for p in sorted(floor) if p not in targets}
+    queue = deque(depth)
+    while queue:
+        state = queue.popleft()
+        d = depth[state]
+        if d >= max_depth:
+            continue
+        player, boxes = state
+        for delta in deltas:
+            step = player + delta
+            if step not in floor or step in boxes:
+                continue
+            successors = [(step, boxes)]
+            pulled = player - delta
+            if pulled in boxes:  # the box behind the player follows it
+                successors.append((step, (boxes - {pulled}) | {player}))
+            for new in successors:
+                if new not in depth:
+                    depth[new] = d + 1
+                    queue.append(new)
+    return depth
+
+
+def generate_room(dim: int, num_boxes: int, max_solution_len: int, rng: random.Random):
+    """Return (walls, targets, boxes, player, solution) for a dim x dim room; deterministic in rng."""
+    for _ in range(MAX_ROOM_ATTEMPTS):
+        sub = random.Random(rng.getrandbits(64))  # a fresh sub-seed per attempt
+        floor = _carve_floor(dim, sub)
+        if len(floor) < num_boxes + 2:
+            continue
+        targets = frozenset(sub.sample(sorted(floor), num_boxes))
+        depths = _reverse_search(floor, targets, dim, max_solution_len)
+        target_order = tuple(sorted(targets))
+        scored = [(s, _displacement(s[1], target_order, dim)) for s, d in depths.items() if d >= 1]
+        if not scored:
+            continue  # e.g. targets where no box can be pulled away
+        best = max(score for _, score in scored)
+        player, boxes = sub.choice([s for s, score in scored if score == best])
+        walls = frozenset(range(dim * dim)) - floor
+        solution = sokoban_solve(walls, dim, player, boxes, targets)
+        if solution is not None and 1 <= len(solution) <= max_solution_len:
+            return walls, targets, boxes, player, solution
+    raise RuntimeError(f"could not generate a {dim}x{dim} room with {num_boxes} box(es); try a larger dim")
+
+
+class SokobanEnv(Env):
+    """Sokoban: push every box onto a target in a randomly generated room.
+
+    Observation:
+        The room, one row per line: `#` wall, `_` empty, `O` target, `X` box,
+        `√` box on target, `P` player, `S` player on target.
+    Actions:
+        Up, Down, Left, Right (case-insensitive). Walking into a box pushes it if the cell
+        behind it is free; boxes cannot be pulled.
+    Rewards:
+        -0.1 per valid action (also when bumping into a wall), +1.0 for pushing a box onto a
+        target, -1.0 for pushing one off, +10.0 when all boxes are on targets; summed per
+        step (the solving push gives -0.1 + 1 + 10 = 10.9).
+    Episode end:
+        Terminated (success) when all boxes are on targets; truncated after `max_steps`
+        valid actions. Invalid actions do not use up the step budget.
+    Arguments:
+        dim: room side including the border walls (6). num_boxes: boxes/targets (1).
+        max_steps: action budget (10). max_solution_len: generated rooms have an optimal
+        solution of at most this many moves (default: max_steps).
+        `SokobanEnv.from_layout(text)` builds a fixed room from the symbol grid.
+    """
+
+    name = "sokoban"
+    action_names = SOKOBAN_ACTIONS
+
+    def __init__(self, dim: int = 6, num_boxes: int = 1, max_steps: int = 10, max_solution_len: int | None = None):
+        if dim < 4:
+            raise ValueError(f"dim must be >= 4 (border walls plus interior), got {dim}")
+        if num_boxes < 1:
+            raise ValueError(f"num_boxes must be >= 1, got {num_boxes}")
+        if round(FLOOR_FRACTION * (dim - 2) ** 2) < num_boxes + 2:
+            raise ValueError(f"a {dim}x{dim} room has too little floor for {num_boxes} box(es)")
+        if max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+        self.dim, self.num_boxes, self.max_steps = dim, num_boxes, max_steps
+        self.max_solution_len = max_steps if max_solution_len is None else max_solution_len
+        if self.max_solution_len < 1:
+            raise ValueError(f"max_solution_len must be >= 1, got {self.max_solution_len}")
+        self._fixed_layout: str | None = None
+        self._width = self._height = 0
+        self._walls: frozenset[int] = frozenset()
+        self._targets: frozenset[int] = frozenset()
+        self._boxes: frozenset[int] = frozenset()
+        self._player = 0
+        self._steps = 0
+        self._terminated = self._truncated = False
+        self._plan: dict[State, str] = {}  # state -> next expert action along the cached plan
+
+    @classmethod
+    def from_layout(cls, text: str, max_steps: int = 10) -> "SokobanEnv":
+        """A fixed room parsed from RAGEN symbols, e.g. "#####\\n#P X O#\\n#####" with '_' floors.
+
+        The room must be enclosed by walls, have one player ('P' or 'S'), as many boxes as
+        targets, and not be solved already. `reset()` always returns to this room.
+        """
+        parsed = _parse_layout(text)
+        env = cls(dim=max(4, parsed[0], parsed[1]), num_boxes=len(parsed[4]), max_steps=max_steps)
+        env._fixed_layout = text
+        env.reset(seed=0)
+        return env
+
+    # ------------------------------------------------------------------ gym API
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[str, dict]:
+        options = dict(options or {})
+        layout = options.pop("layout", self._fixed_layout)
+        if options:
+            raise ValueError(f"unknown reset option(s) {sorted(options)}; supported: layout")
+        rng = random.Random(self._next_episode_seed(seed))
+        self._plan = {}
+        if layout is not None:
+            self._height, self._width, self._walls, self._targets, self._boxes, self._player = _parse_layout(layout)
+        else:
+            self._height = self._width = self.dim
+            walls, targets, boxes, player, solution = generate_room(self.dim, self.num_boxes, self.max_solution_len, rng)
+            self._walls, self._targets, self._boxes, self._player = walls, targets, boxes, player
+            self._remember_plan(solution)  # generation already solved it: seed the expert cache
+        self._steps = 0
+        self._terminated = self._truncated = False
+        return self.render(), {"max_steps": self.max_steps}
+
+    def step(self, action: str) -> StepResult:
+        if not self._width:
+            raise RuntimeError("call reset() before step()")
+        if self._terminated or self._truncated:
+            return self._after_done_step(self._terminated, self._truncated, self._terminated)
+        name = self._match_action(action)
+        if name is None:
+            return self._invalid_step(action)
+
+        delta = self._delta(name)
+        before_on = len(self._boxes & self._targets)
+        old = (self._player, self._boxes)
+        nxt = self._player + delta
+        if nxt in self._boxes:
+            beyond = nxt + delta
+            if beyond not in self._walls and beyond not in self._boxes:
+                self._boxes = (self._boxes - {nxt}) | {beyond}
+                self._player = nxt
+        elif nxt not in self._walls:
+            self._player = nxt
+        self._steps += 1
+
+        after_on = len(self._boxes & self._targets)
+        reward = STEP_PENALTY
+        if after_on > before_on:
+            reward += BOX_ON_REWARD
+        elif after_on < before_on:
+            reward += BOX_OFF_PENALTY
+        if after_on == len(self._targets):
+            reward += SOLVED_REWARD
+            self._terminated = True
+        elif self._steps >= self.max_steps:
+            self._truncated = True
+        info = {
+            "success": self._terminated,
+            "action_valid": True,
+            "action_effective": (self._player, self._boxes) != old,
+            "boxes_on_target": after_on,
+            "steps_left": self.max_steps - self._steps,
+        }
+        # round(): keep 10.9 printing as 10.9 rather than 10.899999999999999
+        return StepResult(self.render(), round(reward, 6), self._terminated, self._truncated, info)
+
+    def render(self) -> str:
+        rows = []
+        for r in range(self._height):
+            row = []
+            for cell in range(r * self._width, (r + 1) * self._width):
+                on_target = cell in self._targets
+                if cell in self._walls:
+                    row.append(WALL)
+                elif cell == self._player:
+                    row.append(PLAYER_ON_TARGET if on_target else PLAYER)
+                elif cell in self._boxes:
+                    row.append(BOX_ON_TARGET if on_target else BOX)
+                else:
+                    row.append(TARGET if on_target else FLOOR)
+            rows.append("".join(row))
+        return "\n".join(rows)
+
+    def system_prompt(self) -> str:
+        return (
+            "You are solving the Sokoban puzzle. Push every box onto a target.\n"
+            "Symbols: # wall, _ empty floor, O target, X box, √ box on target, "
+            "P you, S you standing on a target.\n"
+            "Actions: Up, Down, Left, Right. You move one cell; walking into a box pushes it "
+            "one cell if the cell behind it is free. You cannot pull boxes, so avoid pushing "
+            "a box into a corner.\n"
+            f"Each move costs 0.1; pushing a box onto a target gives +1, off a target -1, and "
+            f"solving the puzzle gives +10. You have at most {self.max_steps} moves.\n"
+            "Answer with one action inside <answer>...</answer>, e.g. <answer>Up</answer>."
+        )
+
+    def expert_action(self) -> str:
+        state = (self._player, self._boxes)
+        if not self._width or self._terminated or self._truncated:
+            return SOKOBAN_ACTIONS[0]
+        if state not in self._plan:  # first call, or the agent left the cached plan
+            plan = sokoban_solve(self._walls, self._width, self._player, self._boxes, self._targets)
+            if plan is None:
+                return SOKOBAN_ACTIONS[0]  # unsolvable (deadlock): any valid action
+            self._remember_plan(plan)
+        return self._plan[state]
+
+    # ------------------------------------------------------------------ internals
+
+    def _delta(self, name: str) -> int:
+        return {"Up": -self._width, "Down": self._width, "Left": -1, "Right": 1}[name]
+
+    def _remember_plan(self, plan: list[str]) -> None:
+        """Map every state along `plan` (from the current state) to its next action."""
+        self._plan = {}
+        player, boxes = self._player, self._boxes
+        for name in plan:
+            self._plan[(player, boxes)] = name
+            delta = self._delta(name)
+            nxt = player + delta
+            if nxt in boxes:
+                boxes = (boxes - {nxt}) | {nxt + delta}
+            if nxt not in self._walls:
+                player = nxt
+
+
+def _parse_layout(text: str):
+    """Parse a symbol grid into (height, width, walls, targets, boxes, player)."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines or len({len(line) for line in lines}) != 1:
+        raise ValueError("layout must be a non-empty rectangle of symbols")
+    height, width = len(lines), len(lines[0])
+    cells = "".join(lines)
+    allowed = {WALL, FLOOR, TARGET, BOX, BOX_ON_TARGET, PLAYER, PLAYER_ON_TARGET}
+    if set(cells) - allowed:
+        raise ValueError(f"unknown symbol(s) {sorted(set(cells) - allowed)}; allowed: {''.join(sorted(allowed))}")
+    border = lines[0] + lines[-1] + "".join(line[0] + line[-1] for line in lines)
+    if set(border) != {WALL}:
+        raise ValueError("layout must be enclosed by walls '#'")
+    find = lambda *symbols: frozenset(i for i, ch in enumerate(cells) if ch in symbols)  # noqa: E731
+    players = find(PLAYER, PLAYER_ON_TARGET)
+    boxes = find(BOX, BOX_ON_TARGET)
+    targets = find(TARGET, BOX_ON_TARGET, PLAYER_ON_TARGET)
+    if len(players) != 1:
+        raise ValueError(f"layout needs exactly one player ('P' or 'S'), found {len(players)}")
+    if not boxes or len(boxes) != len(targets):
+        raise ValueError(f"layout needs as many boxes as targets (>= 1); got {len(boxes)} and {len(targets)}")
+    if boxes == targets:
+        raise ValueError("layout is already solved")
+    return height, width, find(WALL), targets, boxes, next(iter(players))

@@ -1,0 +1,97 @@
+"""Held-out evaluation: success rate, mean return and pass@k on fixed evaluation seeds.
+
+Evaluation seeds are 0..episodes-1; training never uses a seed below `config.TRAIN_SEED_BASE`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from turnrl.config import EVAL_SEED_LIMIT, TrainConfig
+from turnrl.engines import HFEngine, SamplingParams
+from turnrl.envs import make
+from turnrl.rollout import ChatRenderer, RolloutSettings, Trajectory, run_episodes
+
+
+def renderer_for(policy, cfg: TrainConfig) -> ChatRenderer:
+    env = make(cfg.env.name, **cfg.env.kwargs)
+    system = env.system_prompt() if cfg.env.system_prompt else None
+    env.close()
+    return ChatRenderer(policy.tokenizer, system_prompt=system, response_prefix="<think>" if cfg.rollout.think else "<answer>")
+
+
+def settings_for(cfg: TrainConfig) -> RolloutSettings:
+    r = cfg.rollout
+    return RolloutSettings(max_turns=r.max_turns, max_actions_per_turn=r.max_actions_per_turn,
+                           max_new_tokens=r.max_new_tokens, max_context_tokens=r.max_context_tokens,
+                           think=r.think, format_penalty=r.format_penalty)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    success_rate: float
+    mean_return: float
+    pass_at_k: float
+    k: int
+    episodes: int
+    temperature: float
+    valid_turn_rate: float
+    mean_turns: float
+    greedy_success_rate: float | None = None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def summarize(trajs: list[Trajectory], k: int) -> dict[str, float]:
+    groups: dict[int, list[Trajectory]] = {}
+    for t in trajs:
+        groups.setdefault(t.seed, []).append(t)
+    turns = sum(t.num_turns for t in trajs)
+    return {
+        "success_rate": sum(t.success for t in trajs) / len(trajs),
+        "mean_return": sum(t.total_reward for t in trajs) / len(trajs),
+        "pass_at_k": sum(any(t.success for t in g) for g in groups.values()) / len(groups),
+        "valid_turn_rate": sum(t.valid_turns for t in trajs) / max(1, turns),
+        "mean_turns": turns / len(trajs),
+    }
+
+
+def evaluate(policy, cfg: TrainConfig, *, env_name: str | None = None, episodes: int | None = None,
+             k: int | None = None, temperature: float | None = None, greedy: bool | None = None,
+             seed: int | None = None) -> tuple[EvalResult, list[Trajectory]]:
+    """Plays `episodes` held-out start states `k` times each with the policy (sampling at `temperature`).
+
+    Arguments default to `cfg.eval`; the env defaults to `cfg.env.eval_name` or `cfg.env.name`.
+    Returns the summary and the sampled trajectories (for logs).
+    """
+    e = cfg.eval
+    env_name = env_name or cfg.env.eval_name or cfg.env.name
+    episodes = e.episodes if episodes is None else episodes
+    k = e.k if k is None else k
+    temperature = e.temperature if temperature is None else temperature
+    greedy = e.greedy if greedy is None else greedy
+    if not 1 <= episodes < EVAL_SEED_LIMIT:
+        raise ValueError(f"episodes must be in [1, {EVAL_SEED_LIMIT})")
+    gen = torch.Generator().manual_seed(e.seed if seed is None else seed)
+    engine = HFEngine(policy.lm, eos_token_id=policy.eos_token_id, pad_token_id=policy.pad_token_id,
+                      batch_size=cfg.rollout.gen_batch_size, generator=gen)
+    renderer = renderer_for(policy, cfg)
+    settings = settings_for(cfg)
+    seeds = list(range(episodes))
+    make_env = lambda: make(env_name, **cfg.env.kwargs)  # noqa: E731
+    params = SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=temperature)
+    trajs = run_episodes(engine, renderer, make_env, seeds, k, settings, params, env_name=env_name)
+    summary = summarize(trajs, k)
+    greedy_rate = None
+    if greedy:
+        g = run_episodes(engine, renderer, make_env, seeds, 1, settings,
+                         SamplingParams(max_new_tokens=settings.max_new_tokens, greedy=True), env_name=env_name)
+        greedy_rate = summarize(g, 1)["success_rate"]
+    result = EvalResult(success_rate=summary["success_rate"], mean_return=summary["mean_return"],
+                        pass_at_k=summary["pass_at_k"], k=k, episodes=episodes, temperature=temperature,
+                        valid_turn_rate=summary["valid_turn_rate"], mean_turns=summary["mean_turns"],
+                        greedy_success_rate=greedy_rate)
+    return result, trajs

@@ -1,0 +1,189 @@
+"""Policies: any Hugging Face causal LM, or a tiny built-in model with a tokenizer built in code.
+
+Both go through the same code path (``load_policy``): a ``transformers`` causal LM, a fast tokenizer
+with a chat template, and an optional value head on the shared trunk (PPO critic without a second
+model in memory).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# The special tokens of the built-in tokenizer follow ChatML, so the tiny model and real chat models
+# (Qwen, SmolLM2) see the same conversation shape.
+IM_START, IM_END, PAD = "<|im_start|>", "<|im_end|>", "<|pad|>"
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Whole-word tokens the tiny model would otherwise have to spell character by character. They are
+# ordinary (non-special) tokens: decoding keeps them, and any other text still tokenises byte by byte.
+TINY_WORDS = (
+    "<think>", "</think>", "<answer>", "</answer>", " || ", "user", "assistant", "system",
+    "Up", "Down", "Left", "Right",
+)
+
+
+class ModelLoadError(ValueError):
+    """The model could not be found or loaded (bad path, hub id offline, unsupported file)."""
+
+
+def build_tiny_tokenizer():
+    """A byte-level tokenizer built in code (no download): 256 byte tokens, ChatML specials, a few words.
+
+    Byte-level BPE with no merges means every string round-trips (no unknown token), so env text with
+    any Unicode symbol (Sokoban's √) is representable. Built with the `tokenizers` library, wrapped as
+    a `PreTrainedTokenizerFast` so it saves/loads like any Hugging Face tokenizer.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(byte_alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (IM_START, IM_END, PAD)])
+    tok.add_tokens([AddedToken(w, special=False, normalized=False) for w in TINY_WORDS])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token=PAD)
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 512
+    max_positions: int = 2048
+
+
+def build_tiny_lm(tokenizer, spec: TinyModelSpec = TinyModelSpec(), seed: int = 0):
+    """A small Llama-style causal LM, randomly initialised from `seed` (about 1M parameters)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_heads,
+        max_position_embeddings=spec.max_positions,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    # Initialise from a private generator state so building a model never disturbs the caller's RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model
+
+
+class Policy(nn.Module):
+    """A causal LM plus an optional scalar value head on the last hidden state (shared trunk)."""
+
+    def __init__(self, lm: nn.Module, tokenizer, *, value_head: bool = False):
+        super().__init__()
+        self.lm = lm
+        self.tokenizer = tokenizer
+        hidden = lm.config.hidden_size
+        self.value_head = nn.Linear(hidden, 1) if value_head else None
+        if self.value_head is not None:
+            # Start the critic at zero so the first advantages equal the raw returns (no random bias).
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return self.tokenizer.eos_token_id if pad is None else pad
+
+    def forward(self, input_ids, attention_mask=None, *, with_values: bool = False):
+        """Returns (logits (B, T, V), values (B, T) or None)."""
+        out = self.lm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_hidden_states=with_values,
+            use_cache=False,
+        )
+        values = None
+        if with_values:
+            if self.value_head is None:
+                raise ValueError("this policy has no value head; build it with value_head=True")
+            values = self.value_head(out.hidden_states[-1]).squeeze(-1).float()
+        return out.logits, values
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Writes a Hugging Face model directory (+ value_head.pt) that `load_policy` reads back."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.lm.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        if self.value_head is not None:
+            torch.save(self.value_head.state_dict(), directory / "value_head.pt")
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(p and not p.startswith(".") for p in parts) and not os.path.exists(name)
+
+
+def load_policy(name: str, *, value_head: bool = False, seed: int = 0,
+                tiny: TinyModelSpec = TinyModelSpec(), gguf_file: str | None = None) -> Policy:
+    """Loads a policy.
+
+    name: "tiny" (built-in, random init from `seed`), a local model directory (a saved run's
+    `final/` or any Hugging Face checkpoint), or a hub id such as "Qwen/Qwen2.5-0.5B-Instruct"
+    (needs network or a populated HF cache).
+    """
+    if name == "tiny":
+        tokenizer = build_tiny_tokenizer()
+        return Policy(build_tiny_lm(tokenizer, tiny, seed), tokenizer, value_head=value_head)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(name)
+    if path.is_dir():
+        kwargs = {"local_files_only": True}
+        if gguf_file:
+            kwargs["gguf_file"] = gguf_file
+        if not gguf_file and not (path / "config.json").exists():
+            raise ModelLoadError(f"model directory {name!r} has no config.json (is it a Hugging Face model or a turnrl run dir?)")
+    elif _looks_like_hub_id(name):
+        kwargs = {}
+    else:
+        raise ModelLoadError(f"model {name!r} not found: give 'tiny', an existing model directory, or a hub id like 'org/name'")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+        lm = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **kwargs)
+    except OSError as err:  # transformers reports missing files and failed downloads as OSError
+        raise ModelLoadError(f"could not load model {name!r}: {str(err).splitlines()[0]}") from err
+    if tokenizer.chat_template is None:
+        raise ModelLoadError(f"tokenizer of {name!r} has no chat template; turnrl renders conversations with it")
+    policy = Policy(lm, tokenizer, value_head=value_head)
+    head = path / "value_head.pt"
+    if value_head and head.exists():
+        policy.value_head.load_state_dict(torch.load(head, weights_only=True))
+    return policy
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def model_card(policy: Policy) -> str:
+    return json.dumps({"params": count_parameters(policy.lm), "vocab": len(policy.tokenizer)})

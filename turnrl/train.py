@@ -1,0 +1,289 @@
+"""`train(cfg)`: evaluate, warm-start with SFT, evaluate, then StarPO(-S) iterations, then evaluate.
+
+One RL iteration reads top to bottom:
+    rollout (groups x samples, multi-turn) -> filter groups by reward std (StarPO-S)
+    -> advantages (GRPO / RLOO / GAE) -> PPO-clip update -> metrics.jsonl, checkpoint
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from turnrl.algos.filters import filter_by_reward_std
+from turnrl.checkpoint import MetricsLog, latest_checkpoint, save_checkpoint, set_rng_state
+from turnrl.config import SFT_SEED_BASE, TRAIN_SEED_BASE, ConfigError, TrainConfig, diff_configs
+from turnrl.engines import HFEngine, SamplingParams
+from turnrl.envs import make
+from turnrl.evaluate import evaluate, renderer_for, settings_for
+from turnrl.models import TinyModelSpec, load_policy
+from turnrl.rollout import Trajectory, run_episodes
+from turnrl.sft import make_demonstrations, sft
+from turnrl.update import ppo_update
+
+# Config fields that may change when a run is resumed (they do not shape what is learned).
+RESUMABLE_CHANGES = ("iterations", "progress", "threads", "out")
+
+
+def check_output_dir(out: str) -> Path:
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"output directory {out!r} is not writable: {err.strerror}") from err
+    return path
+
+
+def check_env_config(cfg: TrainConfig) -> None:
+    """Fails early (ConfigError) on an unknown env or bad env arguments."""
+    for name in {cfg.env.name, cfg.env.eval_name or cfg.env.name}:
+        try:
+            make(name, **cfg.env.kwargs).close()
+        except (ValueError, TypeError) as err:
+            raise ConfigError(str(err)) from err
+
+
+def build_policy(cfg: TrainConfig, name: str | None = None):
+    m = cfg.model
+    spec = TinyModelSpec(hidden_size=m.tiny_hidden, num_layers=m.tiny_layers, num_heads=m.tiny_heads,
+                         intermediate_size=m.tiny_ff)
+    return load_policy(name or m.name, value_head=cfg.algo.needs_critic, seed=cfg.seed, tiny=spec,
+                       gguf_file=None if name else m.gguf_file)
+
+
+def rl_optimizer(policy, cfg: TrainConfig):
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.optim.lr,
+                                  weight_decay=cfg.optim.weight_decay)
+    warmup = cfg.optim.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    return optimizer, scheduler
+
+
+def iteration_seeds(cfg: TrainConfig, iteration: int) -> list[int]:
+    """Distinct start states for each iteration, from a deterministic stream disjoint from eval seeds."""
+    n = cfg.rollout.n_groups
+    return [TRAIN_SEED_BASE + cfg.seed * 10_000_000 + iteration * n + g for g in range(n)]
+
+
+def env_return(t: Trajectory, format_penalty: float) -> float:
+    """The env's own reward, without format penalties (what the StarPO-S filter ranks)."""
+    return t.total_reward - (t.num_turns - t.valid_turns) * format_penalty
+
+
+def rollout_metrics(trajs: list[Trajectory], cfg: TrainConfig) -> dict[str, float]:
+    rewards = torch.tensor([t.total_reward for t in trajs])
+    turns = sum(t.num_turns for t in trajs)
+    model_tokens = sum(sum(t.loss_mask) for t in trajs)
+    groups: dict[int, list[bool]] = {}
+    for t in trajs:
+        groups.setdefault(t.group_id, []).append(t.success)
+    return {
+        "rollout/success_rate": sum(t.success for t in trajs) / len(trajs),
+        "rollout/mean_reward": rewards.mean().item(),
+        "rollout/reward_std": rewards.std().item() if len(trajs) > 1 else 0.0,
+        "rollout/pass_at_group": sum(any(g) for g in groups.values()) / len(groups),
+        "rollout/valid_turn_rate": sum(t.valid_turns for t in trajs) / max(1, turns),
+        "rollout/mean_turns": turns / len(trajs),
+        "rollout/mean_actions": sum(t.num_actions for t in trajs) / len(trajs),
+        "rollout/response_tokens": model_tokens / max(1, turns),
+        "rollout/context_truncated": sum(t.end_reason == "context_budget" for t in trajs) / len(trajs),
+        "rollout/turn_budget_truncated": sum(t.end_reason == "turn_budget" for t in trajs) / len(trajs),
+    }
+
+
+def write_eval(path: Path, evals: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(evals, indent=2))
+    os.replace(tmp, path)
+
+
+def _run_eval(policy, cfg: TrainConfig, evals: dict, name: str, path: Path, log) -> None:
+    result, _ = evaluate(policy, cfg)
+    evals[name] = result.to_dict()
+    write_eval(path, evals)
+    greedy = "" if result.greedy_success_rate is None else f", greedy {result.greedy_success_rate:.3f}"
+    log(f"[eval] {name}: success {result.success_rate:.3f} (T={result.temperature}){greedy}, "
+        f"return {result.mean_return:.3f}, pass@{result.k} {result.pass_at_k:.3f}")
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> dict:
+    """Runs a whole training job and returns the held-out evaluations (also in `cfg.out`/eval.json).
+
+    With `resume=True`, continues from the newest checkpoint in `cfg.out`; the saved config must match
+    `cfg` except for fields in RESUMABLE_CHANGES.
+    """
+    # ---- setup ------------------------------------------------------------------------------------
+    run_dir = check_output_dir(cfg.out)
+    check_env_config(cfg)
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if resume:
+        if not (run_dir / "config.json").exists():
+            raise ConfigError(f"cannot resume: {run_dir} has no config.json")
+        saved = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+        changed = diff_configs(saved, cfg, ignore=RESUMABLE_CHANGES)
+        if changed:
+            raise ConfigError(f"cannot resume {run_dir} with a different config; differing fields: {', '.join(changed)}")
+    elif latest_checkpoint(run_dir) is not None:
+        raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
+    (run_dir / "config.json").write_text(cfg.to_json())
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    generators = {"rollout": torch.Generator().manual_seed(cfg.seed + 1),
+                  "update": torch.Generator().manual_seed(cfg.seed + 2)}
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    eval_path = run_dir / "eval.json"
+    evals = json.loads(eval_path.read_text()) if (resume and eval_path.exists()) else {}
+    state = {"phase": "start", "iteration": 0}
+    if ckpt is not None:
+        state = json.loads((ckpt / "state.json").read_text())
+        policy = build_policy(cfg, str(ckpt / "model"))
+        log(f"[resume] {ckpt.name}: phase {state['phase']}, iteration {state['iteration']}")
+    else:
+        policy = build_policy(cfg)
+    # Keep only the iterations the checkpoint knows about (a crash may have logged more).
+    metrics.truncate_to([r for r in metrics.read() if r.get("iteration", 0) < state["iteration"]])
+
+    # ---- evaluation before training and SFT warm start --------------------------------------------
+    if "untrained" not in evals:
+        _run_eval(policy, cfg, evals, "untrained", eval_path, log)
+    if state["phase"] == "start":
+        if cfg.sft.episodes > 0:
+            run_sft(policy, cfg, log)
+        state = {"phase": "rl", "iteration": 0}
+        save_checkpoint(run_dir, 0, policy, None, None, state, generators, cfg.keep_checkpoints)
+    if "after_sft" not in evals:
+        _run_eval(policy, cfg, evals, "after_sft", eval_path, log)
+
+    # ---- RL ---------------------------------------------------------------------------------------
+    optimizer, scheduler = rl_optimizer(policy, cfg)
+    trainer_state = torch.load(ckpt / "trainer.pt", weights_only=False) if ckpt is not None else None
+    if trainer_state is not None:
+        if trainer_state["optimizer"] is not None:
+            optimizer.load_state_dict(trainer_state["optimizer"])
+            scheduler.load_state_dict(trainer_state["scheduler"])
+        set_rng_state(trainer_state["rng"], generators)
+    ref_lm = None
+    if cfg.algo.kl_coef > 0:  # a frozen copy of the RL starting point; never built when KL is off
+        ref_lm = copy.deepcopy(policy.lm).eval().requires_grad_(False)
+    engine = HFEngine(policy.lm, eos_token_id=policy.eos_token_id, pad_token_id=policy.pad_token_id,
+                      batch_size=cfg.rollout.gen_batch_size, generator=generators["rollout"])
+    renderer, settings = renderer_for(policy, cfg), settings_for(cfg)
+    params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                            top_p=cfg.rollout.top_p)
+    make_env = lambda: make(cfg.env.name, **cfg.env.kwargs)  # noqa: E731
+    start = state["iteration"]
+    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="RL",
+               disable=not cfg.progress, dynamic_ncols=True)
+    t_run = time.perf_counter()
+    iteration = start
+    try:
+        for iteration in bar:
+            t0 = time.perf_counter()
+            # rollout: n_groups start states x group_size samples each
+            trajs = run_episodes(engine, renderer, make_env, iteration_seeds(cfg, iteration),
+                                 cfg.rollout.group_size, settings, params, env_name=cfg.env.name)
+            t_rollout = time.perf_counter() - t0
+            record = {"iteration": iteration, **rollout_metrics(trajs, cfg)}
+
+            # StarPO-S: keep the groups whose raw env returns vary most (the informative prompts)
+            kept = trajs
+            if cfg.algo.filter == "std":
+                raw = torch.tensor([env_return(t, cfg.rollout.format_penalty) for t in trajs])
+                group_ids = torch.tensor([t.group_id for t in trajs])
+                keep_ids = set(filter_by_reward_std(raw, group_ids, cfg.algo.filter_keep,
+                                                    drop_zero_std=cfg.algo.drop_zero_std).tolist())
+                kept = [t for t in trajs if t.group_id in keep_ids]
+            record["filter/kept_fraction"] = len(kept) / len(trajs)
+
+            # advantages + PPO update
+            t1 = time.perf_counter()
+            if kept:
+                update_stats = ppo_update(policy, optimizer, scheduler, kept, algo=cfg.algo, optim=cfg.optim,
+                                          temperature=cfg.rollout.temperature, ref_lm=ref_lm,
+                                          generator=generators["update"])
+            else:  # every group had identical returns: nothing to learn from this batch
+                update_stats = {}
+            t_update = time.perf_counter() - t1
+            record.update(update_metrics(update_stats, cfg))
+            elapsed = time.perf_counter() - t0
+            record.update({
+                "perf/rollout_seconds": t_rollout,
+                "perf/update_seconds": t_update,
+                "perf/iteration_seconds": elapsed,
+                "perf/gen_tokens_per_second": sum(sum(t.loss_mask) for t in trajs) / max(t_rollout, 1e-9),
+                "perf/tokens_per_second": (sum(len(t.ids) for t in trajs) + update_stats.get("train/tokens", 0.0))
+                / max(elapsed, 1e-9),
+                "time/elapsed_seconds": time.perf_counter() - t_run,
+            })
+            metrics.append(record)
+            bar.set_postfix(reward=f"{record['rollout/mean_reward']:.2f}",
+                            success=f"{record['rollout/success_rate']:.2f}", kept=f"{record['filter/kept_fraction']:.2f}")
+            state = {"phase": "rl", "iteration": iteration + 1}
+            if (iteration + 1) % cfg.save_every == 0 or iteration + 1 == cfg.iterations:
+                save_checkpoint(run_dir, iteration + 1, policy, optimizer, scheduler, state, generators,
+                                cfg.keep_checkpoints)
+    except KeyboardInterrupt:
+        bar.close()
+        done = state["iteration"]
+        save_checkpoint(run_dir, done, policy, optimizer, scheduler, state, generators, cfg.keep_checkpoints)
+        log(f"[interrupted] saved checkpoint at iteration {done} in {run_dir}; continue with "
+            f"`turnrl train --resume {run_dir}`")
+        raise
+    bar.close()
+
+    # ---- evaluation after RL and the final model --------------------------------------------------
+    _run_eval(policy, cfg, evals, "after_rl", eval_path, log)
+    policy.save(run_dir / "final")
+    return evals
+
+
+def update_metrics(stats: dict[str, float], cfg: TrainConfig) -> dict[str, float | None]:
+    keys = ["loss/policy", "loss/entropy", "actor/clip_frac", "actor/grad_norm", "actor/lr",
+            "actor/logprob_mismatch", "actor/skipped_steps", "train/adv_abs_mean", "train/tokens"]
+    if cfg.algo.kl_coef > 0:
+        keys.append("loss/kl")
+    if cfg.algo.needs_critic:
+        keys.append("loss/value")
+    out = {k: stats.get(k) for k in keys}
+    out["train/skipped_update"] = 0.0 if stats else 1.0
+    return out
+
+
+def run_sft(policy, cfg: TrainConfig, log) -> list[float]:
+    """Solver demonstrations on SFT seeds (disjoint from eval and RL seeds), then behaviour cloning."""
+    renderer, settings = renderer_for(policy, cfg), settings_for(cfg)
+    seeds = [SFT_SEED_BASE + cfg.seed * 10_000_000 + i for i in range(cfg.sft.episodes)]
+    t0 = time.perf_counter()
+    demos = make_demonstrations(lambda: make(cfg.env.name, **cfg.env.kwargs), renderer, seeds, settings,
+                                cfg.sft.epsilon, seed=cfg.seed)
+    solved = sum(d.success for d in demos) / len(demos)
+    log(f"[sft] {len(demos)} demonstrations (epsilon {cfg.sft.epsilon}, {solved:.2f} solved) in "
+        f"{time.perf_counter() - t0:.1f}s")
+    bar = tqdm(total=cfg.sft.steps, desc="SFT", disable=not cfg.progress, dynamic_ncols=True)
+
+    def on_step(step: int, loss: float) -> None:
+        bar.update(1)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss:.3f}")
+
+    losses = sft(policy, demos, steps=cfg.sft.steps, batch_size=cfg.sft.batch_size, lr=cfg.sft.lr,
+                 micro_batch_tokens=cfg.optim.micro_batch_tokens, seed=cfg.seed, bf16=cfg.sft.bf16, on_step=on_step)
+    bar.close()
+    log(f"[sft] {cfg.sft.steps} steps, final loss {sum(losses[-10:]) / len(losses[-10:]):.4f}")
+    if not all(math.isfinite(x) for x in losses):
+        raise FloatingPointError("SFT loss became non-finite")
+    return losses
