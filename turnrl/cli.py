@@ -164,13 +164,17 @@ def cmd_play(argv: list[str]) -> int:
     total = 0.0
     while True:
         print(obs)
+        choices = env.available_actions()
+        hint = ("free text" if not choices else ", ".join(choices) if len(choices) <= 8
+                else f"{len(choices)} actions, e.g. {choices[0]}")
         try:
-            line = input(f"actions [{', '.join(env.available_actions())}]> ")
+            line = input(f"actions [{hint}]> ")
         except EOFError:
             print()
             break
         done = False
-        for action in [a.strip() for a in line.split(ACTION_SEP) if a.strip()]:
+        actions = [line.strip()] if env.free_text else [a.strip() for a in line.split(ACTION_SEP) if a.strip()]
+        for action in actions:
             obs, reward, terminated, truncated, info = env.step(action)
             total += reward
             print(f"reward {reward:+.2f}  (total {total:+.2f})")

@@ -22,13 +22,14 @@ class ParsedReply:
     dropped: int              # actions beyond max_actions that were ignored
 
 
-def parse_reply(text: str, *, think: bool = True, max_actions: int = 1) -> ParsedReply:
+def parse_reply(text: str, *, think: bool = True, max_actions: int = 1, split: bool = True) -> ParsedReply:
     """Extracts the actions of a reply.
 
     With `think=True` the reply must open with `<think>…</think>` followed by `<answer>…</answer>`
     (RAGEN's format); with `think=False` it must open with `<answer>…</answer>`. The first match wins;
     text after the answer is ignored. The answer is split on "||" and the first `max_actions` non-empty
-    actions are kept.
+    actions are kept. With `split=False` (free-text envs: expressions, math answers) the whole answer
+    is one action.
     """
     match = (_THINK_ANSWER if think else _ANSWER).match(text)
     if match is None:
@@ -37,6 +38,9 @@ def parse_reply(text: str, *, think: bool = True, max_actions: int = 1) -> Parse
     answer = match.group(2) if think else match.group(1)
     if "<answer>" in answer or "<think>" in answer:  # nested tags: not a well-formed answer
         return ParsedReply(False, (), reasoning, 0)
+    if not split:
+        whole = answer.strip()
+        return ParsedReply(bool(whole), (whole,) if whole else (), reasoning.strip(), 0)
     actions = [a.strip() for a in answer.split(ACTION_SEP)]
     actions = [a for a in actions if a]
     kept = tuple(actions[:max_actions])

@@ -220,7 +220,8 @@ def _advance(ep: _Episode, completion: Completion, renderer: ChatRenderer, setti
     b.add_model(completion.ids, completion.logprobs)
     # Decoding is for the env only; training uses the sampled ids above.
     text = renderer.tokenizer.decode(list(completion.ids), skip_special_tokens=True)
-    reply = parse_reply(renderer.prefix + text, think=settings.think, max_actions=settings.max_actions_per_turn)
+    reply = parse_reply(renderer.prefix + text, think=settings.think, max_actions=settings.max_actions_per_turn,
+                        split=not ep.env.free_text)
     b.transcript.append(("assistant", renderer.prefix + text))
     obs, reward, terminated, truncated, success, n_valid, all_valid = act(ep.env, reply.actions, reply.ok)
     valid = reply.ok and all_valid

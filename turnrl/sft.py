@@ -30,9 +30,9 @@ def demonstration(env, renderer: ChatRenderer, seed: int, settings: RolloutSetti
     num_actions = 0
     for turn in range(settings.max_turns):
         actions, reward = [], 0.0
-        for _ in range(settings.max_actions_per_turn):
-            choices = env.available_actions()
-            action = rng.choice(choices) if rng.random() < epsilon else env.expert_action()
+        for _ in range(1 if env.free_text else settings.max_actions_per_turn):
+            choices = env.available_actions()  # [] for free-text envs: no random alternative exists
+            action = rng.choice(choices) if choices and rng.random() < epsilon else env.expert_action()
             actions.append(action)
             obs, r, terminated, truncated, info = env.step(action)
             reward += r

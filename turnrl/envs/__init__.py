@@ -1,28 +1,51 @@
 """Text environments for multi-turn RL: base class, registry and the built-in games.
 
-Built-ins: `bandit`, `bandit_test`, `frozen_lake` (slippery), `frozen_lake_det`, `sokoban`.
-Use `make(name, **kwargs)`; `make("mypkg.mod:MyEnv")` loads your own env class.
+Built-ins include `bandit`, `frozen_lake` (slippery), `sokoban` and its variants,
+`countdown`, `math_qa` (UFO multi-turn math); `list_envs()` has them all and docs/envs.md
+describes each. Use `make(name, **kwargs)`; `make("mypkg.mod:MyEnv")` loads your own env class.
 """
 
 from .bandit import BanditEnv
 from .base import Env, StepResult, check_env
+from .countdown import CountdownEnv
 from .frozen_lake import FrozenLakeEnv
+from .math_qa import MathQAEnv
+from .qa import MultiTurnQAEnv, StaticQAEnv
 from .registry import ENVS, UnknownEnvError, env_summary, list_envs, make, register
 from .sokoban import SokobanEnv
+from .sudoku import SudokuEnv
+from .toy_text import GymBlackjackEnv, GymCliffWalkingEnv, GymFrozenLakeEnv, GymTaxiEnv
 
 register("bandit", BanditEnv)
 register("bandit_test", BanditEnv, split="test")
 register("frozen_lake", FrozenLakeEnv, slippery=True)
 register("frozen_lake_det", FrozenLakeEnv, slippery=False)
 register("sokoban", SokobanEnv)
+register("sokoban_8x8", SokobanEnv, dim=8, num_boxes=2)
+register("sokoban_alt_vocab", SokobanEnv, vocab="alt")
+register("countdown", CountdownEnv)
+register("math_qa", MathQAEnv)
+register("math_qa_jsonl", StaticQAEnv)
+register("sudoku_4x4", SudokuEnv, size=4)
+register("sudoku_9x9", SudokuEnv, size=9)
+# gymnasium toy text, played by action name (gymnasium is imported only when one is made)
+register("gym_frozenlake", GymFrozenLakeEnv)
+register("gym_taxi", GymTaxiEnv)
+register("gym_cliffwalking", GymCliffWalkingEnv)
+register("gym_blackjack", GymBlackjackEnv)
 
 __all__ = [
     "ENVS",
     "BanditEnv",
+    "CountdownEnv",
     "Env",
     "FrozenLakeEnv",
+    "MathQAEnv",
+    "MultiTurnQAEnv",
     "SokobanEnv",
+    "StaticQAEnv",
     "StepResult",
+    "SudokuEnv",
     "UnknownEnvError",
     "check_env",
     "env_summary",

@@ -31,6 +31,11 @@ SPLITS = {"train": TRAIN_PAIRS, "test": TEST_PAIRS}
 class BanditEnv(Env):
     """Two-armed bandit: pick the safe arm or the risky high-paying arm, one pull per episode.
 
+    RAGEN's Bi-Arm Bandit. Each name pair is (safe, risky); the risky arm is always the name
+    suggesting boldness or danger (Dragon, Tiger, Gambler, Storm, Pirate, Firework, Sword; test
+    split: Stuntman, Cheetah, Lightning, Lottery, Whirlpool). Train and test names are
+    disjoint, so `bandit_test` measures whether "bold name = risky arm" generalises.
+
     Observation:
         "You are facing two slot machines: {a} and {b}. Pull one arm." The two names come
         from one (safe, risky) pair of the split; which is shown first is random.

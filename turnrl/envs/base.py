@@ -1,8 +1,8 @@
 """Base class, step-result type and a conformance checker for turnrl text environments.
 
 An environment speaks text: `reset` returns a text observation, `step` takes ONE action
-string (the rollout splits multi-action answers itself) and returns a gymnasium-shaped
-5-tuple. Environments must never raise on model output, because a policy under training
+string (the rollout splits multi-action answers itself, except for free-text envs, which get
+the whole answer) and returns a gymnasium-shaped 5-tuple. Environments must never raise on model output, because a policy under training
 produces arbitrary strings; bad actions are reported back in the observation instead.
 """
 
@@ -47,6 +47,11 @@ class Env(ABC):
 
     name: ClassVar[str] = ""  # registry name
     action_names: ClassVar[tuple[str, ...] | None] = None  # finite vocabulary, or None for free text
+    # Free-text envs (Countdown expressions, math answers) take the WHOLE `<answer>` content as one
+    # action: the rollout must not split it on "||" (an expression or answer may contain it), and
+    # `available_actions()` returns []. Envs with a parsed but open-ended action syntax (Sudoku's
+    # "R,C,N") keep free_text False so several actions per turn still work.
+    free_text: ClassVar[bool] = False
 
     @abstractmethod
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[str, dict]:
@@ -72,7 +77,7 @@ class Env(ABC):
         """Release resources; text environments usually hold none."""
 
     def available_actions(self) -> list[str]:
-        """Valid action names in the current state ([] means free text)."""
+        """Valid action names in the current state ([] for free-text envs)."""
         return list(self.action_names) if self.action_names is not None else []
 
     # ------------------------------------------------------------------ helpers
@@ -182,18 +187,27 @@ def _signature(result: StepResult) -> tuple:
     return (result.obs, result.reward, result.terminated, result.truncated, repr(result.info))
 
 
+_FREE_TEXT_TRIES = ("??", "0", "42", "1 + 2", "", "x" * 300)
+
+
+def _random_action(env: Env, rng: random.Random) -> str:
+    """A random action for replay tests: mostly valid names, sometimes junk (or expert/junk for free text)."""
+    vocab = _vocabulary(env)
+    if vocab:
+        return rng.choice(vocab) if rng.random() < 0.85 else "??"
+    if rng.random() < 0.3:
+        return env.expert_action()
+    return rng.choice(_FREE_TEXT_TRIES)
+
+
 def _rollout(env: Env, seed: int, actions: list[str] | None, length: int = 25):
     """Play `actions` (or random choices, recorded) after reset(seed); return trace."""
     obs, _ = _check_reset(env, seed)
     rng = random.Random(seed)
     played, trace = [], [obs]
     for i in range(length if actions is None else len(actions)):
-        if actions is not None:
-            action = actions[i]
-        else:
-            vocab = _vocabulary(env)
-            # Mix in a bad action now and then: it must not perturb the replay.
-            action = rng.choice(vocab) if vocab and rng.random() < 0.85 else "??"
+        # Bad actions are mixed in now and then: they must not perturb the replay.
+        action = actions[i] if actions is not None else _random_action(env, rng)
         result = _check_step(env.step(action), action)
         played.append(action)
         trace.append(_signature(result))
@@ -202,14 +216,40 @@ def _rollout(env: Env, seed: int, actions: list[str] | None, length: int = 25):
     return played, trace
 
 
+def _check_garbage(env: Env, seed: int, garbage: list[str]) -> None:
+    """Garbage never raises; a rejected action leaves the state alone and does not end the episode.
+
+    With a finite vocabulary, anything outside it must be rejected. A free-text env may accept
+    garbage as a (wrong) answer, which can end the episode: then we reset and carry on.
+    """
+    _check_reset(env, seed)
+    vocab_lower = {v.lower() for v in _vocabulary(env)}
+    for text in garbage:
+        before = env.render()
+        result = _check_step(env.step(text), text)
+        outside = text.strip().lower() not in vocab_lower
+        if vocab_lower and outside:
+            assert not result.info["action_valid"], f"garbage {quote_action(text)!r} was accepted"
+        if not result.info["action_valid"]:
+            assert env.render() == before, f"invalid action {quote_action(text)!r} changed the state"
+            assert not (result.terminated or result.truncated), "an invalid action ended the episode"
+        elif result.terminated or result.truncated:
+            _check_reset(env, seed)
+
+
 def check_env(env: Env, seeds: tuple[int, ...] = (0, 1, 2), n_garbage: int = 50) -> None:
     """Check that `env` follows the turnrl text-environment contract.
 
     Raises AssertionError / TypeError with a readable message on the first violation.
+    Free-text envs (`free_text = True`) must list no actions; their random play mixes expert
+    answers with junk, and they may accept garbage as a wrong answer.
     """
-    for method in ("reset", "step", "system_prompt", "expert_action", "render"):
+    for method in ("reset", "step", "system_prompt", "expert_action", "render", "available_actions"):
         if not callable(getattr(env, method, None)):
             raise TypeError(f"{type(env).__name__} has no method {method}()")
+    free_text = getattr(env, "free_text", False)
+    if not isinstance(free_text, bool):
+        raise TypeError(f"free_text must be a bool class attribute, got {type(free_text).__name__}")
     prompt = env.system_prompt()
     if not isinstance(prompt, str) or not prompt.strip():
         raise AssertionError("system_prompt() must return a non-empty str")
@@ -220,21 +260,15 @@ def check_env(env: Env, seeds: tuple[int, ...] = (0, 1, 2), n_garbage: int = 50)
         first, _ = _check_reset(env, seed)
         again, _ = _check_reset(env, seed)
         assert first == again, f"reset(seed={seed}) gave different observations:\n{first}\n---\n{again}"
+        if free_text:
+            assert env.available_actions() == [], "a free-text env must return [] from available_actions()"
+            assert env.action_names is None, "a free-text env must have action_names = None"
         actions, trace = _rollout(env, seed, None)
         _, replay = _rollout(env, seed, actions)
         for i, (a, b) in enumerate(zip(trace, replay)):
             assert a == b, f"seed {seed}: replaying {actions[:i]} diverged at step {i}: {a!r:.300} != {b!r:.300}"
 
-        # Garbage: never raises, reported as invalid, state untouched.
-        _check_reset(env, seed)
-        vocab_lower = {v.lower() for v in _vocabulary(env)}
-        for text in garbage:
-            before = env.render()
-            result = _check_step(env.step(text), text)
-            if vocab_lower and text.strip().lower() not in vocab_lower:
-                assert not result.info["action_valid"], f"garbage {quote_action(text)!r} was accepted"
-                assert env.render() == before, f"invalid action {quote_action(text)!r} changed the state"
-                assert not (result.terminated or result.truncated), "an invalid action ended the episode"
+        _check_garbage(env, seed, garbage)
 
         # Every action name is accepted in any case and with surrounding whitespace.
         for name in _vocabulary(env):
@@ -256,7 +290,7 @@ def check_env(env: Env, seeds: tuple[int, ...] = (0, 1, 2), n_garbage: int = 50)
                 break
         else:
             raise AssertionError(f"seed {seed}: expert did not finish an episode within 10000 steps")
-        for text in [*_vocabulary(env)[:1], "", "<answer>"]:
+        for text in [*_vocabulary(env)[:1], "", "<answer>", env.expert_action()]:
             after = _check_step(env.step(text), text)
             assert (after.terminated, after.truncated) == (final.terminated, final.truncated), (
                 "step after the episode ended changed terminated/truncated"

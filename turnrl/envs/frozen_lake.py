@@ -11,6 +11,7 @@ ACTIONS = tuple(name for name, _, _ in FROZEN_LAKE_MOVES)  # ("Left", "Down", "R
 FROZEN, HOLE, GOAL, PLAYER = "_", "O", "G", "P"
 PLAYER_IN_HOLE, PLAYER_ON_GOAL = "X", "√"
 MAX_MAP_ATTEMPTS = 10_000
+OBSERVATION_FORMATS = ("grid", "coord", "grid_coord")
 
 
 def parse_layout(text: str) -> tuple[tuple[str, ...], tuple[int, int]]:
@@ -31,8 +32,13 @@ class FrozenLakeEnv(Env):
     """FrozenLake: walk across a random icy grid to the goal without falling into a hole.
 
     Observation:
-        The grid, one row per line without spaces. `P` player, `_` frozen, `O` hole,
-        `G` goal, `X` player in a hole, `√` player on the goal, e.g. "P_O_\\n____\\n_O__\\n___G".
+        With `observation_format="grid"` (default) the grid, one row per line without spaces:
+        `P` player, `_` frozen, `O` hole, `G` goal, `X` player in a hole, `√` player on the
+        goal, e.g. "P_O_\\n____\\n_O__\\n___G". `"coord"` lists zero-indexed (row, col)
+        coordinates (row 0 at the top): "Board size: 4 rows x 4 cols (zero-indexed).",
+        "Player: (0, 0)", "Goal: (3, 3)", "Holes: (0, 2), (2, 1)" (the line is left out when
+        there are none). `"grid_coord"` gives both: "Coordinates:\\n<coord>\\nGrid:\\n<grid>"
+        (RAGEN v2's CoordFrozenLake).
     Actions:
         Left, Down, Right, Up (case-insensitive). With `slippery=True` the player moves in
         the intended direction with probability 1/3 and in each perpendicular direction
@@ -45,13 +51,19 @@ class FrozenLakeEnv(Env):
     Arguments:
         size: grid side (4). p: probability that a tile is frozen (0.8).
         slippery: stochastic moves (True, RAGEN default). max_steps: action budget (10).
-        Maps are regenerated until the goal is reachable from the start within `max_steps`.
+        observation_format: "grid", "coord" or "grid_coord".
+        Maps (start and goal too) are random and regenerated until the goal is reachable from
+        the start within `max_steps`. `FrozenLakeEnv.from_layout(text)` fixes a hand-written map.
     """
 
     name = "frozen_lake"
     action_names = ACTIONS
 
-    def __init__(self, size: int = 4, p: float = 0.8, slippery: bool = True, max_steps: int = 10) -> None:
+    def __init__(self, size: int = 4, p: float = 0.8, slippery: bool = True, max_steps: int = 10,
+                 observation_format: str = "grid") -> None:
+        if observation_format not in OBSERVATION_FORMATS:
+            raise ValueError(f"observation_format must be one of {OBSERVATION_FORMATS}, got {observation_format!r}")
+        self.observation_format = observation_format
         if size < 2:
             raise ValueError(f"size must be >= 2, got {size}")
         if not 0.0 < p <= 1.0:
@@ -133,6 +145,24 @@ class FrozenLakeEnv(Env):
         return StepResult(self.render(), reward, self._terminated, self._truncated, info)
 
     def render(self) -> str:
+        if self.observation_format == "grid":
+            return self._grid()
+        if self.observation_format == "coord":
+            return self._coords()
+        return f"Coordinates:\n{self._coords()}\nGrid:\n{self._grid()}"
+
+    def _coords(self) -> str:
+        if not self._rows:
+            return ""
+        n_rows, n_cols = self._shape()
+        lines = [f"Board size: {n_rows} rows x {n_cols} cols (zero-indexed).",
+                 f"Player: ({self._pos[0]}, {self._pos[1]})", f"Goal: ({self._goal[0]}, {self._goal[1]})"]
+        holes = sorted(self._holes())
+        if holes:
+            lines.append("Holes: " + ", ".join(f"({r}, {c})" for r, c in holes))
+        return "\n".join(lines)
+
+    def _grid(self) -> str:
         grid = [list(row) for row in self._rows]
         if grid:
             r, c = self._pos
@@ -146,11 +176,15 @@ class FrozenLakeEnv(Env):
             if self.slippery
             else "Moves are deterministic.\n"
         )
+        symbols = ("Symbols: P is you, _ is frozen ice (safe), O is a hole, G is the goal, "
+                   "X means you fell into a hole, √ means you reached the goal.\n")
+        coords = ("Positions are zero-indexed (row, col) coordinates; row 0 is the top row and column 0 "
+                  "the left column, so Up decreases the row and Left decreases the column.\n")
+        board = {"grid": symbols, "coord": coords, "grid_coord": coords + "The grid is shown too. " + symbols}
         return (
             "You are solving the FrozenLake puzzle. Walk from your position to the goal "
             "without falling into a hole.\n"
-            "Symbols: P is you, _ is frozen ice (safe), O is a hole, G is the goal, "
-            "X means you fell into a hole, √ means you reached the goal.\n"
+            f"{board[self.observation_format]}"
             f"Actions: {', '.join(ACTIONS)}. Moving into the border keeps you in place.\n"
             f"{slip}"
             f"Reaching the goal gives reward 1. You have at most {self.max_steps} moves.\n"

@@ -63,6 +63,17 @@ def env_summary(name: str) -> str:
     return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
+def render_docs() -> str:
+    """docs/envs.md, built from the docstrings of every registered env (a test keeps the file in sync).
+
+    Regenerate with
+    python -c "from turnrl.envs.registry import render_docs; print(render_docs(), end='')" > docs/envs.md
+    """
+    from .docs import render_envs_page
+
+    return render_envs_page(ENVS)
+
+
 # ---------------------------------------------------------------------- internals
 
 

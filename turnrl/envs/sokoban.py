@@ -5,11 +5,38 @@ from __future__ import annotations
 import itertools
 import random
 from collections import deque
+from typing import NamedTuple
 
 from .base import Env, StepResult
 from .solvers import SOKOBAN_ACTIONS, sokoban_solve
 
-WALL, FLOOR, TARGET, BOX, BOX_ON_TARGET, PLAYER, PLAYER_ON_TARGET = "#", "_", "O", "X", "√", "P", "S"
+
+
+class Vocab(NamedTuple):
+    """The seven grid symbols of a Sokoban rendering."""
+
+    wall: str
+    floor: str
+    target: str
+    box: str
+    box_on_target: str
+    player: str
+    player_on_target: str
+
+    def legend(self) -> str:
+        return (f"{self.wall} wall, {self.floor} empty floor, {self.target} target, {self.box} box, "
+                f"{self.box_on_target} box on target, {self.player} you, {self.player_on_target} you on a target")
+
+
+# RAGEN's symbols, and the alternative vocabulary of its SokobanDifferentGridVocab variant
+# (W . G C B A @), mapped one to one: W wall, . floor, G target (goal), B box, C box on target
+# (completed), A player (agent), @ player on target.
+VOCABS = {
+    "default": Vocab("#", "_", "O", "X", "√", "P", "S"),
+    "alt": Vocab("W", ".", "G", "B", "C", "A", "@"),
+}
+WALL, FLOOR, TARGET, BOX, BOX_ON_TARGET, PLAYER, PLAYER_ON_TARGET = VOCABS["default"]
+OBSERVATION_FORMATS = ("grid", "coord", "grid_coord")
 STEP_PENALTY, BOX_ON_REWARD, BOX_OFF_PENALTY, SOLVED_REWARD = -0.1, 1.0, -1.0, 10.0
 FLOOR_FRACTION = 0.6  # share of interior cells carved into floor, as in gym-sokoban rooms
 MAX_ROOM_ATTEMPTS = 200
@@ -104,8 +131,16 @@ class SokobanEnv(Env):
     """Sokoban: push every box onto a target in a randomly generated room.
 
     Observation:
-        The room, one row per line: `#` wall, `_` empty, `O` target, `X` box,
-        `√` box on target, `P` player, `S` player on target.
+        With `observation_format="grid"` (default) the room, one row per line: `#` wall,
+        `_` empty, `O` target, `X` box, `√` box on target, `P` player, `S` player on target.
+        `vocab="alt"` uses RAGEN's alternative symbols instead: `W` wall, `.` empty, `G`
+        target, `B` box, `C` box on target, `A` player, `@` player on target.
+        `"coord"` lists zero-indexed (row, col) coordinates (row 0 at the top) instead:
+        "Board size: 6 rows x 6 cols (zero-indexed).", then "Walls: (0, 0), ...",
+        "Targets: ..." (all targets), "Boxes: ..." (boxes off target), "Boxes on target:
+        ...", and "Player: (r, c)" or "Player on target: (r, c)"; empty lists are left
+        out. `"grid_coord"` gives both: "Coordinates:\\n<coord>\\nGrid:\\n<grid>" (RAGEN v2's
+        CoordSokoban).
     Actions:
         Up, Down, Left, Right (case-insensitive). Walking into a box pushes it if the cell
         behind it is free; boxes cannot be pulled.
@@ -120,13 +155,24 @@ class SokobanEnv(Env):
         dim: room side including the border walls (6). num_boxes: boxes/targets (1).
         max_steps: action budget (10). max_solution_len: generated rooms have an optimal
         solution of at most this many moves (default: max_steps).
-        `SokobanEnv.from_layout(text)` builds a fixed room from the symbol grid.
+        vocab: "default" or "alt" grid symbols. observation_format: "grid", "coord" or
+        "grid_coord". `SokobanEnv.from_layout(text)` builds a fixed room from the symbol grid.
+        Rooms come from our own generator: a random-walk floor, targets, then reverse play
+        (pulling boxes) to the most displaced state whose optimal solution is at most
+        `max_solution_len` moves. Registered variants: `sokoban_8x8` (dim 8, 2 boxes, as
+        RAGEN's LargerSokoban) and `sokoban_alt_vocab` (vocab "alt").
     """
 
     name = "sokoban"
     action_names = SOKOBAN_ACTIONS
 
-    def __init__(self, dim: int = 6, num_boxes: int = 1, max_steps: int = 10, max_solution_len: int | None = None):
+    def __init__(self, dim: int = 6, num_boxes: int = 1, max_steps: int = 10, max_solution_len: int | None = None,
+                 vocab: str = "default", observation_format: str = "grid"):
+        if vocab not in VOCABS:
+            raise ValueError(f"vocab must be one of {sorted(VOCABS)}, got {vocab!r}")
+        if observation_format not in OBSERVATION_FORMATS:
+            raise ValueError(f"observation_format must be one of {OBSERVATION_FORMATS}, got {observation_format!r}")
+        self.vocab, self.symbols, self.observation_format = vocab, VOCABS[vocab], observation_format
         if dim < 4:
             raise ValueError(f"dim must be >= 4 (border walls plus interior), got {dim}")
         if num_boxes < 1:
@@ -150,14 +196,19 @@ class SokobanEnv(Env):
         self._plan: dict[State, str] = {}  # state -> next expert action along the cached plan
 
     @classmethod
-    def from_layout(cls, text: str, max_steps: int = 10) -> "SokobanEnv":
+    def from_layout(cls, text: str, max_steps: int = 10, vocab: str = "default",
+                    observation_format: str = "grid") -> "SokobanEnv":
         """A fixed room parsed from RAGEN symbols, e.g. "#####\\n#P X O#\\n#####" with '_' floors.
 
         The room must be enclosed by walls, have one player ('P' or 'S'), as many boxes as
-        targets, and not be solved already. `reset()` always returns to this room.
+        targets, and not be solved already; it is written in the symbols of `vocab`.
+        `reset()` always returns to this room.
         """
-        parsed = _parse_layout(text)
-        env = cls(dim=max(4, parsed[0], parsed[1]), num_boxes=len(parsed[4]), max_steps=max_steps)
+        if vocab not in VOCABS:
+            raise ValueError(f"vocab must be one of {sorted(VOCABS)}, got {vocab!r}")
+        parsed = _parse_layout(text, VOCABS[vocab])
+        env = cls(dim=max(4, parsed[0], parsed[1]), num_boxes=len(parsed[4]), max_steps=max_steps, vocab=vocab,
+                  observation_format=observation_format)
         env._fixed_layout = text
         env.reset(seed=0)
         return env
@@ -172,7 +223,8 @@ class SokobanEnv(Env):
         rng = random.Random(self._next_episode_seed(seed))
         self._plan = {}
         if layout is not None:
-            self._height, self._width, self._walls, self._targets, self._boxes, self._player = _parse_layout(layout)
+            parsed = _parse_layout(layout, self.symbols)
+            self._height, self._width, self._walls, self._targets, self._boxes, self._player = parsed
         else:
             self._height = self._width = self.dim
             walls, targets, boxes, player, solution = generate_room(self.dim, self.num_boxes, self.max_solution_len, rng)
@@ -226,27 +278,55 @@ class SokobanEnv(Env):
         return StepResult(self.render(), round(reward, 6), self._terminated, self._truncated, info)
 
     def render(self) -> str:
+        if self.observation_format == "grid":
+            return self._grid()
+        if self.observation_format == "coord":
+            return self._coords()
+        return f"Coordinates:\n{self._coords()}\nGrid:\n{self._grid()}"
+
+    def _grid(self) -> str:
+        v = self.symbols
         rows = []
         for r in range(self._height):
             row = []
             for cell in range(r * self._width, (r + 1) * self._width):
                 on_target = cell in self._targets
                 if cell in self._walls:
-                    row.append(WALL)
+                    row.append(v.wall)
                 elif cell == self._player:
-                    row.append(PLAYER_ON_TARGET if on_target else PLAYER)
+                    row.append(v.player_on_target if on_target else v.player)
                 elif cell in self._boxes:
-                    row.append(BOX_ON_TARGET if on_target else BOX)
+                    row.append(v.box_on_target if on_target else v.box)
                 else:
-                    row.append(TARGET if on_target else FLOOR)
+                    row.append(v.target if on_target else v.floor)
             rows.append("".join(row))
         return "\n".join(rows)
 
+    def _coords(self) -> str:
+        def listed(cells) -> str:
+            return ", ".join(f"({c // self._width}, {c % self._width})" for c in sorted(cells))
+
+        player_label = "Player on target" if self._player in self._targets else "Player"
+        lines = [f"Board size: {self._height} rows x {self._width} cols (zero-indexed)."]
+        for label, cells in (("Walls", self._walls), ("Targets", self._targets),
+                             ("Boxes", self._boxes - self._targets), ("Boxes on target", self._boxes & self._targets),
+                             (player_label, {self._player})):
+            if cells:
+                lines.append(f"{label}: {listed(cells)}")
+        return "\n".join(lines)
+
     def system_prompt(self) -> str:
+        board = {
+            "grid": f"The room is shown as a grid. Symbols: {self.symbols.legend()}.\n",
+            "coord": "The room is described by zero-indexed (row, col) coordinates; row 0 is the top "
+                     "row and column 0 the left column, so Up decreases the row and Left decreases the column.\n",
+            "grid_coord": "The room is described by zero-indexed (row, col) coordinates (row 0 is the top, "
+                          "Up decreases the row) and as a grid. Grid symbols: "
+                          f"{self.symbols.legend()}.\n",
+        }[self.observation_format]
         return (
             "You are solving the Sokoban puzzle. Push every box onto a target.\n"
-            "Symbols: # wall, _ empty floor, O target, X box, √ box on target, "
-            "P you, S you standing on a target.\n"
+            f"{board}"
             "Actions: Up, Down, Left, Right. You move one cell; walking into a box pushes it "
             "one cell if the cell behind it is free. You cannot pull boxes, so avoid pushing "
             "a box into a corner.\n"
@@ -285,8 +365,9 @@ class SokobanEnv(Env):
                 player = nxt
 
 
-def _parse_layout(text: str):
+def _parse_layout(text: str, vocab: Vocab = VOCABS["default"]):
     """Parse a symbol grid into (height, width, walls, targets, boxes, player)."""
+    WALL, FLOOR, TARGET, BOX, BOX_ON_TARGET, PLAYER, PLAYER_ON_TARGET = vocab  # noqa: N806
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     if not lines or len({len(line) for line in lines}) != 1:
         raise ValueError("layout must be a non-empty rectangle of symbols")
@@ -297,13 +378,13 @@ def _parse_layout(text: str):
         raise ValueError(f"unknown symbol(s) {sorted(set(cells) - allowed)}; allowed: {''.join(sorted(allowed))}")
     border = lines[0] + lines[-1] + "".join(line[0] + line[-1] for line in lines)
     if set(border) != {WALL}:
-        raise ValueError("layout must be enclosed by walls '#'")
+        raise ValueError(f"layout must be enclosed by walls '{WALL}'")
     find = lambda *symbols: frozenset(i for i, ch in enumerate(cells) if ch in symbols)  # noqa: E731
     players = find(PLAYER, PLAYER_ON_TARGET)
     boxes = find(BOX, BOX_ON_TARGET)
     targets = find(TARGET, BOX_ON_TARGET, PLAYER_ON_TARGET)
     if len(players) != 1:
-        raise ValueError(f"layout needs exactly one player ('P' or 'S'), found {len(players)}")
+        raise ValueError(f"layout needs exactly one player ('{PLAYER}' or '{PLAYER_ON_TARGET}'), found {len(players)}")
     if not boxes or len(boxes) != len(targets):
         raise ValueError(f"layout needs as many boxes as targets (>= 1); got {len(boxes)} and {len(targets)}")
     if boxes == targets:
