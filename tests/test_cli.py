@@ -77,3 +77,9 @@ def test_play_reads_actions_from_stdin():
                           input="Dragon || Phoenix\n", capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "points" in proc.stdout or "Invalid" in proc.stdout
+
+
+def test_hub_id_offline_is_a_clear_error(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _out, err = run(["eval", "nobody-xyz/not-a-model", "--env", "bandit", "--episodes", "1"], capsys)
+    assert code == 2 and "could not load model 'nobody-xyz/not-a-model'" in err

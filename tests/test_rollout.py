@@ -94,3 +94,15 @@ def test_truncated_reply_is_closed_with_eos(tiny_tokenizer):
                      SamplingParams(max_new_tokens=6))[0]
     s, e = t.turn_spans[0]
     assert t.ids[e] == tiny_tokenizer.eos_token_id and t.loss_mask[e] == 0
+
+
+def test_free_text_env_gets_the_whole_answer(tiny_tokenizer):
+    """Countdown answers are expressions: '||' or spaces inside are not action separators."""
+    env_probe = make("countdown")
+    obs, _ = env_probe.reset(seed=2)
+    expert = env_probe.expert_action()
+    engine = ScriptedEngine(tiny_tokenizer, [f"{expert}</answer><|im_end|>"])
+    settings = RolloutSettings(max_turns=1, max_actions_per_turn=5, max_new_tokens=64, think=False)
+    t = run_episodes(engine, renderer(tiny_tokenizer), lambda: make("countdown"), [2], 1, settings,
+                     SamplingParams(max_new_tokens=64))[0]
+    assert t.success and t.total_reward == pytest.approx(1.0)

@@ -127,3 +127,23 @@ def test_unknown_env_fails_early(tmp_path):
     cfg.env.name = "frozen_lak"
     with pytest.raises(ConfigError, match="did you mean 'frozen_lake'"):
         train(cfg, log=lambda *_: None)
+
+
+def test_no_reference_model_when_kl_is_off(tmp_path, monkeypatch):
+    """KL off: the trainer never copies the model and never runs a reference forward pass."""
+    import types
+
+    import turnrl.train as train_module
+    import turnrl.update as update
+
+    calls = []
+    real = update.forward_no_grad
+    monkeypatch.setattr(update, "forward_no_grad", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    def no_copy(*_a, **_k):
+        raise AssertionError("the trainer copied the model")
+
+    monkeypatch.setattr(train_module, "copy", types.SimpleNamespace(deepcopy=no_copy))
+    cfg = tiny_config(tmp_path / "run", iterations=1)
+    cfg.sft.episodes = 0
+    train(cfg, log=lambda *_: None)
+    assert calls == []  # grpo: no critic pass, no reference pass

@@ -119,7 +119,7 @@ class OptimConfig:
     warmup_steps: int = 10  # linear warm-up of the RL learning rate, in optimizer steps
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient clipping
-    micro_batch_tokens: int = 16384  # padded tokens per forward/backward micro-batch (memory bound)
+    micro_batch_tokens: int = 4096  # padded tokens per forward/backward micro-batch (length-sorted, so little padding)
     bf16: bool = False  # bf16 autocast for training forwards (fp32 master weights)
 
     def __post_init__(self):
