@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from turnrl.config import (AlgoConfig, ConfigError, EnvConfig, EvalConfig, ModelConfig, OptimConfig, RolloutConfig,
-                           SFTConfig, TrainConfig)
+from turnrl.config import (AlgoConfig, ConfigError, EnvConfig, EvalConfig, ModelConfig, OptimConfig, RewardConfig,
+                           RolloutConfig, SFTConfig, TrainConfig)
 from turnrl.models import load_policy
 from turnrl.train import train
 
@@ -63,9 +63,21 @@ def test_two_iterations_write_everything_and_change_parameters(tmp_path):
         assert any(not torch.equal(start[k], final[k]) for k in final)
 
 
-def test_every_metric_key_is_documented(tmp_path):
-    cfg = tiny_config(tmp_path / "run", iterations=1)
-    cfg.algo = AlgoConfig(estimator="gae", filter="none", kl_coef=0.01)  # logs loss/value and loss/kl too
+@pytest.mark.parametrize("algo, reward, iterations, expected", [
+    # gae + KL logs loss/value and loss/kl
+    (dict(estimator="gae", filter="none", kl_coef=0.01), {}, 1, {"loss/value", "loss/kl"}),
+    # turn-level critic with warm-up, dynamic sampling and every reward-shaping option
+    (dict(estimator="turn_gae", gamma=0.9, filter="dynamic", critic_warmup=1),
+     dict(turn_decay=0.5, repetition_penalty=0.1, dense_until=1), 2,
+     {"loss/value", "train/critic_warmup", "filter/rollout_rounds", "reward/shaped_mean", "train/adv_turn_std"}),
+    # critic-free turn-level estimator with the sequence-level loss
+    (dict(estimator="gigpo", filter="none", loss="gspo", clip_low=3e-4, clip_high=4e-4), {}, 1,
+     {"train/adv_turn_std"}),
+])
+def test_every_metric_key_is_documented(tmp_path, algo, reward, iterations, expected):
+    cfg = tiny_config(tmp_path / "run", iterations=iterations)
+    cfg.algo = AlgoConfig(**algo)
+    cfg.reward = RewardConfig(**reward)
     cfg.sft.episodes = 0
     train(cfg, log=lambda *_: None)
     documented = set(re.findall(r"^\| `([^`]+)` \|", DOCS.read_text(), flags=re.M))
@@ -73,7 +85,7 @@ def test_every_metric_key_is_documented(tmp_path):
     written = set().union(*(r.keys() for r in records))
     written |= set(json.loads((tmp_path / "run" / "eval.json").read_text())["after_rl"])
     assert written - documented == set()
-    assert {"loss/value", "loss/kl"} <= written
+    assert expected <= written
 
 
 def test_ppo_with_value_head_runs_and_learns_values(tmp_path):
@@ -111,7 +123,18 @@ def test_refuses_to_overwrite_a_run(tmp_path):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(algo=dict(filter="std", filter_keep=1.0)), "keeps everything"),
-    (dict(algo=dict(estimator="grpo", gamma=0.9)), "only used by estimator 'gae'"),
+    (dict(algo=dict(estimator="grpo", gamma=0.9)), "algo.gamma is only used by estimators gae, turn_gae"),
+    (dict(algo=dict(estimator="gigpo", lam=0.9)), "algo.lam is only used by"),
+    (dict(algo=dict(estimator="turn_gae", token_gamma=0.9)), "token_gamma is only used by estimator 'bi_level_gae'"),
+    (dict(algo=dict(estimator="rebn", gigpo_omega=0.5)), "gigpo_omega is only used by estimator 'gigpo'"),
+    (dict(algo=dict(estimator="grpo", critic_warmup=2)), "critic_warmup > 0 warms up a value head"),
+    (dict(algo=dict(estimator="gigpo", vf_coef=1.0)), "vf_coef/value_clip configure the value head"),
+    (dict(algo=dict(estimator="rloo", value_clip=0.5)), "vf_coef/value_clip configure the value head"),
+    (dict(algo=dict(estimator="gae", loss="gspo")), "use loss='ppo' or a sequence/turn-level estimator"),
+    (dict(algo=dict(estimator="bi_level_gae", loss="gspo")), "use loss='ppo'"),
+    (dict(algo=dict(estimator="grpo", loss="gspo", dual_clip=3.0)), "dual_clip applies to loss='ppo' only"),
+    (dict(algo=dict(filter="std", dynamic_max_rounds=5)), "only used by algo.filter='dynamic'"),
+    (dict(algo=dict(filter="dynamic", dynamic_max_rounds=0)), "dynamic_max_rounds must be >= 1"),
     (dict(rollout=dict(temperature=0.0)), "temperature"),
     (dict(rollout=dict(format_penalty=0.5)), "penalty"),
 ])
@@ -147,3 +170,31 @@ def test_no_reference_model_when_kl_is_off(tmp_path, monkeypatch):
     cfg.sft.episodes = 0
     train(cfg, log=lambda *_: None)
     assert calls == []  # grpo: no critic pass, no reference pass
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_lr_schedule_warms_up_then_follows_the_schedule(schedule):
+    from turnrl.train import rl_optimizer
+
+    cfg = TrainConfig(iterations=20, optim=OptimConfig(lr=1e-3, warmup_steps=4, lr_schedule=schedule))
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer, scheduler = rl_optimizer(_Holder(param), cfg)
+    lrs = []
+    for _ in range(20):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    after = lrs[4:]
+    if schedule == "constant":
+        assert after == pytest.approx([1e-3] * 16)
+    else:
+        assert after[0] == pytest.approx(1e-3)
+        assert all(a > b for a, b in zip(after, after[1:]))
+        assert scheduler.get_last_lr()[0] == pytest.approx(1e-4)  # decayed to 10% at the last step
+
+
+class _Holder(torch.nn.Module):
+    def __init__(self, param):
+        super().__init__()
+        self.param = param

@@ -76,47 +76,112 @@ class RolloutConfig:
         _check(self.format_penalty <= 0, f"rollout.format_penalty is a penalty and must be <= 0, got {self.format_penalty}")
 
 
+# Estimator families (docs/algorithms.md, "Wiring in the trainer").
+SEQUENCE_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp")  # one advantage per episode
+TURN_ESTIMATORS = ("turn_gae", "gigpo", "rebn")  # one advantage per turn, broadcast over the turn's reply tokens
+TOKEN_ESTIMATORS = ("gae", "bi_level_gae")  # one advantage per model token
+CRITIC_ESTIMATORS = ("gae", "turn_gae", "bi_level_gae")  # train a value head
+GROUP_ESTIMATORS = ("grpo", "rloo", "gigpo", "reinforce_pp")  # compare episodes of one group: group_size >= 2
+GAMMA_ESTIMATORS = ("gae", "turn_gae", "bi_level_gae", "gigpo", "rebn")  # use algo.gamma
+LAM_ESTIMATORS = ("gae", "turn_gae", "bi_level_gae")  # use algo.lam
+# Dynamic sampling's extra rollout rounds draw seeds this far above the regular stream (see train.iteration_seeds).
+DYNAMIC_SEED_OFFSET = 5_000_000
+
+Estimator = Literal["grpo", "dr_grpo", "rloo", "gae", "turn_gae", "bi_level_gae", "gigpo", "reinforce_pp", "rebn"]
+
+
 @dataclass
 class AlgoConfig:
-    estimator: Literal["grpo", "dr_grpo", "rloo", "gae"] = "grpo"  # advantage estimator; gae trains a value head (PPO)
-    gamma: float = 1.0  # GAE discount (gae only)
-    lam: float = 1.0  # GAE lambda (gae only)
-    filter: Literal["std", "none"] = "std"  # StarPO-S: keep the groups with the highest reward std
+    estimator: Estimator = "grpo"  # advantage estimator (docs/algorithms.md); gae/turn_gae/bi_level_gae train a value head
+    gamma: float = 1.0  # discount per decision: per model token (gae), per turn (turn_gae, bi_level_gae, gigpo, rebn)
+    lam: float = 1.0  # GAE lambda (gae, turn_gae, bi_level_gae)
+    token_gamma: float = 1.0  # bi_level_gae only: discount between tokens inside a turn (gamma is the turn discount)
+    gigpo_omega: float = 1.0  # gigpo only: weight of the step-level (anchor state) advantage
+    loss: Literal["ppo", "gspo"] = "ppo"  # ppo: token ratio clip; gspo: sequence ratio (use tiny clips, e.g. 3e-4/4e-4)
+    filter: Literal["std", "none", "dynamic"] = "std"  # std: StarPO-S top groups by reward std; dynamic: DAPO resampling
     filter_keep: float = 0.25  # fraction of groups kept by the std filter
     drop_zero_std: bool = False  # also drop groups whose rewards are all equal (no learning signal)
+    dynamic_max_rounds: int = 3  # filter=dynamic: at most this many rollout rounds per iteration (the first included)
     clip_low: float = 0.2  # PPO ratio clip below 1
     clip_high: float = 0.28  # PPO ratio clip above 1 (clip-higher, DAPO)
-    dual_clip: float | None = None  # dual-clip constant (> 1) for negative advantages; None = off
+    dual_clip: float | None = None  # dual-clip constant (> 1) for negative advantages; None = off (ppo loss only)
     kl_coef: float = 0.0  # KL penalty to a frozen reference (k-estimator below); 0 = off, no reference kept
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # KL estimator when kl_coef > 0
     entropy_coef: float = 0.001  # entropy bonus
-    vf_coef: float = 0.5  # value loss weight (gae only)
-    value_clip: float = 0.2  # value clipping range (gae only)
+    vf_coef: float = 0.5  # value loss weight (critic estimators only)
+    value_clip: float = 0.2  # value clipping range (critic estimators only)
+    critic_warmup: int = 0  # first N iterations train only the value head, the policy is not updated (ERA)
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"  # loss aggregation
     epochs: int = 1  # passes over each batch
     minibatches: int = 1  # optimizer steps per epoch
 
     def __post_init__(self):
+        est = self.estimator
         _check(0 < self.filter_keep <= 1, f"algo.filter_keep must be in (0, 1], got {self.filter_keep}")
         _check(not (self.filter == "std" and self.filter_keep == 1.0 and not self.drop_zero_std),
                "algo.filter='std' with filter_keep=1.0 keeps everything: set algo.filter='none' or lower filter_keep")
-        _check(self.estimator == "gae" or (self.gamma == 1.0 and self.lam == 1.0),
-               f"algo.gamma/lam are only used by estimator 'gae', not {self.estimator!r}: remove them or use gae")
+        _check(est in GAMMA_ESTIMATORS or self.gamma == 1.0,
+               f"algo.gamma is only used by estimators {', '.join(GAMMA_ESTIMATORS)}, not {est!r}: "
+               "remove it or pick one of those")
+        _check(est in LAM_ESTIMATORS or self.lam == 1.0,
+               f"algo.lam is only used by estimators {', '.join(LAM_ESTIMATORS)}, not {est!r}: "
+               "remove it or pick one of those")
+        _check(est == "bi_level_gae" or self.token_gamma == 1.0,
+               f"algo.token_gamma is only used by estimator 'bi_level_gae', not {est!r}: remove it")
+        _check(est == "gigpo" or self.gigpo_omega == 1.0,
+               f"algo.gigpo_omega is only used by estimator 'gigpo', not {est!r}: remove it")
+        _check(est in CRITIC_ESTIMATORS or (self.vf_coef == 0.5 and self.value_clip == 0.2),
+               f"algo.vf_coef/value_clip configure the value head, which estimator {est!r} does not train: "
+               f"remove them or use one of {', '.join(CRITIC_ESTIMATORS)}")
+        _check(est in CRITIC_ESTIMATORS or self.critic_warmup == 0,
+               f"algo.critic_warmup > 0 warms up a value head, which estimator {est!r} does not have: "
+               f"set it to 0 or use one of {', '.join(CRITIC_ESTIMATORS)}")
+        _check(self.critic_warmup >= 0, "algo.critic_warmup must be >= 0")
+        _check(not (self.loss == "gspo" and est in TOKEN_ESTIMATORS),
+               f"algo.loss='gspo' needs one advantage per sequence, but {est!r} gives one per token: "
+               "use loss='ppo' or a sequence/turn-level estimator")
+        _check(not (self.loss == "gspo" and self.dual_clip is not None),
+               "algo.dual_clip applies to loss='ppo' only: remove it or use loss='ppo'")
+        _check(self.dynamic_max_rounds >= 1, "algo.dynamic_max_rounds must be >= 1")
+        _check(self.filter == "dynamic" or self.dynamic_max_rounds == 3,
+               "algo.dynamic_max_rounds is only used by algo.filter='dynamic': remove it or set filter='dynamic'")
         _check(self.clip_low > 0 and self.clip_high > 0, "algo.clip_low and algo.clip_high must be > 0")
         _check(self.dual_clip is None or self.dual_clip > 1, "algo.dual_clip must be > 1 (or None)")
         _check(self.kl_coef >= 0, "algo.kl_coef must be >= 0")
         _check(self.epochs >= 1 and self.minibatches >= 1, "algo.epochs and algo.minibatches must be >= 1")
-        _check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "algo.gamma and algo.lam must be in [0, 1]")
+        _check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1 and 0 <= self.token_gamma <= 1,
+               "algo.gamma, algo.lam and algo.token_gamma must be in [0, 1]")
+        _check(self.gigpo_omega >= 0, "algo.gigpo_omega must be >= 0")
 
     @property
     def needs_critic(self) -> bool:
-        return self.estimator == "gae"
+        return self.estimator in CRITIC_ESTIMATORS
+
+
+@dataclass
+class RewardConfig:
+    """Reward shaping applied to each episode's turn rewards before filtering and advantages
+    (turnrl.shaping.shape_rewards; order: dense->sparse switch, turn decay, repetition penalty)."""
+
+    turn_decay: float = 1.0  # UFO: the reward of the turn in which an episode succeeds is scaled by turn_decay**t (t from 0); 1 = off
+    repetition_penalty: float = 0.0  # UFO: lambda * (1 - distinct answers / replies) subtracted from the last turn; 0 = off
+    dense_until: int = 0  # ERA: env rewards until this iteration, then only 1.0/0.0 success on the last turn; 0 = off
+
+    def __post_init__(self):
+        _check(0 < self.turn_decay <= 1, f"reward.turn_decay must be in (0, 1], got {self.turn_decay}")
+        _check(self.repetition_penalty >= 0, f"reward.repetition_penalty must be >= 0, got {self.repetition_penalty}")
+        _check(self.dense_until >= 0, f"reward.dense_until must be >= 0, got {self.dense_until}")
+
+    @property
+    def active(self) -> bool:
+        return self.turn_decay != 1.0 or self.repetition_penalty > 0 or self.dense_until > 0
 
 
 @dataclass
 class OptimConfig:
     lr: float = 1e-6  # learning rate of RL updates (RAGEN actor default)
     warmup_steps: int = 10  # linear warm-up of the RL learning rate, in optimizer steps
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # after warm-up: constant, or cosine decay to 10% at the last iteration
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient clipping
     micro_batch_tokens: int = 4096  # padded tokens per forward/backward micro-batch (length-sorted, so little padding)
@@ -163,6 +228,7 @@ class TrainConfig:
     env: EnvConfig = field(default_factory=EnvConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -180,10 +246,23 @@ class TrainConfig:
         _check(self.threads >= 0, "threads must be >= 0")
         kept = self.rollout.n_groups * self.algo.filter_keep if self.algo.filter == "std" else self.rollout.n_groups
         _check(kept >= 0.5, f"algo.filter_keep={self.algo.filter_keep} keeps no group of rollout.n_groups={self.rollout.n_groups}")
-        _check(not (self.algo.estimator != "dr_grpo" and self.algo.estimator != "gae" and self.rollout.group_size < 2),
+        _check(not (self.algo.estimator in GROUP_ESTIMATORS and self.rollout.group_size < 2),
                f"estimator {self.algo.estimator!r} compares episodes within a group: rollout.group_size must be >= 2")
         _check(not (self.algo.filter == "std" and self.rollout.group_size < 2),
                "algo.filter='std' ranks groups by reward std: rollout.group_size must be >= 2")
+        _check(not (self.algo.filter == "dynamic" and self.rollout.group_size < 2),
+               "algo.filter='dynamic' drops groups whose rewards are all equal, which a group of one always is: "
+               "rollout.group_size must be >= 2")
+        _check(not (self.algo.filter == "dynamic"
+                    and self.iterations * self.rollout.n_groups * self.algo.dynamic_max_rounds > DYNAMIC_SEED_OFFSET),
+               f"iterations x rollout.n_groups x algo.dynamic_max_rounds must be <= {DYNAMIC_SEED_OFFSET} "
+               "(the dynamic-sampling seed range would overlap the regular one)")
+        _check(self.algo.critic_warmup == 0 or self.algo.critic_warmup < self.iterations,
+               f"algo.critic_warmup={self.algo.critic_warmup} >= iterations={self.iterations}: the policy would "
+               "never be updated; lower critic_warmup or raise iterations")
+        _check(self.reward.dense_until == 0 or self.reward.dense_until < self.iterations,
+               f"reward.dense_until={self.reward.dense_until} >= iterations={self.iterations}: rewards never turn "
+               "sparse; lower dense_until (0 = off) or raise iterations")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -195,7 +274,7 @@ class TrainConfig:
     def from_dict(cls, data: dict) -> "TrainConfig":
         parts = {f.name: f.type for f in dataclasses.fields(cls)}
         nested = {"model": ModelConfig, "env": EnvConfig, "rollout": RolloutConfig, "algo": AlgoConfig,
-                  "optim": OptimConfig, "sft": SFTConfig, "eval": EvalConfig}
+                  "reward": RewardConfig, "optim": OptimConfig, "sft": SFTConfig, "eval": EvalConfig}
         kwargs = {}
         for key, value in data.items():
             if key not in parts:
@@ -232,7 +311,7 @@ def quickstart() -> TrainConfig:
                               max_context_tokens=1024, think=False, format_penalty=-0.1),
         algo=AlgoConfig(estimator="grpo", filter="std", filter_keep=0.5, drop_zero_std=True,
                         loss_agg="seq-mean-token-mean", entropy_coef=0.0),
-        optim=OptimConfig(lr=3e-4, warmup_steps=10),
+        optim=OptimConfig(lr=3e-4, warmup_steps=10, lr_schedule="cosine"),
         sft=SFTConfig(episodes=3000, epsilon=0.25, steps=150, batch_size=64, lr=1e-3),
         eval=EvalConfig(episodes=128, k=4, temperature=1.0),
         iterations=80,

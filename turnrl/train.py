@@ -1,8 +1,9 @@
 """`train(cfg)`: evaluate, warm-start with SFT, evaluate, then StarPO(-S) iterations, then evaluate.
 
 One RL iteration reads top to bottom:
-    rollout (groups x samples, multi-turn) -> filter groups by reward std (StarPO-S)
-    -> advantages (GRPO / RLOO / GAE) -> PPO-clip update -> metrics.jsonl, checkpoint
+    rollout (groups x samples, multi-turn) -> reward shaping -> group filter (StarPO-S std / DAPO dynamic)
+    -> advantages (turnrl.credit: GRPO / RLOO / GAE / turn-GAE / GiGPO / ...) -> PPO or GSPO update
+    -> metrics.jsonl, checkpoint
 """
 
 from __future__ import annotations
@@ -13,21 +14,25 @@ import math
 import os
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from turnrl.algos.filters import filter_by_reward_std
+from turnrl.algos.filters import dynamic_sampling_keep, filter_by_reward_std
 from turnrl.checkpoint import MetricsLog, latest_checkpoint, save_checkpoint, set_rng_state
-from turnrl.config import SFT_SEED_BASE, TRAIN_SEED_BASE, ConfigError, TrainConfig, diff_configs
+from turnrl.config import (DYNAMIC_SEED_OFFSET, SFT_SEED_BASE, TRAIN_SEED_BASE, ConfigError, TrainConfig,
+                           diff_configs)
 from turnrl.engines import HFEngine, SamplingParams
 from turnrl.envs import make
 from turnrl.evaluate import evaluate, renderer_for, settings_for
 from turnrl.models import TinyModelSpec, load_policy
 from turnrl.rollout import Trajectory, run_episodes
 from turnrl.sft import make_demonstrations, sft
+from turnrl.shaping import shape_rewards
 from turnrl.update import ppo_update
 
 # Config fields that may change when a run is resumed (they do not shape what is learned).
@@ -67,19 +72,80 @@ def rl_optimizer(policy, cfg: TrainConfig):
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.optim.lr,
                                   weight_decay=cfg.optim.weight_decay)
     warmup = cfg.optim.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    total = max(1, cfg.iterations * cfg.algo.epochs * cfg.algo.minibatches)
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if cfg.optim.lr_schedule == "cosine":
+            # Settling at a small lr makes the final policy a stable one rather than one mid-oscillation.
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return optimizer, scheduler
 
 
-def iteration_seeds(cfg: TrainConfig, iteration: int) -> list[int]:
-    """Distinct start states for each iteration, from a deterministic stream disjoint from eval seeds."""
+def iteration_seeds(cfg: TrainConfig, iteration: int, round_: int = 0) -> list[int]:
+    """Distinct start states for each iteration, from a deterministic stream disjoint from eval seeds.
+
+    Round 0 is the iteration's regular batch. Dynamic sampling's extra rounds 1 .. dynamic_max_rounds-1
+    draw from a second range of the run's seed block, DYNAMIC_SEED_OFFSET above the first, laid out by
+    (iteration, round): every (iteration, round, group) has its own seed, a resumed run replays the same
+    ones, and round 0 is the same with or without dynamic sampling.
+    """
     n = cfg.rollout.n_groups
-    return [TRAIN_SEED_BASE + cfg.seed * 10_000_000 + iteration * n + g for g in range(n)]
+    base = TRAIN_SEED_BASE + cfg.seed * 10_000_000
+    if round_ == 0:
+        return [base + iteration * n + g for g in range(n)]
+    extra = cfg.algo.dynamic_max_rounds - 1
+    return [base + DYNAMIC_SEED_OFFSET + (iteration * extra + round_ - 1) * n + g for g in range(n)]
 
 
 def env_return(t: Trajectory, format_penalty: float) -> float:
     """The env's own reward, without format penalties (what the StarPO-S filter ranks)."""
     return t.total_reward - (t.num_turns - t.valid_turns) * format_penalty
+
+
+def rollout_and_filter(cfg: TrainConfig, iteration: int, play: Callable[[list[int]], list[Trajectory]]
+                       ) -> tuple[list[Trajectory], list[Trajectory], dict[str, float]]:
+    """Rollout -> reward shaping -> group filter. Returns (every episode played, as played; the kept
+    episodes, shaped; filter metrics).
+
+    filter='std' (StarPO-S) ranks groups by the std of raw env returns (before shaping and format
+    penalties). filter='dynamic' (DAPO) keeps groups whose shaped returns are not all equal and plays
+    n_groups new start states per extra round until n_groups such groups are kept (the first ones, in
+    round then group order) or dynamic_max_rounds rounds were played.
+    """
+    n, algo = cfg.rollout.n_groups, cfg.algo
+    rounds = algo.dynamic_max_rounds if algo.filter == "dynamic" else 1
+    played_all: list[Trajectory] = []
+    kept: list[Trajectory] = []
+    shaped_returns: list[float] = []
+    for round_ in range(rounds):
+        played = play(iteration_seeds(cfg, iteration, round_))
+        if round_ > 0:  # group ids stay unique across rounds
+            played = [replace(t, group_id=t.group_id + round_ * n) for t in played]
+        played_all += played
+        shaped = shape_rewards(played, cfg.reward, iteration)
+        shaped_returns += [t.total_reward for t in shaped]
+        group_ids = torch.tensor([t.group_id for t in played])
+        if algo.filter == "std":
+            raw = torch.tensor([env_return(t, cfg.rollout.format_penalty) for t in played])
+            keep = set(filter_by_reward_std(raw, group_ids, algo.filter_keep, drop_zero_std=algo.drop_zero_std).tolist())
+        elif algo.filter == "dynamic":
+            informative = dynamic_sampling_keep(torch.tensor([t.total_reward for t in shaped]), group_ids).tolist()
+            keep = set(informative[: n - len({t.group_id for t in kept})])
+        else:
+            keep = {t.group_id for t in played}
+        kept += [t for t in shaped if t.group_id in keep]
+        if len({t.group_id for t in kept}) >= n:
+            break
+    metrics = {"filter/kept_fraction": len(kept) / len(played_all), "filter/rollout_rounds": float(round_ + 1)}
+    if cfg.reward.active:
+        metrics["reward/shaped_mean"] = sum(shaped_returns) / len(shaped_returns)
+    return played_all, kept, metrics
 
 
 def rollout_metrics(trajs: list[Trajectory], cfg: TrainConfig) -> dict[str, float]:
@@ -185,6 +251,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> dict:
     params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
                             top_p=cfg.rollout.top_p)
     make_env = lambda: make(cfg.env.name, **cfg.env.kwargs)  # noqa: E731
+
+    def play(seeds: list[int]) -> list[Trajectory]:
+        return run_episodes(engine, renderer, make_env, seeds, cfg.rollout.group_size, settings, params,
+                            env_name=cfg.env.name)
+
     start = state["iteration"]
     bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="RL",
                disable=not cfg.progress, dynamic_ncols=True)
@@ -193,32 +264,26 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> dict:
     try:
         for iteration in bar:
             t0 = time.perf_counter()
-            # rollout: n_groups start states x group_size samples each
-            trajs = run_episodes(engine, renderer, make_env, iteration_seeds(cfg, iteration),
-                                 cfg.rollout.group_size, settings, params, env_name=cfg.env.name)
+            # rollout (n_groups start states x group_size samples each), reward shaping, then the group
+            # filter: StarPO-S keeps the groups whose raw env returns vary most; DAPO dynamic sampling
+            # drops groups with equal returns and plays more start states to refill the batch
+            trajs, kept, filter_stats = rollout_and_filter(cfg, iteration, play)
             t_rollout = time.perf_counter() - t0
-            record = {"iteration": iteration, **rollout_metrics(trajs, cfg)}
+            record = {"iteration": iteration, **rollout_metrics(trajs, cfg), **filter_stats}
 
-            # StarPO-S: keep the groups whose raw env returns vary most (the informative prompts)
-            kept = trajs
-            if cfg.algo.filter == "std":
-                raw = torch.tensor([env_return(t, cfg.rollout.format_penalty) for t in trajs])
-                group_ids = torch.tensor([t.group_id for t in trajs])
-                keep_ids = set(filter_by_reward_std(raw, group_ids, cfg.algo.filter_keep,
-                                                    drop_zero_std=cfg.algo.drop_zero_std).tolist())
-                kept = [t for t in trajs if t.group_id in keep_ids]
-            record["filter/kept_fraction"] = len(kept) / len(trajs)
-
-            # advantages + PPO update
+            # advantages + PPO update; during critic warm-up (ERA) only the value head learns
+            critic_only = iteration < cfg.algo.critic_warmup
             t1 = time.perf_counter()
             if kept:
                 update_stats = ppo_update(policy, optimizer, scheduler, kept, algo=cfg.algo, optim=cfg.optim,
                                           temperature=cfg.rollout.temperature, ref_lm=ref_lm,
-                                          generator=generators["update"])
+                                          generator=generators["update"], critic_only=critic_only)
             else:  # every group had identical returns: nothing to learn from this batch
                 update_stats = {}
             t_update = time.perf_counter() - t1
             record.update(update_metrics(update_stats, cfg))
+            if cfg.algo.needs_critic:
+                record["train/critic_warmup"] = float(critic_only)
             elapsed = time.perf_counter() - t0
             record.update({
                 "perf/rollout_seconds": t_rollout,
@@ -253,7 +318,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> dict:
 
 def update_metrics(stats: dict[str, float], cfg: TrainConfig) -> dict[str, float | None]:
     keys = ["loss/policy", "loss/entropy", "actor/clip_frac", "actor/grad_norm", "actor/lr",
-            "actor/logprob_mismatch", "actor/skipped_steps", "train/adv_abs_mean", "train/tokens"]
+            "actor/logprob_mismatch", "actor/skipped_steps", "train/adv_abs_mean", "train/adv_turn_std",
+            "train/tokens"]
     if cfg.algo.kl_coef > 0:
         keys.append("loss/kl")
     if cfg.algo.needs_critic:

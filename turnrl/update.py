@@ -1,4 +1,4 @@
-"""From trajectories to one PPO-style policy update: collate, advantages, micro-batched loss, step.
+"""From trajectories to one PPO-style policy update: collate, advantages (turnrl.credit), micro-batched loss, step.
 
 Token position t of the shifted tensors predicts ids[t + 1]; every per-token tensor here is `(B, L-1)`.
 """
@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from turnrl.algos.advantages import gae, grpo_advantages, rloo_advantages
-from turnrl.algos.losses import aggregate, entropy_from_logits, kl_penalty, ppo_clip_loss, token_logprobs, value_loss
+from turnrl.algos.losses import (aggregate, entropy_from_logits, gspo_loss, kl_penalty, ppo_clip_loss, token_logprobs,
+                                 value_loss)
 from turnrl.config import AlgoConfig, OptimConfig
+from turnrl.credit import Credit, compute_credit, turn_spread
 from turnrl.rollout import Trajectory
 
 
@@ -45,29 +46,6 @@ def collate(trajs: list[Trajectory], pad_id: int) -> Batch:
         mask[row, :n] = torch.tensor(t.loss_mask, dtype=torch.float32)
         logp[row, :n] = torch.tensor(t.logprobs, dtype=torch.float32)
     return Batch(ids, attn, ids[:, 1:], mask[:, 1:], logp[:, 1:], lengths)
-
-
-def turn_end_rewards(trajs: list[Trajectory], width: int) -> torch.Tensor:
-    """(B, width-1) token rewards: each turn's reward on the last token of that turn's reply."""
-    rewards = torch.zeros((len(trajs), width - 1))
-    for row, t in enumerate(trajs):
-        for (start, end), r in zip(t.turn_spans, t.turn_rewards):
-            if end > start:
-                rewards[row, end - 2] += r  # target index of ids[end - 1]
-    return rewards
-
-
-def sequence_advantages(trajs: list[Trajectory], estimator: str) -> torch.Tensor:
-    """(B,) trajectory-level advantages for the critic-free estimators."""
-    rewards = torch.tensor([t.total_reward for t in trajs], dtype=torch.float32)
-    groups = torch.tensor([t.group_id for t in trajs], dtype=torch.long)
-    if estimator == "grpo":
-        return grpo_advantages(rewards, groups, normalize_std=True)
-    if estimator == "dr_grpo":
-        return grpo_advantages(rewards, groups, normalize_std=False)
-    if estimator == "rloo":
-        return rloo_advantages(rewards, groups)
-    raise ValueError(f"estimator {estimator!r} is not trajectory-level")
 
 
 def micro_batches(lengths: list[int], rows: list[int], token_budget: int) -> list[list[int]]:
@@ -109,30 +87,127 @@ def forward_no_grad(policy, lm, batch: Batch, rows_groups: list[list[int]], temp
     return logps, values
 
 
-def ppo_update(policy, optimizer, scheduler, trajs: list[Trajectory], *, algo: AlgoConfig, optim: OptimConfig,
-               temperature: float, ref_lm=None, generator: torch.Generator | None = None) -> dict[str, float]:
-    """One RL update on `trajs` (already filtered). Returns averaged loss statistics."""
-    batch = collate(trajs, policy.pad_token_id)
-    budget = optim.micro_batch_tokens
+@dataclass
+class Targets:
+    """Everything computed once per update, before the first optimizer step."""
+
+    credit: Credit                    # advantages (+ value targets) from the estimator
+    old_values: torch.Tensor | None   # (B, L-1) value head of the sampling policy (critic estimators)
+    ref_logprobs: torch.Tensor | None  # (B, L-1) reference log-probs (kl_coef > 0)
+
+
+def prepare_targets(policy, batch: Batch, trajs: list[Trajectory], *, algo: AlgoConfig, optim: OptimConfig,
+                    temperature: float, ref_lm=None) -> Targets:
+    """Advantages and returns (turnrl.credit), old values and reference log-probs, all without grad."""
     all_rows = list(range(batch.size))
+    old_values = None
+    if algo.needs_critic:
+        policy.eval()
+        _, old_values = forward_no_grad(policy, policy.lm, batch,
+                                        micro_batches(batch.lengths, all_rows, optim.micro_batch_tokens),
+                                        temperature, True, optim.bf16)
+    credit = compute_credit(trajs, batch.mask, old_values, algo)
+    ref_logprobs = None
+    if algo.kl_coef > 0:
+        ref_logprobs, _ = forward_no_grad(None, ref_lm, batch,
+                                          micro_batches(batch.lengths, all_rows, optim.micro_batch_tokens),
+                                          temperature, False, optim.bf16)
+    return Targets(credit, old_values, ref_logprobs)
+
+
+@contextlib.contextmanager
+def _frozen(module: torch.nn.Module):
+    """Parameters of `module` get no gradient inside the block (critic warm-up: only the value head learns)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def minibatch_backward(policy, batch: Batch, targets: Targets, mb_rows: list[int], *, algo: AlgoConfig,
+                       optim: OptimConfig, temperature: float, critic_only: bool = False,
+                       stats: dict | None = None, log_mismatch: bool = False) -> dict[str, float]:
+    """Forward + backward of one mini-batch, in micro-batches of at most `optim.micro_batch_tokens` padded tokens.
+
+    Gradients accumulate in `.grad`. Every loss term is aggregated with the mini-batch's totals as
+    denominators, so the accumulated gradient does not depend on how the rows are split into micro-batches.
+    With `critic_only` (critic warm-up) the language model is frozen and only the value loss is optimised;
+    the policy terms are still computed for logging. Returns the mini-batch's losses; per-micro-batch
+    statistics are appended to `stats`.
+    """
+    stats = {} if stats is None else stats
+    credit = targets.credit
+    num_seqs = len(mb_rows)
+    num_tokens = max(1, int(batch.mask[mb_rows].sum().item()))
+    num_value_tokens = max(1, int(credit.value_mask[mb_rows].sum().item())) if algo.needs_critic else 1
+    totals: dict[str, float] = {}  # micro-batch parts of this mini-batch's losses (they add up)
+    with _frozen(policy.lm) if critic_only else contextlib.nullcontext():
+        for rows in micro_batches(batch.lengths, mb_rows, optim.micro_batch_tokens):
+            n = max(batch.lengths[r] for r in rows)
+            ids, attn = batch.input_ids[rows, :n], batch.attention[rows, :n]
+            mask = batch.mask[rows, : n - 1]
+            with _autocast(optim.bf16):
+                logits, values = policy(ids, attn, with_values=algo.needs_critic)
+            logits = logits[:, :-1].float()
+            logps = token_logprobs(logits, batch.targets[rows, : n - 1], temperature=temperature)
+            old = batch.old_logprobs[rows, : n - 1]
+            if algo.loss == "gspo":
+                pg, pg_stats = gspo_loss(logps, old, credit.seq_advantages[rows], mask,
+                                         clip_low=algo.clip_low, clip_high=algo.clip_high)
+            else:
+                pg, pg_stats = ppo_clip_loss(logps, old, credit.advantages[rows, : n - 1], mask,
+                                             clip_low=algo.clip_low, clip_high=algo.clip_high,
+                                             dual_clip=algo.dual_clip)
+            agg = dict(num_seqs=num_seqs, num_tokens=num_tokens)
+            loss = aggregate(pg, mask, algo.loss_agg, **agg)
+            _add(totals, "loss/policy", loss.item())
+            # Entropy is always logged; it is differentiated only when it enters the loss.
+            with torch.set_grad_enabled(algo.entropy_coef > 0 and not critic_only):
+                ent = aggregate(entropy_from_logits(logits / temperature) * mask, mask, algo.loss_agg, **agg)
+            if algo.entropy_coef > 0:
+                loss = loss - algo.entropy_coef * ent
+            _add(totals, "loss/entropy", ent.item())
+            if algo.kl_coef > 0:
+                kl = aggregate(kl_penalty(logps, targets.ref_logprobs[rows, : n - 1], kind=algo.kl_estimator) * mask,
+                               mask, algo.loss_agg, **agg)
+                loss = loss + algo.kl_coef * kl
+                _add(totals, "loss/kl", kl.item())
+            if critic_only:
+                loss = torch.zeros((), device=logits.device)  # the policy terms above are logged, not optimised
+            if algo.needs_critic:
+                vmask = credit.value_mask[rows, : n - 1]
+                vl = value_loss(values[:, :-1].float(), targets.old_values[rows, : n - 1],
+                                credit.returns[rows, : n - 1], vmask, clip=algo.value_clip)
+                vl = aggregate(vl, vmask, algo.loss_agg, num_seqs=num_seqs, num_tokens=num_value_tokens)
+                loss = loss + algo.vf_coef * vl
+                _add(totals, "loss/value", vl.item())
+            if loss.requires_grad:
+                loss.backward()
+            weight = len(rows) / num_seqs
+            _append(stats, "actor/clip_frac", pg_stats["clip_frac"], weight)
+            if log_mismatch:
+                # Before the first step the policy is the sampler: any gap is engine/trainer numerics.
+                gap = ((logps.detach() - old).abs() * mask).sum() / mask.sum().clamp(min=1)
+                _append(stats, "actor/logprob_mismatch", gap.item(), weight)
+    return totals
+
+
+def ppo_update(policy, optimizer, scheduler, trajs: list[Trajectory], *, algo: AlgoConfig, optim: OptimConfig,
+               temperature: float, ref_lm=None, generator: torch.Generator | None = None,
+               critic_only: bool = False) -> dict[str, float]:
+    """One RL update on `trajs` (already filtered). Returns averaged loss statistics.
+
+    `critic_only` (critic warm-up, ERA): the optimizer steps the value head only; the policy is unchanged.
+    """
+    batch = collate(trajs, policy.pad_token_id)
     stats: dict[str, list[float]] = {}
 
     # ---- advantages --------------------------------------------------------------------------------
-    old_values = returns = None
-    if algo.needs_critic:
-        policy.eval()
-        _, old_values = forward_no_grad(policy, policy.lm, batch, micro_batches(batch.lengths, all_rows, budget),
-                                        temperature, True, optim.bf16)
-        rewards = turn_end_rewards(trajs, batch.input_ids.shape[1])
-        advantages, returns = gae(rewards, old_values, batch.mask, gamma=algo.gamma, lam=algo.lam)
-    else:
-        seq_adv = sequence_advantages(trajs, algo.estimator)
-        advantages = seq_adv[:, None] * batch.mask  # broadcast over the episode's model tokens
-
-    ref_logprobs = None
-    if algo.kl_coef > 0:
-        ref_logprobs, _ = forward_no_grad(None, ref_lm, batch, micro_batches(batch.lengths, all_rows, budget),
-                                          temperature, False, optim.bf16)
+    targets = prepare_targets(policy, batch, trajs, algo=algo, optim=optim, temperature=temperature, ref_lm=ref_lm)
 
     # ---- PPO epochs over mini-batches -------------------------------------------------------------
     policy.train()
@@ -140,48 +215,9 @@ def ppo_update(policy, optimizer, scheduler, trajs: list[Trajectory], *, algo: A
         perm = torch.randperm(batch.size, generator=generator).tolist()
         n_mb = min(algo.minibatches, batch.size)
         for mb_index in range(n_mb):
-            mb_rows = perm[mb_index::n_mb]
-            num_seqs = len(mb_rows)
-            num_tokens = max(1, int(batch.mask[mb_rows].sum().item()))
-            totals: dict[str, float] = {}  # micro-batch parts of this mini-batch's losses (they add up)
-            for rows in micro_batches(batch.lengths, mb_rows, budget):
-                n = max(batch.lengths[r] for r in rows)
-                ids, attn = batch.input_ids[rows, :n], batch.attention[rows, :n]
-                mask = batch.mask[rows, : n - 1]
-                with _autocast(optim.bf16):
-                    logits, values = policy(ids, attn, with_values=algo.needs_critic)
-                logits = logits[:, :-1].float()
-                logps = token_logprobs(logits, batch.targets[rows, : n - 1], temperature=temperature)
-                old = batch.old_logprobs[rows, : n - 1]
-                pg, pg_stats = ppo_clip_loss(logps, old, advantages[rows, : n - 1], mask,
-                                             clip_low=algo.clip_low, clip_high=algo.clip_high, dual_clip=algo.dual_clip)
-                agg = dict(num_seqs=num_seqs, num_tokens=num_tokens)
-                loss = aggregate(pg, mask, algo.loss_agg, **agg)
-                _add(totals, "loss/policy", loss.item())
-                # Entropy is always logged; it is differentiated only when it enters the loss.
-                with torch.set_grad_enabled(algo.entropy_coef > 0):
-                    ent = aggregate(entropy_from_logits(logits / temperature) * mask, mask, algo.loss_agg, **agg)
-                if algo.entropy_coef > 0:
-                    loss = loss - algo.entropy_coef * ent
-                _add(totals, "loss/entropy", ent.item())
-                if algo.kl_coef > 0:
-                    kl = aggregate(kl_penalty(logps, ref_logprobs[rows, : n - 1], kind=algo.kl_estimator) * mask,
-                                   mask, algo.loss_agg, **agg)
-                    loss = loss + algo.kl_coef * kl
-                    _add(totals, "loss/kl", kl.item())
-                if algo.needs_critic:
-                    vl = value_loss(values[:, :-1].float(), old_values[rows, : n - 1], returns[rows, : n - 1], mask,
-                                    clip=algo.value_clip)
-                    vl = aggregate(vl, mask, algo.loss_agg, **agg)
-                    loss = loss + algo.vf_coef * vl
-                    _add(totals, "loss/value", vl.item())
-                loss.backward()
-                weight = len(rows) / num_seqs
-                _append(stats, "actor/clip_frac", pg_stats["clip_frac"], weight)
-                if epoch == 0 and mb_index == 0:
-                    # Before the first step the policy is the sampler: any gap is engine/trainer numerics.
-                    gap = ((logps.detach() - old).abs() * mask).sum() / mask.sum().clamp(min=1)
-                    _append(stats, "actor/logprob_mismatch", gap.item(), weight)
+            totals = minibatch_backward(policy, batch, targets, perm[mb_index::n_mb], algo=algo, optim=optim,
+                                        temperature=temperature, critic_only=critic_only, stats=stats,
+                                        log_mismatch=epoch == 0 and mb_index == 0)
             for key, value in totals.items():
                 _append(stats, key, value)
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), optim.max_grad_norm)
@@ -193,11 +229,15 @@ def ppo_update(policy, optimizer, scheduler, trajs: list[Trajectory], *, algo: A
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             _append(stats, "actor/grad_norm", grad_norm.item())
+    credit = targets.credit
     out = {k: _mean(v) for k, v in stats.items()}
     out.setdefault("actor/skipped_steps", 0.0)
     out["actor/lr"] = scheduler.get_last_lr()[0]
     out["train/tokens"] = float(sum(batch.lengths))
-    out["train/adv_abs_mean"] = float((advantages.abs() * batch.mask).sum() / batch.mask.sum().clamp(min=1))
+    out["train/adv_abs_mean"] = float((credit.advantages.abs() * batch.mask).sum() / batch.mask.sum().clamp(min=1))
+    spread = turn_spread(credit)
+    if spread is not None:
+        out["train/adv_turn_std"] = spread
     return out
 
 
