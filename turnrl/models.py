@@ -7,6 +7,7 @@ model in memory).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -131,10 +132,25 @@ class Policy(nn.Module):
         """Writes a Hugging Face model directory (+ value_head.pt) that `load_policy` reads back."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.lm.save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
+        with _quiet_progress():  # a checkpoint every few iterations must not print a progress bar each time
+            self.lm.save_pretrained(directory)
+            self.tokenizer.save_pretrained(directory)
         if self.value_head is not None:
             torch.save(self.value_head.state_dict(), directory / "value_head.pt")
+
+
+@contextlib.contextmanager
+def _quiet_progress():
+    """Silences transformers' per-call progress bars (shard writing, weight loading) inside the block."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _looks_like_hub_id(name: str) -> bool:
