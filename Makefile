@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: train test install clean
+.PHONY: train test install clean results
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -24,6 +24,9 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q; status=$$?; if [ $$status -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$status
+
+results: $(STAMP)
+	$(BIN)/python scripts/algo_table.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -319,6 +319,26 @@ def quickstart() -> TrainConfig:
     )
 
 
+def quickstart_sokoban() -> TrainConfig:
+    """The quickstart recipe on RAGEN's Sokoban (6x6, 1 box, at most 10 actions): tiny model, SFT warm
+    start on noisy solver demos, then StarPO-S. A lower RL learning rate than FrozenLake's: Sokoban's long
+    failed episodes make format collapse likely at 3e-4 (reference/quickstart-calibration.md).
+    The setting of the algorithm comparison in docs/results.md (scripts/algo_table.py)."""
+    return TrainConfig(
+        model=ModelConfig(name="tiny"),
+        env=EnvConfig(name="sokoban", system_prompt=False),
+        rollout=RolloutConfig(n_groups=16, group_size=8, max_turns=10, max_actions_per_turn=1, max_new_tokens=8,
+                              max_context_tokens=2048, think=False, format_penalty=-0.1),
+        algo=AlgoConfig(estimator="grpo", filter="std", filter_keep=0.5, drop_zero_std=True,
+                        loss_agg="seq-mean-token-mean", entropy_coef=0.0),
+        optim=OptimConfig(lr=1e-4, warmup_steps=10, lr_schedule="cosine"),
+        sft=SFTConfig(episodes=6000, epsilon=0.25, steps=400, batch_size=64, lr=1e-3),
+        eval=EvalConfig(episodes=128, k=4, temperature=1.0),
+        iterations=60,
+        out="runs/quickstart-sokoban",
+    )
+
+
 def ragen_sokoban_05b() -> TrainConfig:
     """RAGEN v1 defaults (Qwen2.5-0.5B-Instruct, 8 groups x 16, 5 turns, 5 actions/turn, 200 iterations,
     StarPO-S top-25% std filter, clip 0.2/0.28, no KL). For GPU machines."""
@@ -358,6 +378,7 @@ def bandit_tiny() -> TrainConfig:
 
 PRESETS = {
     "quickstart": quickstart,
+    "quickstart-sokoban": quickstart_sokoban,
     "ragen-sokoban-0.5b": ragen_sokoban_05b,
     "bandit-tiny": bandit_tiny,
 }

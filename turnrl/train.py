@@ -232,7 +232,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> dict:
         state = {"phase": "rl", "iteration": 0}
         save_checkpoint(run_dir, 0, policy, None, None, state, generators, cfg.keep_checkpoints)
     if "after_sft" not in evals:
-        _run_eval(policy, cfg, evals, "after_sft", eval_path, log)
+        if cfg.sft.episodes == 0:  # same model, same eval seeds and sampling seed: the same result, no need to rerun
+            evals["after_sft"] = dict(evals["untrained"])
+            write_eval(eval_path, evals)
+        else:
+            _run_eval(policy, cfg, evals, "after_sft", eval_path, log)
 
     # ---- RL ---------------------------------------------------------------------------------------
     optimizer, scheduler = rl_optimizer(policy, cfg)
@@ -311,7 +315,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> dict:
     bar.close()
 
     # ---- evaluation after RL and the final model --------------------------------------------------
-    _run_eval(policy, cfg, evals, "after_rl", eval_path, log)
+    if cfg.iterations == 0:  # no RL step was taken: the after_sft evaluation already measured this model
+        evals["after_rl"] = dict(evals["after_sft"])
+        write_eval(eval_path, evals)
+    else:
+        _run_eval(policy, cfg, evals, "after_rl", eval_path, log)
     policy.save(run_dir / "final")
     return evals
 
