@@ -67,3 +67,54 @@ def test_unique_answer_ratio():
     assert unique_answer_ratio(["a"] * 5) == pytest.approx(0.2)
     assert unique_answer_ratio([]) == 1.0
     assert mean_unique_answer_ratio([["1", "1"], ["1", "2"]]) == pytest.approx(0.75)
+
+
+def _episode(replies: list[str], success: bool, seed: int = 0):
+    from turnrl.rollout import Trajectory
+
+    transcript = [("user", "question")]
+    for r in replies:
+        transcript += [("assistant", r), ("user", "Incorrect. Please think again.")]
+    spans = tuple((i, i + 1) for i in range(len(replies)))
+    return Trajectory(ids=(), loss_mask=(), logprobs=(), turn_spans=spans, turn_rewards=(0.0,) * len(replies),
+                      terminated=success, truncated=not success, success=success, env_name="math_qa", seed=seed,
+                      group_id=seed, num_actions=len(replies), valid_turns=len(replies), end_reason="env",
+                      transcript=tuple(transcript))
+
+
+def test_qa_summary_reads_attempts_from_the_transcripts():
+    from turnrl.evaluate import qa_summary
+
+    trajs = [
+        _episode(["<answer>4</answer>"], True),                                        # right at once
+        _episode(["<answer>3</answer>", "<answer>3.0</answer>", "<answer>4</answer>"], True),  # third try
+        _episode(["<answer>7</answer>", "no tags", "<answer>7</answer>"], False),       # gave up repeating
+    ]
+    qa = qa_summary(trajs, think=False, max_turns=3)
+    assert qa["succ@1"] == pytest.approx(1 / 3)
+    assert qa["succ@2"] == pytest.approx(1 / 3)
+    assert qa["succ@3"] == pytest.approx(2 / 3)
+    assert qa["mean_turns_to_success"] == pytest.approx((1 + 3) / 2)
+    # per episode: 1/1, 2/3 ("3" and "3.0" are one answer), 1/2 (the untagged reply is no answer)
+    assert qa["unique_answer_ratio"] == pytest.approx((1 + 2 / 3 + 1 / 2) / 3)
+    nothing = qa_summary([_episode(["<answer>1</answer>"], False)], think=False, max_turns=2)
+    assert nothing["mean_turns_to_success"] is None and nothing["succ@2"] == 0.0
+
+
+def test_evaluate_reports_qa_metrics_only_for_multi_attempt_envs():
+    from turnrl.config import EnvConfig, EvalConfig, RolloutConfig, TrainConfig
+    from turnrl.evaluate import evaluate
+    from turnrl.models import load_policy
+
+    policy = load_policy("tiny")
+    rollout = RolloutConfig(max_turns=3, max_new_tokens=6, think=False, max_context_tokens=1024)
+    cfg = TrainConfig(env=EnvConfig(name="math_qa", system_prompt=False), rollout=rollout,
+                      eval=EvalConfig(episodes=4, k=2, greedy=False))
+    result, trajs = evaluate(policy, cfg)
+    qa = result.to_dict()["qa"]
+    assert [k for k in qa if k.startswith("succ@")] == ["succ@1", "succ@2", "succ@3"]
+    assert qa["succ@3"] == pytest.approx(result.success_rate)  # every episode ends within the 3-turn budget
+    assert 0.0 <= qa["unique_answer_ratio"] <= 1.0
+    cfg_grid = TrainConfig(env=EnvConfig(name="frozen_lake", system_prompt=False), rollout=rollout,
+                           eval=EvalConfig(episodes=2, k=1, greedy=False))
+    assert "qa" not in evaluate(policy, cfg_grid)[0].to_dict()

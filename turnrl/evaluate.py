@@ -5,6 +5,7 @@ Evaluation seeds are 0..episodes-1; training never uses a seed below `config.TRA
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +13,8 @@ import torch
 from turnrl.config import EVAL_SEED_LIMIT, TrainConfig
 from turnrl.engines import HFEngine, SamplingParams
 from turnrl.envs import make
+from turnrl.parsing import parse_reply
+from turnrl.qa_metrics import mean_turns_to_success, mean_unique_answer_ratio, succ_at_k
 from turnrl.rollout import ChatRenderer, RolloutSettings, Trajectory, run_episodes
 
 
@@ -40,9 +43,34 @@ class EvalResult:
     valid_turn_rate: float
     mean_turns: float
     greedy_success_rate: float | None = None
+    qa: dict[str, float] | None = None  # multi-attempt QA metrics (free-text envs with max_turns > 1), see qa_summary
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        out = dict(self.__dict__)
+        if out["qa"] is None:
+            del out["qa"]
+        return out
+
+
+def qa_summary(trajs: list[Trajectory], *, think: bool, max_turns: int) -> dict[str, float]:
+    """UFO's multi-turn QA metrics over sampled episodes (turnrl.qa_metrics).
+
+    Each turn's reply is one attempt; an episode of a multi-attempt env ends at its first correct answer,
+    so its correctness flags are all False but the last, which is its success. Keys: `succ@k` for
+    k = 1..max_turns (correct within k sequential attempts with feedback), `mean_turns_to_success`
+    (None when nothing succeeded) and `unique_answer_ratio` (distinct / parsed answers per episode, mean).
+    """
+    flags = [[False] * (t.num_turns - 1) + [t.success] for t in trajs if t.num_turns > 0]
+    answers = []
+    for t in trajs:
+        replies = [text for role, text in t.transcript if role == "assistant"]
+        parsed = [parse_reply(r, think=think, split=False) for r in replies]
+        answers.append([p.actions[0] for p in parsed if p.ok])
+    out = {f"succ@{k}": succ_at_k(flags, k) for k in range(1, max_turns + 1)} if flags else {}
+    turns = mean_turns_to_success(flags) if flags else math.nan
+    out["mean_turns_to_success"] = None if math.isnan(turns) else turns
+    out["unique_answer_ratio"] = mean_unique_answer_ratio(answers) if answers else 1.0
+    return out
 
 
 def summarize(trajs: list[Trajectory], k: int) -> dict[str, float]:
@@ -85,6 +113,10 @@ def evaluate(policy, cfg: TrainConfig, *, env_name: str | None = None, episodes:
     params = SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=temperature)
     trajs = run_episodes(engine, renderer, make_env, seeds, k, settings, params, env_name=env_name)
     summary = summarize(trajs, k)
+    probe = make_env()
+    multi_attempt = probe.free_text and settings.max_turns > 1
+    probe.close()
+    qa = qa_summary(trajs, think=settings.think, max_turns=settings.max_turns) if multi_attempt else None
     greedy_rate = None
     if greedy:
         g = run_episodes(engine, renderer, make_env, seeds, 1, settings,
@@ -93,5 +125,5 @@ def evaluate(policy, cfg: TrainConfig, *, env_name: str | None = None, episodes:
     result = EvalResult(success_rate=summary["success_rate"], mean_return=summary["mean_return"],
                         pass_at_k=summary["pass_at_k"], k=k, episodes=episodes, temperature=temperature,
                         valid_turn_rate=summary["valid_turn_rate"], mean_turns=summary["mean_turns"],
-                        greedy_success_rate=greedy_rate)
+                        greedy_success_rate=greedy_rate, qa=qa)
     return result, trajs
