@@ -339,6 +339,44 @@ def quickstart_sokoban() -> TrainConfig:
     )
 
 
+def countdown_tiny() -> TrainConfig:
+    """Countdown (3 numbers up to 10, targets up to 30, one answer) with the tiny model: SFT on the
+    solver's expressions, then StarPO-S. A few minutes on 2 CPU cores; see docs/results.md."""
+    return TrainConfig(
+        model=ModelConfig(name="tiny"),
+        env=EnvConfig(name="countdown", system_prompt=False,
+                      kwargs={"min_numbers": 3, "max_numbers": 3, "max_number": 10, "max_target": 30}),
+        rollout=RolloutConfig(n_groups=16, group_size=8, max_turns=1, max_actions_per_turn=1, max_new_tokens=24,
+                              max_context_tokens=256, think=False),
+        algo=AlgoConfig(estimator="grpo", filter="std", filter_keep=0.5, drop_zero_std=True,
+                        loss_agg="seq-mean-token-mean", entropy_coef=0.0),
+        optim=OptimConfig(lr=1e-4, warmup_steps=10, lr_schedule="cosine"),
+        sft=SFTConfig(episodes=4000, steps=300, batch_size=64, lr=1e-3),
+        eval=EvalConfig(episodes=128, k=4, temperature=1.0),
+        iterations=60,
+        out="runs/countdown-tiny",
+    )
+
+
+def math_tiny() -> TrainConfig:
+    """Multi-turn math with unary feedback (UFO; a ± b up to 20, at most 5 answers, reward 0.5^t, repetition
+    penalty 0.5) with the tiny model: SFT on first-try correct answers, then StarPO-S over whole episodes.
+    A few minutes on 2 CPU cores; see docs/results.md."""
+    return TrainConfig(
+        model=ModelConfig(name="tiny"),
+        env=EnvConfig(name="math_qa", system_prompt=False, kwargs={"difficulty": 1, "kind": "arithmetic"}),
+        rollout=RolloutConfig(n_groups=16, group_size=8, max_turns=5, max_actions_per_turn=1, max_new_tokens=10,
+                              max_context_tokens=512, think=False),
+        algo=AlgoConfig(estimator="grpo", filter="std", filter_keep=0.5, drop_zero_std=True,
+                        loss_agg="seq-mean-token-mean", entropy_coef=0.0),
+        optim=OptimConfig(lr=1e-4, warmup_steps=10, lr_schedule="cosine"),
+        sft=SFTConfig(episodes=4000, steps=300, batch_size=64, lr=1e-3),
+        eval=EvalConfig(episodes=128, k=4, temperature=1.0),
+        iterations=60,
+        out="runs/math-tiny",
+    )
+
+
 def ragen_sokoban_05b() -> TrainConfig:
     """RAGEN v1 defaults (Qwen2.5-0.5B-Instruct, 8 groups x 16, 5 turns, 5 actions/turn, 200 iterations,
     StarPO-S top-25% std filter, clip 0.2/0.28, no KL). For GPU machines."""
@@ -379,6 +417,8 @@ def bandit_tiny() -> TrainConfig:
 PRESETS = {
     "quickstart": quickstart,
     "quickstart-sokoban": quickstart_sokoban,
+    "countdown-tiny": countdown_tiny,
+    "math-tiny": math_tiny,
     "ragen-sokoban-0.5b": ragen_sokoban_05b,
     "bandit-tiny": bandit_tiny,
 }

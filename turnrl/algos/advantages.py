@@ -355,10 +355,8 @@ def rebn_advantages(turn_rewards: Tensor, turn_mask: Tensor, *, gamma: float,
     ``A_k = (G_k - mean(G)) / (std(G) + eps)`` with mean / unbiased std over
     ALL valid turns of the batch (critic-free REINFORCE with a batch-normalised
     return, so turns are compared across the whole batch, not only in a group).
-    Closest published reference for turn-level returns / credit: Zeng et al.,
-    "Reinforcing Multi-Turn Reasoning in LLM Agents via Turn-Level Credit
-    Assignment" (arXiv 2505.11821). UNVERIFIED: a paper defining "ReBN" by that
-    name could not be checked offline; this is the definition implemented.
+    Paper: GEM, "GEM: A Gym for Agentic LLMs" (arXiv 2510.01051), which argues this
+    per-turn-return REINFORCE + ReBN is a better multi-turn default than GRPO.
 
     Args:
         turn_rewards: ``(B, K)``; turn_mask: ``(B, K)`` 1 on real turns.
