@@ -117,10 +117,12 @@ def main() -> None:
         "## Algorithm comparison on the quickstart Sokoban setting (CPU)",
         "",
         f"Held-out success on Sokoban 6×6 / 1 box (at most 10 actions), start states 0–127, after "
-        f"{iterations} RL iterations of 16 groups × 8 episodes from a shared SFT warm start "
+        f"{iterations} RL iterations of {base.rollout.n_groups} groups × {base.rollout.group_size} episodes "
+        f"from a shared SFT warm start "
         f"(preset `quickstart-sokoban`: ~1M-parameter tiny model, no system prompt, one action per turn, "
         f"lr 1e-4 cosine, clip 0.2/0.28, no KL). Mean ± standard error over seeds {', '.join(map(str, args.seeds))} "
-        "(each seed has its own SFT start, model init and rollout seeds). `success` samples 4 episodes per "
+        "(each seed has its own SFT start, model init and rollout seeds). `success` samples "
+        f"{base.eval.k} episodes per "
         "start state at T=1; `greedy` is one episode at temperature 0.",
         "",
         "| algorithm | success (T=1) | greedy success | minutes per run |",

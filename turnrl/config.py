@@ -327,14 +327,14 @@ def quickstart_sokoban() -> TrainConfig:
     return TrainConfig(
         model=ModelConfig(name="tiny"),
         env=EnvConfig(name="sokoban", system_prompt=False),
-        rollout=RolloutConfig(n_groups=16, group_size=8, max_turns=10, max_actions_per_turn=1, max_new_tokens=8,
+        rollout=RolloutConfig(n_groups=8, group_size=8, max_turns=10, max_actions_per_turn=1, max_new_tokens=8,
                               max_context_tokens=2048, think=False, format_penalty=-0.1),
         algo=AlgoConfig(estimator="grpo", filter="std", filter_keep=0.5, drop_zero_std=True,
                         loss_agg="seq-mean-token-mean", entropy_coef=0.0),
         optim=OptimConfig(lr=1e-4, warmup_steps=10, lr_schedule="cosine"),
-        sft=SFTConfig(episodes=6000, epsilon=0.25, steps=400, batch_size=64, lr=1e-3),
-        eval=EvalConfig(episodes=128, k=4, temperature=1.0),
-        iterations=60,
+        sft=SFTConfig(episodes=4000, epsilon=0.25, steps=200, batch_size=64, lr=1e-3),
+        eval=EvalConfig(episodes=128, k=2, temperature=1.0),
+        iterations=40,
         out="runs/quickstart-sokoban",
     )
 
@@ -364,7 +364,8 @@ def math_tiny() -> TrainConfig:
     A few minutes on 2 CPU cores; see docs/results.md."""
     return TrainConfig(
         model=ModelConfig(name="tiny"),
-        env=EnvConfig(name="math_qa", system_prompt=False, kwargs={"difficulty": 1, "kind": "arithmetic"}),
+        env=EnvConfig(name="math_qa", system_prompt=False,
+                      kwargs={"difficulty": 1, "kind": "arithmetic", "repetition_penalty": 0.5}),
         rollout=RolloutConfig(n_groups=16, group_size=8, max_turns=5, max_actions_per_turn=1, max_new_tokens=10,
                               max_context_tokens=512, think=False),
         algo=AlgoConfig(estimator="grpo", filter="std", filter_keep=0.5, drop_zero_std=True,
