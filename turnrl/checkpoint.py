@@ -57,6 +57,29 @@ def save_checkpoint(run_dir: Path, step: int, policy, optimizer, scheduler, stat
     return final
 
 
+def save_model_atomic(policy, directory: Path) -> Path:
+    """Writes `policy` to `directory` through a temporary sibling and a rename (never a half-written model)."""
+    directory = Path(directory)
+    tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    policy.save(tmp)
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+    return directory
+
+
+def remove_stale_temps(run_dir: Path) -> list[Path]:
+    """Deletes temporary directories a killed save left behind (they are never read); returns them."""
+    run_dir = Path(run_dir)
+    stale = [p for root in (run_dir, run_dir / "checkpoints") if root.is_dir()
+             for p in root.iterdir() if p.name.startswith(".tmp-") and p.is_dir()]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():

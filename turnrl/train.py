@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from turnrl.algos.filters import dynamic_sampling_keep, filter_by_reward_std
-from turnrl.checkpoint import MetricsLog, latest_checkpoint, save_checkpoint, set_rng_state
+from turnrl.checkpoint import MetricsLog, latest_checkpoint, remove_stale_temps, save_checkpoint, save_model_atomic, set_rng_state
 from turnrl.config import (DYNAMIC_SEED_OFFSET, SFT_SEED_BASE, TRAIN_SEED_BASE, ConfigError, TrainConfig,
                            diff_configs)
 from turnrl.engines import HFEngine, SamplingParams
@@ -193,6 +193,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> dict:
     # ---- setup ------------------------------------------------------------------------------------
     run_dir = check_output_dir(cfg.out)
     check_env_config(cfg)
+    remove_stale_temps(run_dir)
     ckpt = latest_checkpoint(run_dir) if resume else None
     if resume:
         if not (run_dir / "config.json").exists():
@@ -242,9 +243,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> dict:
             optimizer.load_state_dict(trainer_state["optimizer"])
             scheduler.load_state_dict(trainer_state["scheduler"])
         set_rng_state(trainer_state["rng"], generators)
-    ref_lm = None
-    if cfg.algo.kl_coef > 0:  # a frozen copy of the RL starting point; never built when KL is off
-        ref_lm = copy.deepcopy(policy.lm).eval().requires_grad_(False)
+    ref_lm = reference_model(run_dir, policy, cfg, state["iteration"]) if cfg.algo.kl_coef > 0 else None
     engine = HFEngine(policy.lm, eos_token_id=policy.eos_token_id, pad_token_id=policy.pad_token_id,
                       batch_size=cfg.rollout.gen_batch_size, generator=generators["rollout"])
     renderer, settings = renderer_for(policy, cfg), settings_for(cfg)
@@ -312,8 +311,24 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> dict:
 
     # ---- evaluation after RL and the final model --------------------------------------------------
     _run_eval(policy, cfg, evals, "after_rl", eval_path, log)
-    policy.save(run_dir / "final")
+    save_model_atomic(policy, run_dir / "final")
     return evals
+
+
+def reference_model(run_dir: Path, policy, cfg: TrainConfig, iteration: int):
+    """The frozen KL reference: the policy at the start of RL, kept in `run_dir/reference`.
+
+    It is written once when RL starts and read back on resume; a copy of the resumed policy would be
+    a different reference and the resumed run would optimise a different objective.
+    """
+    path = run_dir / "reference"
+    if path.is_dir():
+        return build_policy(cfg, str(path)).lm.eval().requires_grad_(False)
+    if iteration > 0:
+        raise ConfigError(f"cannot resume {run_dir}: algo.kl_coef > 0 but the reference model {path} is missing")
+    ref = copy.deepcopy(policy.lm).eval().requires_grad_(False)  # the policy is still the RL starting point
+    save_model_atomic(policy, path)
+    return ref
 
 
 def update_metrics(stats: dict[str, float], cfg: TrainConfig) -> dict[str, float | None]:
