@@ -7,6 +7,7 @@ leaves the previous checkpoint intact; only the newest `keep` checkpoints are ke
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -53,7 +54,10 @@ def save_checkpoint(run_dir: Path, step: int, policy, optimizer, scheduler, stat
         shutil.rmtree(final)
     os.replace(tmp, final)
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        # renamed out of the listing first, so a kill during the delete never leaves a half checkpoint listed
+        doomed = old.with_name(f".tmp-delete-{old.name}")
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 
@@ -116,7 +120,9 @@ class MetricsLog:
         os.replace(tmp, self.path)
 
     def append(self, record: dict) -> None:
+        """Appends one line. NaN/inf become null (strict JSON; actor/skipped_steps says why)."""
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
             f.flush()
             os.fsync(f.fileno())

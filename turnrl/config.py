@@ -65,8 +65,14 @@ class RolloutConfig:
     think: bool = True  # reply format '<think>..</think><answer>..</answer>'; False: '<answer>..</answer>' only
     format_penalty: float = -0.1  # added to a turn whose reply does not parse or holds an invalid action
     gen_batch_size: int = 128  # episodes per generation batch
+    # -- fault tolerance (docs/reliability.md) --
+    env_timeout: float = 60.0  # seconds an env reset/step may take before its episode fails (0 = no limit; Unix main thread)
+    max_env_error_rate: float = 0.1  # fraction of an iteration's episodes whose env may fail before the run stops
 
     def __post_init__(self):
+        _check(self.env_timeout >= 0, f"rollout.env_timeout must be >= 0 seconds (0 = no limit), got {self.env_timeout}")
+        _check(0 <= self.max_env_error_rate < 1,
+               f"rollout.max_env_error_rate must be in [0, 1), got {self.max_env_error_rate}")
         for name in ("n_groups", "group_size", "max_turns", "max_actions_per_turn", "max_new_tokens", "gen_batch_size"):
             _check(getattr(self, name) >= 1, f"rollout.{name} must be >= 1, got {getattr(self, name)}")
         _check(self.temperature > 0, f"rollout.temperature must be > 0, got {self.temperature}")
@@ -186,8 +192,11 @@ class OptimConfig:
     max_grad_norm: float = 1.0  # gradient clipping
     micro_batch_tokens: int = 4096  # padded tokens per forward/backward micro-batch (length-sorted, so little padding)
     bf16: bool = False  # bf16 autocast for training forwards (fp32 master weights)
+    # -- fault tolerance (docs/reliability.md) --
+    max_bad_updates: int = 3  # stop after this many consecutive updates with NaN/inf advantages, loss or gradients
 
     def __post_init__(self):
+        _check(self.max_bad_updates >= 1, f"optim.max_bad_updates must be >= 1, got {self.max_bad_updates}")
         _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
         _check(self.micro_batch_tokens >= 64, "optim.micro_batch_tokens must be >= 64")
         _check(self.max_grad_norm > 0, "optim.max_grad_norm must be > 0")

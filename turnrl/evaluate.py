@@ -26,7 +26,7 @@ def settings_for(cfg: TrainConfig) -> RolloutSettings:
     r = cfg.rollout
     return RolloutSettings(max_turns=r.max_turns, max_actions_per_turn=r.max_actions_per_turn,
                            max_new_tokens=r.max_new_tokens, max_context_tokens=r.max_context_tokens,
-                           think=r.think, format_penalty=r.format_penalty)
+                           think=r.think, format_penalty=r.format_penalty, env_timeout=r.env_timeout)
 
 
 @dataclass(frozen=True)
@@ -40,12 +40,20 @@ class EvalResult:
     valid_turn_rate: float
     mean_turns: float
     greedy_success_rate: float | None = None
+    env_errors: int = 0
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
 
 def summarize(trajs: list[Trajectory], k: int) -> dict[str, float]:
+    """Success, return and pass@k over the episodes that were played to the end; episodes whose env
+    failed (Trajectory.failed) are left out and counted in `env_errors`."""
+    errors = sum(t.failed for t in trajs)
+    trajs = [t for t in trajs if not t.failed]
+    if not trajs:
+        return {"success_rate": 0.0, "mean_return": 0.0, "pass_at_k": 0.0, "valid_turn_rate": 0.0,
+                "mean_turns": 0.0, "env_errors": errors}
     groups: dict[int, list[Trajectory]] = {}
     for t in trajs:
         groups.setdefault(t.seed, []).append(t)
@@ -56,6 +64,7 @@ def summarize(trajs: list[Trajectory], k: int) -> dict[str, float]:
         "pass_at_k": sum(any(t.success for t in g) for g in groups.values()) / len(groups),
         "valid_turn_rate": sum(t.valid_turns for t in trajs) / max(1, turns),
         "mean_turns": turns / len(trajs),
+        "env_errors": errors,
     }
 
 
@@ -93,5 +102,5 @@ def evaluate(policy, cfg: TrainConfig, *, env_name: str | None = None, episodes:
     result = EvalResult(success_rate=summary["success_rate"], mean_return=summary["mean_return"],
                         pass_at_k=summary["pass_at_k"], k=k, episodes=episodes, temperature=temperature,
                         valid_turn_rate=summary["valid_turn_rate"], mean_turns=summary["mean_turns"],
-                        greedy_success_rate=greedy_rate)
+                        greedy_success_rate=greedy_rate, env_errors=summary["env_errors"])
     return result, trajs
