@@ -31,3 +31,22 @@ class FlakyLake(FrozenLakeEnv):
         if self.broken and self.mode == "sleep":
             time.sleep(3600)
         return super().step(action)
+
+
+class ChattyLake(FrozenLakeEnv):
+    """Deterministic FrozenLake whose observations grow by `growth` words every turn (and whose first
+    one can be made `first` words long): pushes episodes past the context budget."""
+
+    def __init__(self, growth: int = 40, first: int = 0, **kwargs):
+        super().__init__(slippery=False, **kwargs)
+        self.growth, self.first, self.turn = growth, first, 0
+
+    def reset(self, *, seed=None, options=None):
+        self.turn = 0
+        obs, info = super().reset(seed=seed, options=options)
+        return obs + " pad" * self.first, info
+
+    def step(self, action):
+        self.turn += 1
+        obs, reward, terminated, truncated, info = super().step(action)
+        return obs + " more" * (self.growth * self.turn), reward, terminated, truncated, info

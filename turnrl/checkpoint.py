@@ -6,6 +6,7 @@ leaves the previous checkpoint intact; only the newest `keep` checkpoints are ke
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -41,6 +42,8 @@ def save_checkpoint(run_dir: Path, step: int, policy, optimizer, scheduler, stat
     """Saves model, optimizer, scheduler, RNG states and `state` (phase, iteration) atomically."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    # a save that cannot fit fails before writing anything (a full disk mid-save would fail anyway, later)
+    check_free_space(root, int(1.1 * checkpoint_bytes(policy, optimizer=optimizer is not None)))
     final = root / f"{CKPT_PREFIX}{step:06d}"
     tmp = root / f".tmp-{CKPT_PREFIX}{step:06d}-{os.getpid()}"
     if tmp.exists():
@@ -72,6 +75,25 @@ def save_model_atomic(policy, directory: Path) -> Path:
         shutil.rmtree(directory)
     os.replace(tmp, directory)
     return directory
+
+
+def checkpoint_bytes(policy, *, optimizer: bool = True) -> int:
+    """Estimated size of one checkpoint: the weights as stored, plus AdamW's two moments per trainable
+    parameter (fp32) when the optimizer is saved. Tokenizer and JSON files are small and covered by the
+    margin the caller adds."""
+    params = list(policy.parameters())
+    total = sum(p.numel() * p.element_size() for p in params)
+    if optimizer:
+        total += sum(2 * p.numel() * 4 for p in params if p.requires_grad)
+    return total
+
+
+def check_free_space(path: Path, needed: int) -> None:
+    """Raises OSError (ENOSPC) when the file system holding `path` has less than `needed` bytes free."""
+    free = shutil.disk_usage(path).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"{path} has {free / 1e6:.1f} MB free but a checkpoint needs about "
+                                    f"{needed / 1e6:.1f} MB; free some space or choose another output directory")
 
 
 def remove_stale_temps(run_dir: Path) -> list[Path]:

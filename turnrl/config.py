@@ -154,6 +154,8 @@ class AlgoConfig:
         _check(self.clip_low > 0 and self.clip_high > 0, "algo.clip_low and algo.clip_high must be > 0")
         _check(self.dual_clip is None or self.dual_clip > 1, "algo.dual_clip must be > 1 (or None)")
         _check(self.kl_coef >= 0, "algo.kl_coef must be >= 0")
+        _check(self.kl_coef > 0 or self.kl_estimator == "k3",
+               "algo.kl_estimator is only used when algo.kl_coef > 0: remove it or set kl_coef")
         _check(self.epochs >= 1 and self.minibatches >= 1, "algo.epochs and algo.minibatches must be >= 1")
         _check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1 and 0 <= self.token_gamma <= 1,
                "algo.gamma, algo.lam and algo.token_gamma must be in [0, 1]")
@@ -281,15 +283,60 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
-        parts = {f.name: f.type for f in dataclasses.fields(cls)}
+        """Builds a config from JSON data (a run's config.json), checking every field's name and type."""
         nested = {"model": ModelConfig, "env": EnvConfig, "rollout": RolloutConfig, "algo": AlgoConfig,
                   "reward": RewardConfig, "optim": OptimConfig, "sft": SFTConfig, "eval": EvalConfig}
         kwargs = {}
-        for key, value in data.items():
-            if key not in parts:
-                raise ConfigError(f"unknown config field {key!r}")
-            kwargs[key] = nested[key](**value) if key in nested else value
+        for key, value in _typed_fields(cls, data, "").items():
+            if key in nested:
+                if not isinstance(value, dict):
+                    raise ConfigError(f"config field {key!r} must be an object of {nested[key].__name__} fields")
+                value = nested[key](**_typed_fields(nested[key], value, f"{key}."))
+            kwargs[key] = value
         return cls(**kwargs)
+
+
+def _typed_fields(cls, data: dict, prefix: str) -> dict:
+    """`data` with every key a field of dataclass `cls` and every value of the field's type (ConfigError
+    naming the field otherwise). tyro checks command-line values; this checks JSON files."""
+    import difflib
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        if key not in hints:
+            close = difflib.get_close_matches(key, hints, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config field '{prefix}{key}'{hint}")
+        if not dataclasses.is_dataclass(hints[key]) and not _is_instance(value, hints[key]):
+            raise ConfigError(f"config field {prefix}{key} must be {_type_name(hints[key])}, got {value!r}")
+    return data
+
+
+def _is_instance(value, hint) -> bool:
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return value in args
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_instance(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, origin or hint)
+
+
+def _type_name(hint) -> str:
+    import typing
+
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    return "of type " + (getattr(hint, "__name__", None) or str(hint))
 
 
 def diff_configs(a: TrainConfig, b: TrainConfig, ignore: tuple[str, ...] = ()) -> list[str]:

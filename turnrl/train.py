@@ -23,7 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from turnrl.algos.filters import dynamic_sampling_keep, filter_by_reward_std
-from turnrl.checkpoint import MetricsLog, latest_checkpoint, remove_stale_temps, save_checkpoint, save_model_atomic, set_rng_state
+from turnrl.checkpoint import (MetricsLog, check_free_space, checkpoint_bytes, latest_checkpoint, remove_stale_temps,
+                               save_checkpoint, save_model_atomic, set_rng_state)
 from turnrl.config import (DYNAMIC_SEED_OFFSET, SFT_SEED_BASE, TRAIN_SEED_BASE, ConfigError, TrainConfig,
                            diff_configs)
 from turnrl.engines import HFEngine, SamplingParams
@@ -50,6 +51,23 @@ def check_output_dir(out: str) -> Path:
     except OSError as err:
         raise ConfigError(f"output directory {out!r} is not writable: {err.strerror}") from err
     return path
+
+
+def check_model_fits(policy, cfg: TrainConfig, run_dir: Path) -> None:
+    """Fails before the first rollout (ConfigError) when the context budget exceeds the model's positions
+    or the disk cannot hold a checkpoint (with room for the KL reference and the final model)."""
+    # Most HF decoder configs name their positional limit max_position_embeddings (GPT-2 maps n_positions
+    # onto it); a config without it sets no limit we can check.
+    limit = getattr(policy.lm.config, "max_position_embeddings", None)
+    if limit is not None and cfg.rollout.max_context_tokens > limit:
+        raise ConfigError(f"rollout.max_context_tokens={cfg.rollout.max_context_tokens} exceeds the model's "
+                          f"{limit} positions: set rollout.max_context_tokens <= {limit}")
+    copies = 1 + (cfg.algo.kl_coef > 0)  # a checkpoint (+ the reference model, written once)
+    needed = int(1.2 * (checkpoint_bytes(policy) + (copies - 1) * checkpoint_bytes(policy, optimizer=False)))
+    try:
+        check_free_space(run_dir, needed)
+    except OSError as err:
+        raise ConfigError(f"not enough disk space for checkpoints: {err.strerror}") from err
 
 
 def check_env_config(cfg: TrainConfig) -> None:
@@ -247,6 +265,7 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals) -> dict:
         log(f"[resume] {ckpt.name}: phase {state['phase']}, iteration {state['iteration']}")
     else:
         policy = build_policy(cfg)
+    check_model_fits(policy, cfg, run_dir)
     # Keep only the iterations the checkpoint knows about (a crash may have logged more).
     metrics.truncate_to([r for r in metrics.read() if r.get("iteration", 0) < state["iteration"]])
 
