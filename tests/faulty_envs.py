@@ -34,19 +34,19 @@ class FlakyLake(FrozenLakeEnv):
 
 
 class ChattyLake(FrozenLakeEnv):
-    """Deterministic FrozenLake whose observations grow by `growth` words every turn (and whose first
-    one can be made `first` words long): pushes episodes past the context budget."""
+    """Deterministic FrozenLake whose rendering grows by `growth` words each time it is shown (after
+    reset, a step or an invalid reply), and whose first observation can be padded with `first` words:
+    pushes episodes past the context budget."""
 
     def __init__(self, growth: int = 40, first: int = 0, **kwargs):
         super().__init__(slippery=False, **kwargs)
-        self.growth, self.first, self.turn = growth, first, 0
+        self.growth, self.first, self.shown = growth, first, -1
 
     def reset(self, *, seed=None, options=None):
-        self.turn = 0
+        self.shown = -1
         obs, info = super().reset(seed=seed, options=options)
         return obs + " pad" * self.first, info
 
-    def step(self, action):
-        self.turn += 1
-        obs, reward, terminated, truncated, info = super().step(action)
-        return obs + " more" * (self.growth * self.turn), reward, terminated, truncated, info
+    def render(self) -> str:
+        self.shown += 1
+        return super().render() + " more" * (self.growth * self.shown)
