@@ -10,7 +10,6 @@ from faulty_envs import FlakyLake
 from scripted import ScriptedEngine
 from test_train import tiny_config
 from turnrl.engines import SamplingParams
-from turnrl.envs import make
 from turnrl.evaluate import summarize
 from turnrl.faults import EnvFailureError
 from turnrl.rollout import ChatRenderer, RolloutSettings, run_episodes
