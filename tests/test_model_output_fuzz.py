@@ -66,7 +66,7 @@ def check_whole_path(trajs, tmp_path, k):
     log.path.unlink()
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                    HealthCheck.too_slow])
 @given(replies=st.lists(REPLY, min_size=1, max_size=4), env=st.sampled_from(ENVS), think=st.booleans(),
        max_actions=st.integers(1, 3))
@@ -82,7 +82,7 @@ def test_any_reply_text_flows_through_the_rollout(tiny_tokenizer, tmp_path, repl
     check_whole_path(trajs, tmp_path, k=2)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                    HealthCheck.too_slow])
 @given(rows=st.lists(st.lists(st.integers(0, VOCAB - 1), max_size=40), min_size=1, max_size=3),
        env=st.sampled_from(ENVS))
