@@ -48,11 +48,14 @@ def _finished(run_dir: Path, key: str) -> dict | None:
     return None
 
 
-def _run(cfg, key: str) -> tuple[dict, float]:
+def _run(cfg, key: str, only_finished: bool = False) -> tuple[dict | None, float]:
     run_dir = Path(cfg.out)
     done = _finished(run_dir, key)
     if done is not None and (run_dir / "final").exists():
-        return done, json.loads((run_dir / "wall.json").read_text())["seconds"] if (run_dir / "wall.json").exists() else float("nan")
+        wall = run_dir / "wall.json"
+        return done, json.loads(wall.read_text())["seconds"] if wall.exists() else float("nan")
+    if only_finished:
+        return None, float("nan")
     shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.perf_counter()
     evals = train(cfg)
@@ -82,6 +85,8 @@ def main() -> None:
     ap.add_argument("--root", default="runs/algo-table", help="directory of the runs")
     ap.add_argument("--write", default="docs/results.md", help="markdown file to write the table to")
     ap.add_argument("--algos", nargs="*", default=None, help="subset of algorithm slugs (default: all)")
+    ap.add_argument("--only-finished", action="store_true",
+                    help="train nothing: write the table from the runs that have finished")
     args = ap.parse_args()
 
     base = get_preset("quickstart-sokoban")
@@ -92,7 +97,9 @@ def main() -> None:
     for seed in args.seeds:
         sft_cfg = dataclasses.replace(base, seed=seed, iterations=0, out=str(root / f"sft-seed{seed}"), progress=False)
         print(f"== seed {seed}: SFT warm start -> {sft_cfg.out}", flush=True)
-        evals, _ = _run(sft_cfg, "after_rl")
+        evals, _ = _run(sft_cfg, "after_rl", args.only_finished)
+        if evals is None:
+            continue
         rows["SFT start"]["s"].append(evals["after_sft"]["success_rate"])
         rows["SFT start"]["g"].append(evals["after_sft"]["greedy_success_rate"])
         start_model = str(root / f"sft-seed{seed}" / "final")
@@ -104,7 +111,9 @@ def main() -> None:
                 algo=dataclasses.replace(base.algo, **{**_RESET, **fields}),
             )
             print(f"== seed {seed}: {name} -> {cfg.out}", flush=True)
-            evals, seconds = _run(cfg, "after_rl")
+            evals, seconds = _run(cfg, "after_rl", args.only_finished)
+            if evals is None:
+                continue
             rows[name]["s"].append(evals["after_rl"]["success_rate"])
             rows[name]["g"].append(evals["after_rl"]["greedy_success_rate"])
             rows[name]["t"].append(seconds)
@@ -120,17 +129,21 @@ def main() -> None:
         f"{iterations} RL iterations of {base.rollout.n_groups} groups × {base.rollout.group_size} episodes "
         f"from a shared SFT warm start "
         f"(preset `quickstart-sokoban`: ~1M-parameter tiny model, no system prompt, one action per turn, "
-        f"lr 1e-4 cosine, clip 0.2/0.28, no KL). Mean ± standard error over seeds {', '.join(map(str, args.seeds))} "
+        f"lr 1e-4 cosine, clip 0.2/0.28, no KL). Mean ± standard error over the runs finished for seeds {', '.join(map(str, args.seeds))} "
+        "(the `seeds` column; ± 0.000 with a single seed means no spread measured) "
         "(each seed has its own SFT start, model init and rollout seeds). `success` samples "
         f"{base.eval.k} episodes per "
         "start state at T=1; `greedy` is one episode at temperature 0.",
         "",
-        "| algorithm | success (T=1) | greedy success | minutes per run |",
-        "|---|---|---|---|",
+        "| algorithm | seeds | success (T=1) | greedy success | minutes per run |",
+        "|---|---|---|---|---|",
     ]
     for name, r in rows.items():
+        if not r["s"]:
+            lines.append(f"| {name} | 0 | not run yet | | |")
+            continue
         minutes = fmt([t / 60 for t in r["t"]]) if r["t"] else "–"
-        lines.append(f"| {name} | {fmt(r['s'])} | {fmt(r['g'])} | {minutes} |")
+        lines.append(f"| {name} | {len(r['s'])} | {fmt(r['s'])} | {fmt(r['g'])} | {minutes} |")
     lines += [
         "",
         f"Reproduce: `make results` (= `.venv/bin/python scripts/algo_table.py`); runs land in `{root}/`. "

@@ -6,7 +6,9 @@ leaves the previous checkpoint intact; only the newest `keep` checkpoints are ke
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import random
 import shutil
@@ -40,6 +42,8 @@ def save_checkpoint(run_dir: Path, step: int, policy, optimizer, scheduler, stat
     """Saves model, optimizer, scheduler, RNG states and `state` (phase, iteration) atomically."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    # a save that cannot fit fails before writing anything (a full disk mid-save would fail anyway, later)
+    check_free_space(root, int(1.1 * checkpoint_bytes(policy, optimizer=optimizer is not None)))
     final = root / f"{CKPT_PREFIX}{step:06d}"
     tmp = root / f".tmp-{CKPT_PREFIX}{step:06d}-{os.getpid()}"
     if tmp.exists():
@@ -53,8 +57,53 @@ def save_checkpoint(run_dir: Path, step: int, policy, optimizer, scheduler, stat
         shutil.rmtree(final)
     os.replace(tmp, final)
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        # renamed out of the listing first, so a kill during the delete never leaves a half checkpoint listed
+        doomed = old.with_name(f".tmp-delete-{old.name}")
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
     return final
+
+
+def save_model_atomic(policy, directory: Path) -> Path:
+    """Writes `policy` to `directory` through a temporary sibling and a rename (never a half-written model)."""
+    directory = Path(directory)
+    tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    policy.save(tmp)
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+    return directory
+
+
+def checkpoint_bytes(policy, *, optimizer: bool = True) -> int:
+    """Estimated size of one checkpoint: the weights as stored, plus AdamW's two moments per trainable
+    parameter (fp32) when the optimizer is saved. Tokenizer and JSON files are small and covered by the
+    margin the caller adds."""
+    params = list(policy.parameters())
+    total = sum(p.numel() * p.element_size() for p in params)
+    if optimizer:
+        total += sum(2 * p.numel() * 4 for p in params if p.requires_grad)
+    return total
+
+
+def check_free_space(path: Path, needed: int) -> None:
+    """Raises OSError (ENOSPC) when the file system holding `path` has less than `needed` bytes free."""
+    free = shutil.disk_usage(path).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"{path} has {free / 1e6:.1f} MB free but a checkpoint needs about "
+                                    f"{needed / 1e6:.1f} MB; free some space or choose another output directory")
+
+
+def remove_stale_temps(run_dir: Path) -> list[Path]:
+    """Deletes temporary directories a killed save left behind (they are never read); returns them."""
+    run_dir = Path(run_dir)
+    stale = [p for root in (run_dir, run_dir / "checkpoints") if root.is_dir()
+             for p in root.iterdir() if p.name.startswith(".tmp-") and p.is_dir()]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -93,7 +142,9 @@ class MetricsLog:
         os.replace(tmp, self.path)
 
     def append(self, record: dict) -> None:
+        """Appends one line. NaN/inf become null (strict JSON; actor/skipped_steps says why)."""
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
             f.flush()
             os.fsync(f.fileno())

@@ -215,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"unknown command {command!r}" + (f"; did you mean {close[0]!r}?" if close else "") +
                      f" (commands: {', '.join(COMMANDS)})")
     from turnrl.config import ConfigError
+    from turnrl.faults import EnvFailureError, Interrupted
     from turnrl.models import ModelLoadError
 
     try:
@@ -226,9 +227,12 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(err, UnknownEnvError) or "environment" in str(err):
             return _fail(str(err))
         raise
-    except KeyboardInterrupt:
+    except (EnvFailureError, FloatingPointError) as err:  # the run stopped itself; its last checkpoint is intact
+        print(f"turnrl: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as err:  # SIGINT, or SIGTERM during training (turnrl.faults.Interrupted)
         print("\nturnrl: interrupted", file=sys.stderr)
-        return 130
+        return err.exit_code if isinstance(err, Interrupted) else 130
     except SystemExit as exit_:  # --help of a subcommand
         return exit_.code if isinstance(exit_.code, int) else 0
 

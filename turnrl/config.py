@@ -65,8 +65,14 @@ class RolloutConfig:
     think: bool = True  # reply format '<think>..</think><answer>..</answer>'; False: '<answer>..</answer>' only
     format_penalty: float = -0.1  # added to a turn whose reply does not parse or holds an invalid action
     gen_batch_size: int = 128  # episodes per generation batch
+    # -- fault tolerance (docs/reliability.md) --
+    env_timeout: float = 60.0  # seconds an env reset/step may take before its episode fails (0 = no limit; Unix main thread)
+    max_env_error_rate: float = 0.1  # fraction of an iteration's episodes whose env may fail before the run stops
 
     def __post_init__(self):
+        _check(self.env_timeout >= 0, f"rollout.env_timeout must be >= 0 seconds (0 = no limit), got {self.env_timeout}")
+        _check(0 <= self.max_env_error_rate < 1,
+               f"rollout.max_env_error_rate must be in [0, 1), got {self.max_env_error_rate}")
         for name in ("n_groups", "group_size", "max_turns", "max_actions_per_turn", "max_new_tokens", "gen_batch_size"):
             _check(getattr(self, name) >= 1, f"rollout.{name} must be >= 1, got {getattr(self, name)}")
         _check(self.temperature > 0, f"rollout.temperature must be > 0, got {self.temperature}")
@@ -148,6 +154,8 @@ class AlgoConfig:
         _check(self.clip_low > 0 and self.clip_high > 0, "algo.clip_low and algo.clip_high must be > 0")
         _check(self.dual_clip is None or self.dual_clip > 1, "algo.dual_clip must be > 1 (or None)")
         _check(self.kl_coef >= 0, "algo.kl_coef must be >= 0")
+        _check(self.kl_coef > 0 or self.kl_estimator == "k3",
+               "algo.kl_estimator is only used when algo.kl_coef > 0: remove it or set kl_coef")
         _check(self.epochs >= 1 and self.minibatches >= 1, "algo.epochs and algo.minibatches must be >= 1")
         _check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1 and 0 <= self.token_gamma <= 1,
                "algo.gamma, algo.lam and algo.token_gamma must be in [0, 1]")
@@ -186,8 +194,11 @@ class OptimConfig:
     max_grad_norm: float = 1.0  # gradient clipping
     micro_batch_tokens: int = 4096  # padded tokens per forward/backward micro-batch (length-sorted, so little padding)
     bf16: bool = False  # bf16 autocast for training forwards (fp32 master weights)
+    # -- fault tolerance (docs/reliability.md) --
+    max_bad_updates: int = 3  # stop after this many consecutive updates with NaN/inf advantages, loss or gradients
 
     def __post_init__(self):
+        _check(self.max_bad_updates >= 1, f"optim.max_bad_updates must be >= 1, got {self.max_bad_updates}")
         _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
         _check(self.micro_batch_tokens >= 64, "optim.micro_batch_tokens must be >= 64")
         _check(self.max_grad_norm > 0, "optim.max_grad_norm must be > 0")
@@ -272,15 +283,60 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
-        parts = {f.name: f.type for f in dataclasses.fields(cls)}
+        """Builds a config from JSON data (a run's config.json), checking every field's name and type."""
         nested = {"model": ModelConfig, "env": EnvConfig, "rollout": RolloutConfig, "algo": AlgoConfig,
                   "reward": RewardConfig, "optim": OptimConfig, "sft": SFTConfig, "eval": EvalConfig}
         kwargs = {}
-        for key, value in data.items():
-            if key not in parts:
-                raise ConfigError(f"unknown config field {key!r}")
-            kwargs[key] = nested[key](**value) if key in nested else value
+        for key, value in _typed_fields(cls, data, "").items():
+            if key in nested:
+                if not isinstance(value, dict):
+                    raise ConfigError(f"config field {key!r} must be an object of {nested[key].__name__} fields")
+                value = nested[key](**_typed_fields(nested[key], value, f"{key}."))
+            kwargs[key] = value
         return cls(**kwargs)
+
+
+def _typed_fields(cls, data: dict, prefix: str) -> dict:
+    """`data` with every key a field of dataclass `cls` and every value of the field's type (ConfigError
+    naming the field otherwise). tyro checks command-line values; this checks JSON files."""
+    import difflib
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        if key not in hints:
+            close = difflib.get_close_matches(key, hints, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config field '{prefix}{key}'{hint}")
+        if not dataclasses.is_dataclass(hints[key]) and not _is_instance(value, hints[key]):
+            raise ConfigError(f"config field {prefix}{key} must be {_type_name(hints[key])}, got {value!r}")
+    return data
+
+
+def _is_instance(value, hint) -> bool:
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return value in args
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_instance(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, origin or hint)
+
+
+def _type_name(hint) -> str:
+    import typing
+
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    return "of type " + (getattr(hint, "__name__", None) or str(hint))
 
 
 def diff_configs(a: TrainConfig, b: TrainConfig, ignore: tuple[str, ...] = ()) -> list[str]:

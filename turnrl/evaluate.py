@@ -29,7 +29,7 @@ def settings_for(cfg: TrainConfig) -> RolloutSettings:
     r = cfg.rollout
     return RolloutSettings(max_turns=r.max_turns, max_actions_per_turn=r.max_actions_per_turn,
                            max_new_tokens=r.max_new_tokens, max_context_tokens=r.max_context_tokens,
-                           think=r.think, format_penalty=r.format_penalty)
+                           think=r.think, format_penalty=r.format_penalty, env_timeout=r.env_timeout)
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ class EvalResult:
     valid_turn_rate: float
     mean_turns: float
     greedy_success_rate: float | None = None
+    env_errors: int = 0
     qa: dict[str, float] | None = None  # multi-attempt QA metrics (free-text envs with max_turns > 1), see qa_summary
 
     def to_dict(self) -> dict:
@@ -74,6 +75,13 @@ def qa_summary(trajs: list[Trajectory], *, think: bool, max_turns: int) -> dict[
 
 
 def summarize(trajs: list[Trajectory], k: int) -> dict[str, float]:
+    """Success, return and pass@k over the episodes that were played to the end; episodes whose env
+    failed (Trajectory.failed) are left out and counted in `env_errors`."""
+    errors = sum(t.failed for t in trajs)
+    trajs = [t for t in trajs if not t.failed]
+    if not trajs:
+        return {"success_rate": 0.0, "mean_return": 0.0, "pass_at_k": 0.0, "valid_turn_rate": 0.0,
+                "mean_turns": 0.0, "env_errors": errors}
     groups: dict[int, list[Trajectory]] = {}
     for t in trajs:
         groups.setdefault(t.seed, []).append(t)
@@ -84,6 +92,7 @@ def summarize(trajs: list[Trajectory], k: int) -> dict[str, float]:
         "pass_at_k": sum(any(t.success for t in g) for g in groups.values()) / len(groups),
         "valid_turn_rate": sum(t.valid_turns for t in trajs) / max(1, turns),
         "mean_turns": turns / len(trajs),
+        "env_errors": errors,
     }
 
 
@@ -116,7 +125,8 @@ def evaluate(policy, cfg: TrainConfig, *, env_name: str | None = None, episodes:
     probe = make_env()
     multi_attempt = probe.free_text and settings.max_turns > 1
     probe.close()
-    qa = qa_summary(trajs, think=settings.think, max_turns=settings.max_turns) if multi_attempt else None
+    played = [t for t in trajs if not t.failed]
+    qa = qa_summary(played, think=settings.think, max_turns=settings.max_turns) if multi_attempt else None
     greedy_rate = None
     if greedy:
         g = run_episodes(engine, renderer, make_env, seeds, 1, settings,
@@ -125,5 +135,5 @@ def evaluate(policy, cfg: TrainConfig, *, env_name: str | None = None, episodes:
     result = EvalResult(success_rate=summary["success_rate"], mean_return=summary["mean_return"],
                         pass_at_k=summary["pass_at_k"], k=k, episodes=episodes, temperature=temperature,
                         valid_turn_rate=summary["valid_turn_rate"], mean_turns=summary["mean_turns"],
-                        greedy_success_rate=greedy_rate, qa=qa)
+                        greedy_success_rate=greedy_rate, env_errors=summary["env_errors"], qa=qa)
     return result, trajs

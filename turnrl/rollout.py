@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from turnrl.engines.base import Completion, Engine, SamplingParams
+from turnrl.faults import format_error, time_limit
 from turnrl.parsing import parse_reply
 
 _CALLS = itertools.count()
@@ -82,8 +83,14 @@ class Trajectory:
     group_id: int
     num_actions: int                     # valid actions executed
     valid_turns: int                     # turns whose reply parsed and held only valid actions
-    end_reason: str                      # "env" | "turn_budget" | "context_budget"
+    end_reason: str                      # "env" | "turn_budget" | "context_budget" | "env_error"
     transcript: tuple[tuple[str, str], ...] = ()  # (role, text) for logs and the trajectory viewer
+    error: str = ""                      # end_reason "env_error": env name, seed and traceback
+
+    @property
+    def failed(self) -> bool:
+        """The env raised or hung: the episode is lost and must not be trained on or scored."""
+        return self.end_reason == "env_error"
 
     @property
     def total_reward(self) -> float:
@@ -130,6 +137,7 @@ class RolloutSettings:
     max_context_tokens: int = 2048
     think: bool = True
     format_penalty: float = -0.1
+    env_timeout: float = 0.0  # seconds per env reset/step before the episode fails; 0 = no limit
 
 
 @dataclass
@@ -145,6 +153,11 @@ class _Episode:
     num_actions: int = 0
     valid_turns: int = 0
     end_reason: str = ""
+    error: str = ""
+
+    def fail(self, err: BaseException, env_name: str, during: str) -> None:
+        self.done, self.end_reason = True, "env_error"
+        self.error = f"env {env_name!r} seed {self.seed}: {during} raised\n{format_error(err)}"
 
 
 def invalid_format_message(env) -> str:
@@ -158,6 +171,7 @@ def act(env, actions: tuple[str, ...], parsed_ok: bool) -> tuple[str, float, boo
     obs, total, terminated, truncated, success, n_valid, all_valid = "", 0.0, False, False, False, 0, True
     for action in actions:
         obs, reward, terminated, truncated, info = env.step(action)
+        _check_observation(obs)
         total += float(reward)
         success = bool(info.get("success", False))
         if info.get("action_valid", False):
@@ -169,22 +183,39 @@ def act(env, actions: tuple[str, ...], parsed_ok: bool) -> tuple[str, float, boo
     return obs, total, terminated, truncated, success, n_valid, all_valid
 
 
+def _check_observation(obs) -> None:
+    if not isinstance(obs, str):
+        raise TypeError(f"the env returned an observation of type {type(obs).__name__}, not str")
+
+
 def run_episodes(engine: Engine, renderer: ChatRenderer, make_env: Callable[[], object], seeds: list[int],
                  group_size: int, settings: RolloutSettings, params: SamplingParams,
                  env_name: str = "") -> list[Trajectory]:
     """Plays `group_size` episodes per seed (a group shares its seed, hence its start state).
 
     All active episodes of a turn are generated in one engine call; an episode leaves the batch as
-    soon as it ends (env done, turn budget, or context budget).
+    soon as it ends (env done, turn budget, or context budget). An env whose reset, step or close raises,
+    or takes longer than `settings.env_timeout`, loses only its own episode: it ends with end_reason
+    "env_error" and the traceback in `error` (Trajectory.failed), and the others play on.
     """
     episodes: list[_Episode] = []
     for group_id, seed in enumerate(seeds):
         for _ in range(group_size):
-            env = make_env()
-            obs, _info = env.reset(seed=seed)
-            builder = EpisodeBuilder(renderer.prompt_ids(obs))
-            builder.transcript.append(("user", obs))
-            episodes.append(_Episode(env, builder, seed, group_id))
+            ep = _Episode(None, EpisodeBuilder([]), seed, group_id)
+            episodes.append(ep)
+            try:
+                with time_limit(settings.env_timeout):
+                    ep.env = make_env()
+                    obs, _info = ep.env.reset(seed=seed)
+                    _check_observation(obs)
+            except Exception as err:  # the env is user code: whatever it raises loses only this episode
+                ep.fail(err, env_name, "reset")
+                continue
+            ep.builder = EpisodeBuilder(renderer.prompt_ids(obs))
+            ep.builder.transcript.append(("user", obs))
+            if len(ep.builder.ids) + settings.max_new_tokens > settings.max_context_tokens:
+                # the first observation alone leaves no room for a reply: no turn is played
+                ep.done, ep.truncated, ep.end_reason = True, True, "context_budget"
 
     # Keys are unique per call so an engine's per-episode cache never outlives this rollout (the
     # weights change after it).
@@ -197,25 +228,32 @@ def run_episodes(engine: Engine, renderer: ChatRenderer, make_env: Callable[[], 
             completions: list[Completion] = engine.generate([episodes[i].builder.ids for i in active], params,
                                                             keys=[(call, i) for i in active])
             for i, completion in zip(active, completions):
-                _advance(episodes[i], completion, renderer, settings, last_turn=turn == settings.max_turns - 1)
+                _advance(episodes[i], completion, renderer, settings, last_turn=turn == settings.max_turns - 1,
+                         env_name=env_name)
             engine.release([(call, i) for i in active if episodes[i].done])
     finally:
         engine.release([(call, i) for i in range(len(episodes))])
 
     trajectories = []
     for ep in episodes:
-        ep.env.close()
+        try:
+            with time_limit(settings.env_timeout):
+                if ep.env is not None:
+                    ep.env.close()
+        except Exception as err:  # user code, as above
+            if not ep.error:
+                ep.fail(err, env_name, "close")
         b = ep.builder
         trajectories.append(Trajectory(
             ids=tuple(b.ids), loss_mask=tuple(b.mask), logprobs=tuple(b.logprobs), turn_spans=tuple(b.spans),
             turn_rewards=tuple(b.rewards), terminated=ep.terminated, truncated=ep.truncated, success=ep.success,
             env_name=env_name, seed=ep.seed, group_id=ep.group_id, num_actions=ep.num_actions,
-            valid_turns=ep.valid_turns, end_reason=ep.end_reason, transcript=tuple(b.transcript)))
+            valid_turns=ep.valid_turns, end_reason=ep.end_reason, transcript=tuple(b.transcript), error=ep.error))
     return trajectories
 
 
 def _advance(ep: _Episode, completion: Completion, renderer: ChatRenderer, settings: RolloutSettings,
-             *, last_turn: bool) -> None:
+             *, last_turn: bool, env_name: str = "") -> None:
     b = ep.builder
     b.add_model(completion.ids, completion.logprobs)
     # Decoding is for the env only; training uses the sampled ids above.
@@ -223,7 +261,13 @@ def _advance(ep: _Episode, completion: Completion, renderer: ChatRenderer, setti
     reply = parse_reply(renderer.prefix + text, think=settings.think, max_actions=settings.max_actions_per_turn,
                         split=not ep.env.free_text)
     b.transcript.append(("assistant", renderer.prefix + text))
-    obs, reward, terminated, truncated, success, n_valid, all_valid = act(ep.env, reply.actions, reply.ok)
+    try:
+        with time_limit(settings.env_timeout):
+            obs, reward, terminated, truncated, success, n_valid, all_valid = act(ep.env, reply.actions, reply.ok)
+    except Exception as err:  # the env is user code: whatever it raises loses only this episode
+        b.rewards.append(0.0)
+        ep.fail(err, env_name, "step")
+        return
     valid = reply.ok and all_valid
     ep.num_actions += n_valid
     ep.valid_turns += int(valid)

@@ -23,12 +23,14 @@ import torch
 from tqdm.auto import tqdm
 
 from turnrl.algos.filters import dynamic_sampling_keep, filter_by_reward_std
-from turnrl.checkpoint import MetricsLog, latest_checkpoint, save_checkpoint, set_rng_state
+from turnrl.checkpoint import (MetricsLog, check_free_space, checkpoint_bytes, latest_checkpoint, remove_stale_temps,
+                               save_checkpoint, save_model_atomic, set_rng_state)
 from turnrl.config import (DYNAMIC_SEED_OFFSET, SFT_SEED_BASE, TRAIN_SEED_BASE, ConfigError, TrainConfig,
                            diff_configs)
 from turnrl.engines import HFEngine, SamplingParams
 from turnrl.envs import make
 from turnrl.evaluate import evaluate, renderer_for, settings_for
+from turnrl.faults import EnvFailureError, Interrupted, StopSignals
 from turnrl.models import TinyModelSpec, load_policy
 from turnrl.rollout import Trajectory, run_episodes
 from turnrl.sft import make_demonstrations, sft
@@ -49,6 +51,23 @@ def check_output_dir(out: str) -> Path:
     except OSError as err:
         raise ConfigError(f"output directory {out!r} is not writable: {err.strerror}") from err
     return path
+
+
+def check_model_fits(policy, cfg: TrainConfig, run_dir: Path) -> None:
+    """Fails before the first rollout (ConfigError) when the context budget exceeds the model's positions
+    or the disk cannot hold a checkpoint (with room for the KL reference and the final model)."""
+    # Most HF decoder configs name their positional limit max_position_embeddings (GPT-2 maps n_positions
+    # onto it); a config without it sets no limit we can check.
+    limit = getattr(policy.lm.config, "max_position_embeddings", None)
+    if limit is not None and cfg.rollout.max_context_tokens > limit:
+        raise ConfigError(f"rollout.max_context_tokens={cfg.rollout.max_context_tokens} exceeds the model's "
+                          f"{limit} positions: set rollout.max_context_tokens <= {limit}")
+    copies = 1 + (cfg.algo.kl_coef > 0)  # a checkpoint (+ the reference model, written once)
+    needed = int(1.2 * (checkpoint_bytes(policy) + (copies - 1) * checkpoint_bytes(policy, optimizer=False)))
+    try:
+        check_free_space(run_dir, needed)
+    except OSError as err:
+        raise ConfigError(f"not enough disk space for checkpoints: {err.strerror}") from err
 
 
 def check_env_config(cfg: TrainConfig) -> None:
@@ -117,14 +136,24 @@ def rollout_and_filter(cfg: TrainConfig, iteration: int, play: Callable[[list[in
     penalties). filter='dynamic' (DAPO) keeps groups whose shaped returns are not all equal and plays
     n_groups new start states per extra round until n_groups such groups are kept (the first ones, in
     round then group order) or dynamic_max_rounds rounds were played.
+
+    Episodes whose env failed are dropped before shaping and filtering (their group simply has fewer
+    members) and counted in `rollout/env_errors`; past `rollout.max_env_error_rate` of a round's episodes
+    the run stops (EnvFailureError). Episodes without a single turn (first observation over the context
+    budget) are played and counted but never trained on.
     """
     n, algo = cfg.rollout.n_groups, cfg.algo
     rounds = algo.dynamic_max_rounds if algo.filter == "dynamic" else 1
     played_all: list[Trajectory] = []
     kept: list[Trajectory] = []
     shaped_returns: list[float] = []
+    env_errors = 0
     for round_ in range(rounds):
         played = play(iteration_seeds(cfg, iteration, round_))
+        failed = [t for t in played if t.failed]
+        check_env_errors(failed, len(played), cfg)
+        env_errors += len(failed)
+        played = [t for t in played if not t.failed]
         if round_ > 0:  # group ids stay unique across rounds
             played = [replace(t, group_id=t.group_id + round_ * n) for t in played]
         played_all += played
@@ -139,13 +168,22 @@ def rollout_and_filter(cfg: TrainConfig, iteration: int, play: Callable[[list[in
             keep = set(informative[: n - len({t.group_id for t in kept})])
         else:
             keep = {t.group_id for t in played}
-        kept += [t for t in shaped if t.group_id in keep]
+        kept += [t for t in shaped if t.group_id in keep and t.num_turns > 0]
         if len({t.group_id for t in kept}) >= n:
             break
-    metrics = {"filter/kept_fraction": len(kept) / len(played_all), "filter/rollout_rounds": float(round_ + 1)}
+    metrics = {"filter/kept_fraction": len(kept) / len(played_all), "filter/rollout_rounds": float(round_ + 1),
+               "rollout/env_errors": float(env_errors)}
     if cfg.reward.active:
         metrics["reward/shaped_mean"] = sum(shaped_returns) / len(shaped_returns)
     return played_all, kept, metrics
+
+
+def check_env_errors(failed: list[Trajectory], played: int, cfg: TrainConfig) -> None:
+    """Raises EnvFailureError when more than `rollout.max_env_error_rate` of `played` episodes failed."""
+    if failed and len(failed) / played > cfg.rollout.max_env_error_rate:
+        raise EnvFailureError(
+            f"{len(failed)} of {played} episodes failed in their env, more than rollout.max_env_error_rate="
+            f"{cfg.rollout.max_env_error_rate}; first failure: {failed[0].error}")
 
 
 def rollout_metrics(trajs: list[Trajectory], cfg: TrainConfig) -> dict[str, float]:
@@ -190,11 +228,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> dict:
     """Runs a whole training job and returns the held-out evaluations (also in `cfg.out`/eval.json).
 
     With `resume=True`, continues from the newest checkpoint in `cfg.out`; the saved config must match
-    `cfg` except for fields in RESUMABLE_CHANGES.
+    `cfg` except for fields in RESUMABLE_CHANGES. SIGINT and SIGTERM stop the run after the current
+    iteration with a checkpoint (`Interrupted`); a second signal stops it at once (turnrl.faults.StopSignals).
     """
+    with StopSignals() as stop:
+        return _train(cfg, resume, log, stop)
+
+
+def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals) -> dict:
     # ---- setup ------------------------------------------------------------------------------------
     run_dir = check_output_dir(cfg.out)
     check_env_config(cfg)
+    remove_stale_temps(run_dir)
     ckpt = latest_checkpoint(run_dir) if resume else None
     if resume:
         if not (run_dir / "config.json").exists():
@@ -222,6 +267,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> dict:
         log(f"[resume] {ckpt.name}: phase {state['phase']}, iteration {state['iteration']}")
     else:
         policy = build_policy(cfg)
+    check_model_fits(policy, cfg, run_dir)
     # Keep only the iterations the checkpoint knows about (a crash may have logged more).
     metrics.truncate_to([r for r in metrics.read() if r.get("iteration", 0) < state["iteration"]])
 
@@ -248,9 +294,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> dict:
             optimizer.load_state_dict(trainer_state["optimizer"])
             scheduler.load_state_dict(trainer_state["scheduler"])
         set_rng_state(trainer_state["rng"], generators)
-    ref_lm = None
-    if cfg.algo.kl_coef > 0:  # a frozen copy of the RL starting point; never built when KL is off
-        ref_lm = copy.deepcopy(policy.lm).eval().requires_grad_(False)
+    ref_lm = reference_model(run_dir, policy, cfg, state["iteration"]) if cfg.algo.kl_coef > 0 else None
     engine = HFEngine(policy.lm, eos_token_id=policy.eos_token_id, pad_token_id=policy.pad_token_id,
                       batch_size=cfg.rollout.gen_batch_size, generator=generators["rollout"])
     renderer, settings = renderer_for(policy, cfg), settings_for(cfg)
@@ -266,55 +310,67 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> dict:
     bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="RL",
                disable=not cfg.progress, dynamic_ncols=True)
     t_run = time.perf_counter()
-    iteration = start
+    bad_streak = state.get("bad_updates", 0)
     try:
         for iteration in bar:
-            t0 = time.perf_counter()
-            # rollout (n_groups start states x group_size samples each), reward shaping, then the group
-            # filter: StarPO-S keeps the groups whose raw env returns vary most; DAPO dynamic sampling
-            # drops groups with equal returns and plays more start states to refill the batch
-            trajs, kept, filter_stats = rollout_and_filter(cfg, iteration, play)
-            t_rollout = time.perf_counter() - t0
-            record = {"iteration": iteration, **rollout_metrics(trajs, cfg), **filter_stats}
+            # A first SIGINT/SIGTERM only marks the stop: the iteration ends, is checkpointed, then we exit.
+            with stop.deferred():
+                t0 = time.perf_counter()
+                # rollout (n_groups start states x group_size samples each), reward shaping, then the group
+                # filter: StarPO-S keeps the groups whose raw env returns vary most; DAPO dynamic sampling
+                # drops groups with equal returns and plays more start states to refill the batch. Episodes
+                # whose env raised or hung are counted and left out (EnvFailureError past the allowed rate).
+                trajs, kept, filter_stats = rollout_and_filter(cfg, iteration, play)
+                t_rollout = time.perf_counter() - t0
+                record = {"iteration": iteration, **rollout_metrics(trajs, cfg), **filter_stats}
 
-            # advantages + PPO update; during critic warm-up (ERA) only the value head learns
-            critic_only = iteration < cfg.algo.critic_warmup
-            t1 = time.perf_counter()
-            if kept:
-                update_stats = ppo_update(policy, optimizer, scheduler, kept, algo=cfg.algo, optim=cfg.optim,
-                                          temperature=cfg.rollout.temperature, ref_lm=ref_lm,
-                                          generator=generators["update"], critic_only=critic_only)
-            else:  # every group had identical returns: nothing to learn from this batch
-                update_stats = {}
-            t_update = time.perf_counter() - t1
-            record.update(update_metrics(update_stats, cfg))
-            if cfg.algo.needs_critic:
-                record["train/critic_warmup"] = float(critic_only)
-            elapsed = time.perf_counter() - t0
-            record.update({
-                "perf/rollout_seconds": t_rollout,
-                "perf/update_seconds": t_update,
-                "perf/iteration_seconds": elapsed,
-                "perf/gen_tokens_per_second": sum(sum(t.loss_mask) for t in trajs) / max(t_rollout, 1e-9),
-                "perf/tokens_per_second": (sum(len(t.ids) for t in trajs) + update_stats.get("train/tokens", 0.0))
-                / max(elapsed, 1e-9),
-                "time/elapsed_seconds": time.perf_counter() - t_run,
-            })
-            metrics.append(record)
-            bar.set_postfix(reward=f"{record['rollout/mean_reward']:.2f}",
-                            success=f"{record['rollout/success_rate']:.2f}", kept=f"{record['filter/kept_fraction']:.2f}")
-            state = {"phase": "rl", "iteration": iteration + 1}
-            if (iteration + 1) % cfg.save_every == 0 or iteration + 1 == cfg.iterations:
-                save_checkpoint(run_dir, iteration + 1, policy, optimizer, scheduler, state, generators,
-                                cfg.keep_checkpoints)
-    except KeyboardInterrupt:
+                # advantages + PPO update; during critic warm-up (ERA) only the value head learns
+                critic_only = iteration < cfg.algo.critic_warmup
+                t1 = time.perf_counter()
+                if kept:
+                    update_stats = ppo_update(policy, optimizer, scheduler, kept, algo=cfg.algo, optim=cfg.optim,
+                                              temperature=cfg.rollout.temperature, ref_lm=ref_lm,
+                                              generator=generators["update"], critic_only=critic_only)
+                else:  # every group had identical returns: nothing to learn from this batch
+                    update_stats = {}
+                t_update = time.perf_counter() - t1
+                record.update(update_metrics(update_stats, cfg))
+                if cfg.algo.needs_critic:
+                    record["train/critic_warmup"] = float(critic_only)
+                # NaN/inf in advantages, loss or gradients skipped optimizer steps (update.py); a streak of
+                # such updates means the run has diverged: stop before checkpointing anything from it.
+                bad_streak = bad_streak + 1 if update_stats.get("actor/skipped_steps", 0.0) > 0 else 0
+                record["actor/bad_update_streak"] = float(bad_streak)
+                elapsed = time.perf_counter() - t0
+                record.update({
+                    "perf/rollout_seconds": t_rollout,
+                    "perf/update_seconds": t_update,
+                    "perf/iteration_seconds": elapsed,
+                    "perf/gen_tokens_per_second": sum(sum(t.loss_mask) for t in trajs) / max(t_rollout, 1e-9),
+                    "perf/tokens_per_second": (sum(len(t.ids) for t in trajs) + update_stats.get("train/tokens", 0.0))
+                    / max(elapsed, 1e-9),
+                    "time/elapsed_seconds": time.perf_counter() - t_run,
+                })
+                metrics.append(record)
+                bar.set_postfix(reward=f"{record['rollout/mean_reward']:.2f}",
+                                success=f"{record['rollout/success_rate']:.2f}",
+                                kept=f"{record['filter/kept_fraction']:.2f}")
+                if bad_streak >= cfg.optim.max_bad_updates:
+                    last = latest_checkpoint(run_dir)
+                    raise FloatingPointError(
+                        f"{bad_streak} consecutive updates had non-finite advantages, loss or gradients "
+                        f"(optim.max_bad_updates={cfg.optim.max_bad_updates}) at iteration {iteration}; the last "
+                        f"good checkpoint is {last}. Lower optim.lr or check the rewards.")
+                state = {"phase": "rl", "iteration": iteration + 1, "bad_updates": bad_streak}
+                if (iteration + 1) % cfg.save_every == 0 or iteration + 1 == cfg.iterations or stop.requested:
+                    save_checkpoint(run_dir, iteration + 1, policy, optimizer, scheduler, state, generators,
+                                    cfg.keep_checkpoints)
+            if stop.requested:
+                log(f"[interrupted] saved checkpoint at iteration {iteration + 1} in {run_dir}; continue with "
+                    f"`turnrl train --resume {run_dir}`")
+                raise Interrupted(stop.requested)
+    finally:
         bar.close()
-        done = state["iteration"]
-        save_checkpoint(run_dir, done, policy, optimizer, scheduler, state, generators, cfg.keep_checkpoints)
-        log(f"[interrupted] saved checkpoint at iteration {done} in {run_dir}; continue with "
-            f"`turnrl train --resume {run_dir}`")
-        raise
-    bar.close()
 
     # ---- evaluation after RL and the final model --------------------------------------------------
     if cfg.iterations == 0:  # no RL step was taken: the after_sft evaluation already measured this model
@@ -322,8 +378,24 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> dict:
         write_eval(eval_path, evals)
     else:
         _run_eval(policy, cfg, evals, "after_rl", eval_path, log)
-    policy.save(run_dir / "final")
+    save_model_atomic(policy, run_dir / "final")
     return evals
+
+
+def reference_model(run_dir: Path, policy, cfg: TrainConfig, iteration: int):
+    """The frozen KL reference: the policy at the start of RL, kept in `run_dir/reference`.
+
+    It is written once when RL starts and read back on resume; a copy of the resumed policy would be
+    a different reference and the resumed run would optimise a different objective.
+    """
+    path = run_dir / "reference"
+    if path.is_dir():
+        return build_policy(cfg, str(path)).lm.eval().requires_grad_(False)
+    if iteration > 0:
+        raise ConfigError(f"cannot resume {run_dir}: algo.kl_coef > 0 but the reference model {path} is missing")
+    ref = copy.deepcopy(policy.lm).eval().requires_grad_(False)  # the policy is still the RL starting point
+    save_model_atomic(policy, path)
+    return ref
 
 
 def update_metrics(stats: dict[str, float], cfg: TrainConfig) -> dict[str, float | None]:

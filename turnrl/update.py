@@ -210,10 +210,16 @@ def ppo_update(policy, optimizer, scheduler, trajs: list[Trajectory], *, algo: A
     targets = prepare_targets(policy, batch, trajs, algo=algo, optim=optim, temperature=temperature, ref_lm=ref_lm)
 
     # ---- PPO epochs over mini-batches -------------------------------------------------------------
+    # A NaN/inf in the advantages (or value targets), in a mini-batch's loss or in its gradients skips
+    # the optimizer step (weights, Adam moments and the lr schedule stay as they were) and is counted in
+    # actor/skipped_steps; the trainer stops the run after optim.max_bad_updates such updates in a row.
     policy.train()
-    for epoch in range(algo.epochs):
+    n_mb = min(algo.minibatches, batch.size)
+    skipped = 0
+    if not targets_finite(targets, batch):
+        skipped = algo.epochs * n_mb
+    for epoch in range(algo.epochs if not skipped else 0):
         perm = torch.randperm(batch.size, generator=generator).tolist()
-        n_mb = min(algo.minibatches, batch.size)
         for mb_index in range(n_mb):
             totals = minibatch_backward(policy, batch, targets, perm[mb_index::n_mb], algo=algo, optim=optim,
                                         temperature=temperature, critic_only=critic_only, stats=stats,
@@ -221,9 +227,9 @@ def ppo_update(policy, optimizer, scheduler, trajs: list[Trajectory], *, algo: A
             for key, value in totals.items():
                 _append(stats, key, value)
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), optim.max_grad_norm)
-            if not math.isfinite(grad_norm.item()):
+            if not (math.isfinite(grad_norm.item()) and all(math.isfinite(v) for v in totals.values())):
                 optimizer.zero_grad(set_to_none=True)
-                _append(stats, "actor/skipped_steps", 1.0)
+                skipped += 1
                 continue
             optimizer.step()
             scheduler.step()
@@ -231,7 +237,7 @@ def ppo_update(policy, optimizer, scheduler, trajs: list[Trajectory], *, algo: A
             _append(stats, "actor/grad_norm", grad_norm.item())
     credit = targets.credit
     out = {k: _mean(v) for k, v in stats.items()}
-    out.setdefault("actor/skipped_steps", 0.0)
+    out["actor/skipped_steps"] = float(skipped)
     out["actor/lr"] = scheduler.get_last_lr()[0]
     out["train/tokens"] = float(sum(batch.lengths))
     out["train/adv_abs_mean"] = float((credit.advantages.abs() * batch.mask).sum() / batch.mask.sum().clamp(min=1))
@@ -239,6 +245,17 @@ def ppo_update(policy, optimizer, scheduler, trajs: list[Trajectory], *, algo: A
     if spread is not None:
         out["train/adv_turn_std"] = spread
     return out
+
+
+def targets_finite(targets: Targets, batch: Batch) -> bool:
+    """Advantages (and value targets) are finite wherever they are used (model tokens)."""
+    credit, on = targets.credit, batch.mask > 0
+    parts = [credit.advantages[on]]
+    if credit.seq_advantages is not None:
+        parts.append(credit.seq_advantages)
+    if credit.returns is not None:
+        parts.append(credit.returns[credit.value_mask > 0])
+    return all(bool(torch.isfinite(p).all()) for p in parts)
 
 
 def _add(totals, key, value):
