@@ -1,4 +1,4 @@
-"""Command line: `turnrl train | eval | play | envs`.
+"""Command line: `turnrl train | eval | export | play | envs`.
 
 `turnrl train` builds its flags from the config dataclasses (tyro), so every field can be overridden,
 e.g. `turnrl train --preset quickstart --algo.clip-high 0.3 --rollout.n-groups 8`.
@@ -17,6 +17,7 @@ USAGE = """usage: turnrl <command> [options]
 commands:
   train   train an agent:   turnrl train [--preset NAME] [--out DIR] [--iterations N] [--resume DIR] [field overrides]
   eval    evaluate a run or model:   turnrl eval RUN_DIR_OR_MODEL [--env NAME] [--episodes N] [--k K]
+  export  write a run's model as a plain Hugging Face directory (LoRA merged):   turnrl export RUN_DIR --merged OUT
   play    play an environment yourself in the terminal:   turnrl play ENV [--seed S]
   envs    list the registered environments
 
@@ -99,6 +100,48 @@ def _print_evals(evals: dict, run_dir: Path) -> None:
         print(f"  RL gain (after_rl - after_sft success): {gain:+.3f}")
 
 
+def is_run_dir(path: Path) -> bool:
+    return (path / "config.json").exists() and ((path / "final").is_dir() or (path / "checkpoints").is_dir())
+
+
+def run_model(run_dir: Path):
+    """(the run's config, its final model directory or else its newest checkpoint's model)."""
+    from turnrl.checkpoint import latest_checkpoint
+    from turnrl.config import TrainConfig
+
+    cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    model_dir = run_dir / "final"
+    if not model_dir.is_dir():
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise UsageError(f"run {str(run_dir)!r} has no final model and no checkpoint yet")
+        model_dir = ckpt / "model"
+    return cfg, str(model_dir)
+
+
+def cmd_export(argv: list[str]) -> int:
+    from turnrl.models import export_merged
+    from turnrl.train import build_policy
+
+    p = argparse.ArgumentParser(prog="turnrl export", description="Write a run's final model (or newest checkpoint) "
+                                "as an ordinary Hugging Face model directory, LoRA adapters merged into the weights, "
+                                "loadable by plain transformers and by vLLM.")
+    p.add_argument("run", help="a turnrl run directory")
+    p.add_argument("--merged", required=True, metavar="OUT", help="output directory")
+    args = p.parse_args(argv)
+    run_dir, out = Path(args.run), Path(args.merged)
+    if not is_run_dir(run_dir):
+        raise UsageError(f"{str(run_dir)!r} is not a turnrl run directory (no config.json with final/ or checkpoints/)")
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"output directory {str(out)!r} exists and is not empty")
+    cfg, model_dir = run_model(run_dir)
+    policy = build_policy(cfg, model_dir)
+    export_merged(policy, out)
+    kind = "LoRA adapters merged" if cfg.model.lora_rank else "full model"
+    print(f"exported {model_dir} ({kind}) to {out}")
+    return 0
+
+
 def cmd_eval(argv: list[str]) -> int:
     from turnrl.config import EnvConfig, ModelConfig, TrainConfig
     from turnrl.evaluate import evaluate
@@ -116,16 +159,8 @@ def cmd_eval(argv: list[str]) -> int:
     args = p.parse_args(argv)
 
     target = Path(args.target)
-    if (target / "config.json").exists() and ((target / "final").is_dir() or (target / "checkpoints").is_dir()):
-        cfg = TrainConfig.from_dict(json.loads((target / "config.json").read_text()))
-        model_dir = target / "final"
-        if not model_dir.is_dir():
-            from turnrl.checkpoint import latest_checkpoint
-            ckpt = latest_checkpoint(target)
-            if ckpt is None:
-                raise UsageError(f"run {str(target)!r} has no final model and no checkpoint yet")
-            model_dir = ckpt / "model"
-        model_name = str(model_dir)
+    if is_run_dir(target):
+        cfg, model_name = run_model(target)
     else:
         if args.env is None:
             raise UsageError("--env is required when evaluating a model rather than a run directory")
@@ -200,7 +235,7 @@ def cmd_envs(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "play": cmd_play, "envs": cmd_envs}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "play": cmd_play, "envs": cmd_envs}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,11 @@ TRAIN_SEED_BASE = 1_000_000
 SFT_SEED_BASE = 500_000_000
 
 
+# Modules that get LoRA adapters by default: attention and MLP projections of Llama-style models
+# (the tiny model, SmolLM2, Qwen2.5). Same tuple as turnrl.models.DEFAULT_LORA_TARGETS.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
 
@@ -35,10 +40,23 @@ class ModelConfig:
     tiny_layers: int = 4  # tiny model: number of layers
     tiny_heads: int = 4  # tiny model: attention heads
     tiny_ff: int = 512  # tiny model: MLP width
+    lora_rank: int = 0  # LoRA adapter rank (PEFT); 0 = full fine-tuning. With LoRA the KL reference is the base model (adapters off)
+    lora_alpha: float = 32.0  # LoRA scaling numerator (the update is scaled by alpha / rank)
+    lora_dropout: float = 0.0  # dropout on the LoRA input
+    lora_targets: tuple[str, ...] = LORA_TARGETS  # module names that get adapters (Llama/Qwen/SmolLM2 names by default)
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: about half the peak memory
 
     def __post_init__(self):
         _check(bool(self.name), "model.name is empty: give 'tiny', a model directory or a hub id")
         _check(self.tiny_hidden % self.tiny_heads == 0, "model.tiny_hidden must be divisible by model.tiny_heads")
+        self.lora_targets = tuple(self.lora_targets)  # a list after a JSON round trip
+        _check(self.lora_rank >= 0, f"model.lora_rank must be >= 0 (0 = no LoRA), got {self.lora_rank}")
+        _check(self.lora_rank > 0 or (self.lora_alpha == 32.0 and self.lora_dropout == 0.0
+                                      and self.lora_targets == LORA_TARGETS),
+               "model.lora_alpha/lora_dropout/lora_targets configure LoRA, which is off: set model.lora_rank > 0 or remove them")
+        _check(self.lora_alpha > 0, f"model.lora_alpha must be > 0, got {self.lora_alpha}")
+        _check(0 <= self.lora_dropout < 1, f"model.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        _check(len(self.lora_targets) > 0, "model.lora_targets is empty: name at least one module, e.g. q_proj v_proj")
 
 
 @dataclass

@@ -8,7 +8,6 @@ One RL iteration reads top to bottom:
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -29,7 +28,7 @@ from turnrl.config import (DYNAMIC_SEED_OFFSET, SFT_SEED_BASE, TRAIN_SEED_BASE, 
 from turnrl.engines import HFEngine, SamplingParams
 from turnrl.envs import make
 from turnrl.evaluate import evaluate, renderer_for, settings_for
-from turnrl.models import TinyModelSpec, load_policy
+from turnrl.models import LoraSpec, TinyModelSpec, load_policy
 from turnrl.rollout import Trajectory, run_episodes
 from turnrl.sft import make_demonstrations, sft
 from turnrl.shaping import shape_rewards
@@ -64,8 +63,10 @@ def build_policy(cfg: TrainConfig, name: str | None = None):
     m = cfg.model
     spec = TinyModelSpec(hidden_size=m.tiny_hidden, num_layers=m.tiny_layers, num_heads=m.tiny_heads,
                          intermediate_size=m.tiny_ff)
+    lora = LoraSpec(m.lora_rank, m.lora_alpha, m.lora_dropout, m.lora_targets) if m.lora_rank else None
     return load_policy(name or m.name, value_head=cfg.algo.needs_critic, seed=cfg.seed, tiny=spec,
-                       gguf_file=None if name else m.gguf_file)
+                       gguf_file=None if name else m.gguf_file, lora=lora,
+                       gradient_checkpointing=m.gradient_checkpointing)
 
 
 def rl_optimizer(policy, cfg: TrainConfig):
@@ -243,8 +244,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> dict:
             scheduler.load_state_dict(trainer_state["scheduler"])
         set_rng_state(trainer_state["rng"], generators)
     ref_lm = None
-    if cfg.algo.kl_coef > 0:  # a frozen copy of the RL starting point; never built when KL is off
-        ref_lm = copy.deepcopy(policy.lm).eval().requires_grad_(False)
+    if cfg.algo.kl_coef > 0:  # the RL starting point (LoRA: the base, adapters off); never built when KL is off
+        ref_lm = policy.reference_lm()
     engine = HFEngine(policy.lm, eos_token_id=policy.eos_token_id, pad_token_id=policy.pad_token_id,
                       batch_size=cfg.rollout.gen_batch_size, generator=generators["rollout"])
     renderer, settings = renderer_for(policy, cfg), settings_for(cfg)
