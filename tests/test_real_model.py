@@ -79,3 +79,22 @@ def test_conversion_matches_the_gguf_model(tmp_path):
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
     with torch.no_grad():
         assert torch.equal(plain(ids).logits, direct(ids).logits)
+
+
+@pytest.mark.slow
+@needs_wheel
+def test_smollm2_lora_micro_iteration_trains_the_adapters(tmp_path):
+    """One micro RL iteration of the smollm2-bandit preset (LoRA, bf16): adapters change, base does not."""
+    from turnrl.config import get_preset
+    from turnrl.train import train
+
+    cfg = get_preset("smollm2-bandit")
+    cfg.out, cfg.iterations, cfg.progress = str(tmp_path / "run"), 1, False
+    cfg.rollout.n_groups, cfg.rollout.group_size = 2, 4
+    cfg.sft.episodes, cfg.sft.steps, cfg.sft.batch_size = 8, 2, 4
+    cfg.eval.episodes, cfg.eval.greedy = 2, False
+    train(cfg, log=lambda *_: None)
+    final = load_policy(str(tmp_path / "run" / "final"))
+    assert final.is_lora
+    lora = {n: p for n, p in final.lm.named_parameters() if "lora_B" in n}
+    assert lora and any(p.abs().sum() > 0 for p in lora.values())  # B starts at zero: SFT/RL moved it

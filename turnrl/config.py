@@ -374,10 +374,53 @@ def bandit_tiny() -> TrainConfig:
     )
 
 
+def smollm2_bandit() -> TrainConfig:
+    """SmolLM2-135M-Instruct (offline: `make real-model`) + LoRA r=16 on the one-turn bandit, sized for 2 CPU
+    cores (32 episodes of one short reply per iteration, bf16 autocast). Trains on the train arm names,
+    evaluates on the disjoint test names (bandit_test). Dr.GRPO for the reason given in bandit_tiny."""
+    return TrainConfig(
+        model=ModelConfig(name="smollm2-135m-instruct", lora_rank=16, lora_alpha=32.0),
+        env=EnvConfig(name="bandit", eval_name="bandit_test", system_prompt=True),
+        rollout=RolloutConfig(n_groups=4, group_size=8, max_turns=1, max_actions_per_turn=1, max_new_tokens=12,
+                              max_context_tokens=512, think=False, gen_batch_size=32),
+        algo=AlgoConfig(estimator="dr_grpo", filter="none", loss_agg="seq-mean-token-mean", entropy_coef=0.0),
+        optim=OptimConfig(lr=2e-4, warmup_steps=0, bf16=True, micro_batch_tokens=2048),
+        # Format-only warm start: demonstrations pick an arm uniformly at random (epsilon 1.0), so the model
+        # learns to answer with one of the two names (untrained, it invents names) but no preference.
+        sft=SFTConfig(episodes=256, epsilon=1.0, steps=16, batch_size=16, lr=5e-4),
+        eval=EvalConfig(episodes=64, k=1, temperature=1.0, greedy=True),
+        iterations=60,
+        save_every=10,
+        out="runs/smollm2-bandit",
+    )
+
+
+def smollm2_frozenlake() -> TrainConfig:
+    """SmolLM2-135M-Instruct + LoRA r=16 on deterministic 4x4 FrozenLake, sized for 2 CPU cores: 4 groups
+    x 4 episodes, at most 5 short replies each, KV cache reused across turns, StarPO-S std filter."""
+    return TrainConfig(
+        model=ModelConfig(name="smollm2-135m-instruct", lora_rank=16, lora_alpha=32.0),
+        env=EnvConfig(name="frozen_lake_det", system_prompt=True),
+        rollout=RolloutConfig(n_groups=4, group_size=4, max_turns=5, max_actions_per_turn=1, max_new_tokens=12,
+                              max_context_tokens=1024, think=False, gen_batch_size=16),
+        algo=AlgoConfig(estimator="grpo", filter="std", filter_keep=0.5, loss_agg="seq-mean-token-mean",
+                        entropy_coef=0.0),
+        optim=OptimConfig(lr=1e-4, warmup_steps=0, bf16=True, micro_batch_tokens=2048),
+        # Format-only warm start: random legal moves (epsilon 1.0) teach the reply format, not the way to the goal.
+        sft=SFTConfig(episodes=128, epsilon=1.0, steps=16, batch_size=8, lr=5e-4),
+        eval=EvalConfig(episodes=64, k=1, temperature=1.0, greedy=True),
+        iterations=80,
+        save_every=10,
+        out="runs/smollm2-frozenlake",
+    )
+
+
 PRESETS = {
     "quickstart": quickstart,
     "ragen-sokoban-0.5b": ragen_sokoban_05b,
     "bandit-tiny": bandit_tiny,
+    "smollm2-bandit": smollm2_bandit,
+    "smollm2-frozenlake": smollm2_frozenlake,
 }
 
 

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -224,7 +225,9 @@ def add_lora(lm: nn.Module, spec: LoraSpec, seed: int = 0) -> nn.Module:
                              f"(linear layers include e.g. {sorted(t for t in present if t.endswith('proj'))[:8]})")
     config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                         target_modules=list(spec.targets), task_type="CAUSAL_LM")
-    with torch.random.fork_rng(devices=[]):  # deterministic, and the caller's RNG is left alone
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():  # deterministic; caller's RNG left alone
+        # peft 0.21 calls transformers' deprecated is_gradient_checkpointing: not ours to fix, not the user's to see
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         torch.manual_seed(seed)
         return get_peft_model(lm, config)
 
@@ -232,7 +235,9 @@ def add_lora(lm: nn.Module, spec: LoraSpec, seed: int = 0) -> nn.Module:
 def _enable_gradient_checkpointing(lm: nn.Module) -> None:
     # Non-reentrant checkpointing gives gradients to LoRA weights even though the (frozen) inputs of each
     # checkpointed block need none, so no enable_input_require_grads() hook is needed.
-    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with warnings.catch_warnings():  # renamed activation_checkpointing_enable in transformers 5; the old name works
+        warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*", category=FutureWarning)
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 @contextlib.contextmanager
