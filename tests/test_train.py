@@ -153,19 +153,17 @@ def test_unknown_env_fails_early(tmp_path):
 
 
 def test_no_reference_model_when_kl_is_off(tmp_path, monkeypatch):
-    """KL off: the trainer never copies the model and never runs a reference forward pass."""
-    import types
-
-    import turnrl.train as train_module
+    """KL off: the trainer never builds a reference model and never runs a reference forward pass."""
     import turnrl.update as update
+    from turnrl.models import Policy
 
     calls = []
     real = update.forward_no_grad
     monkeypatch.setattr(update, "forward_no_grad", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
-    def no_copy(*_a, **_k):
-        raise AssertionError("the trainer copied the model")
+    def no_reference(*_a, **_k):
+        raise AssertionError("the trainer built a reference model")
 
-    monkeypatch.setattr(train_module, "copy", types.SimpleNamespace(deepcopy=no_copy))
+    monkeypatch.setattr(Policy, "reference_lm", no_reference)
     cfg = tiny_config(tmp_path / "run", iterations=1)
     cfg.sft.episodes = 0
     train(cfg, log=lambda *_: None)

@@ -1,4 +1,4 @@
-"""Command line: `turnrl train | eval | play | envs`.
+"""Command line: `turnrl train | eval | export | serve | play | envs`.
 
 `turnrl train` builds its flags from the config dataclasses (tyro), so every field can be overridden,
 e.g. `turnrl train --preset quickstart --algo.clip-high 0.3 --rollout.n-groups 8`.
@@ -17,6 +17,9 @@ USAGE = """usage: turnrl <command> [options]
 commands:
   train   train an agent:   turnrl train [--preset NAME] [--out DIR] [--iterations N] [--resume DIR] [field overrides]
   eval    evaluate a run or model:   turnrl eval RUN_DIR_OR_MODEL [--env NAME] [--episodes N] [--k K]
+          or a served model:   turnrl eval [RUN_DIR] --engine openai --base-url URL [--model NAME] --env NAME
+  serve   serve a run as an OpenAI-compatible chat endpoint:   turnrl serve RUN_DIR [--host H] [--port N]
+  export  write a run's model as a plain Hugging Face directory (LoRA merged):   turnrl export RUN_DIR --merged OUT
   play    play an environment yourself in the terminal:   turnrl play ENV [--seed S]
   envs    list the registered environments
 
@@ -99,48 +102,163 @@ def _print_evals(evals: dict, run_dir: Path) -> None:
         print(f"  RL gain (after_rl - after_sft success): {gain:+.3f}")
 
 
+def is_run_dir(path: Path) -> bool:
+    return (path / "config.json").exists() and ((path / "final").is_dir() or (path / "checkpoints").is_dir())
+
+
+def run_model(run_dir: Path):
+    """(the run's config, its final model directory or else its newest checkpoint's model)."""
+    from turnrl.checkpoint import latest_checkpoint
+    from turnrl.config import TrainConfig
+
+    cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    model_dir = run_dir / "final"
+    if not model_dir.is_dir():
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise UsageError(f"run {str(run_dir)!r} has no final model and no checkpoint yet")
+        model_dir = ckpt / "model"
+    return cfg, str(model_dir)
+
+
+def cmd_export(argv: list[str]) -> int:
+    from turnrl.models import export_merged
+    from turnrl.train import build_policy
+
+    p = argparse.ArgumentParser(prog="turnrl export", description="Write a run's final model (or newest checkpoint) "
+                                "as an ordinary Hugging Face model directory, LoRA adapters merged into the weights, "
+                                "loadable by plain transformers and by vLLM.")
+    p.add_argument("run", help="a turnrl run directory")
+    p.add_argument("--merged", required=True, metavar="OUT", help="output directory")
+    args = p.parse_args(argv)
+    run_dir, out = Path(args.run), Path(args.merged)
+    if not is_run_dir(run_dir):
+        raise UsageError(f"{str(run_dir)!r} is not a turnrl run directory (no config.json with final/ or checkpoints/)")
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"output directory {str(out)!r} exists and is not empty")
+    cfg, model_dir = run_model(run_dir)
+    policy = build_policy(cfg, model_dir)
+    export_merged(policy, out)
+    kind = "LoRA adapters merged" if cfg.model.lora_rank else "full model"
+    print(f"exported {model_dir} ({kind}) to {out}")
+    return 0
+
+
 def cmd_eval(argv: list[str]) -> int:
     from turnrl.config import EnvConfig, ModelConfig, TrainConfig
     from turnrl.evaluate import evaluate
     from turnrl.train import build_policy, check_env_config
 
-    p = argparse.ArgumentParser(prog="turnrl eval", description="Evaluate a training run (its final model) or a model on held-out seeds.")
-    p.add_argument("target", help="a turnrl run directory or a model (directory or hub id)")
+    p = argparse.ArgumentParser(prog="turnrl eval", description="Evaluate a training run (its final model), a model, "
+                                "or a model served by an OpenAI-compatible server (--engine openai) on held-out seeds.")
+    p.add_argument("target", nargs="?", default=None,
+                   help="a turnrl run directory or a model (directory or hub id); with --engine openai, optional: "
+                        "a run directory whose env and rollout settings to use")
     p.add_argument("--env", default=None, help="environment (default: the run's evaluation env)")
     p.add_argument("--episodes", type=int, default=None, help="held-out start states (seeds 0..N-1)")
     p.add_argument("--k", type=int, default=None, help="samples per start state (pass@k)")
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=None, help="also report greedy success")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (hf engine)")
+    p.add_argument("--max-turns", type=int, default=None, help="model replies per episode")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens per reply")
+    p.add_argument("--think", action=argparse.BooleanOptionalAction, default=None,
+                   help="reply format <think>..</think><answer>..</answer> (--no-think: <answer>..</answer>)")
     p.add_argument("--out", default=None, help="write the result as JSON here")
+    served = p.add_argument_group("served models (--engine openai; evaluation only: a chat server returns text, "
+                                  "not the token ids training needs)")
+    served.add_argument("--engine", choices=("hf", "openai"), default="hf")
+    served.add_argument("--base-url", default=None, help="e.g. http://127.0.0.1:8000/v1")
+    served.add_argument("--model", default=None, help="served model name (default: the only one the server lists)")
+    served.add_argument("--api-key", default=None, help="default: $OPENAI_API_KEY, or none for local servers")
+    served.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
+    served.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    served.add_argument("--retries", type=int, default=3, help="retries per request (connection errors, 429, 5xx)")
     args = p.parse_args(argv)
 
-    target = Path(args.target)
-    if (target / "config.json").exists() and ((target / "final").is_dir() or (target / "checkpoints").is_dir()):
-        cfg = TrainConfig.from_dict(json.loads((target / "config.json").read_text()))
-        model_dir = target / "final"
-        if not model_dir.is_dir():
-            from turnrl.checkpoint import latest_checkpoint
-            ckpt = latest_checkpoint(target)
-            if ckpt is None:
-                raise UsageError(f"run {str(target)!r} has no final model and no checkpoint yet")
-            model_dir = ckpt / "model"
-        model_name = str(model_dir)
+    target = Path(args.target) if args.target else None
+    if target is not None and is_run_dir(target):
+        cfg, model_name = run_model(target)
+    elif args.engine == "openai" and target is not None:
+        raise UsageError(f"with --engine openai the target must be a turnrl run directory (for its settings), "
+                         f"got {args.target!r}; name the served model with --model")
     else:
         if args.env is None:
             raise UsageError("--env is required when evaluating a model rather than a run directory")
-        cfg = TrainConfig(model=ModelConfig(name=args.target), env=EnvConfig(name=args.env))
+        if target is None and args.engine == "hf":
+            raise UsageError("give a run directory or a model to evaluate (or --engine openai --base-url URL)")
+        cfg = TrainConfig(model=ModelConfig(name=args.target or "served"), env=EnvConfig(name=args.env))
         model_name = None
     if args.env:
         cfg.env.name, cfg.env.eval_name = args.env, None
+    for field_, value in (("max_turns", args.max_turns), ("max_new_tokens", args.max_new_tokens), ("think", args.think)):
+        if value is not None:
+            setattr(cfg.rollout, field_, value)
+    cfg.rollout.__post_init__()
     check_env_config(cfg)
-    policy = build_policy(cfg, model_name)
-    result, _ = evaluate(policy, cfg, episodes=args.episodes, k=args.k, temperature=args.temperature,
-                         greedy=args.greedy, seed=args.seed)
-    payload = {"env": cfg.env.eval_name or cfg.env.name, "model": model_name or args.target, **result.to_dict()}
+    if args.engine == "openai":
+        result, served_model = _eval_served(cfg, args)
+        payload = {"env": cfg.env.eval_name or cfg.env.name, "model": served_model, "engine": "openai",
+                   "base_url": args.base_url, **result.to_dict()}
+    else:
+        policy = build_policy(cfg, model_name)
+        result, _ = evaluate(policy, cfg, episodes=args.episodes, k=args.k, temperature=args.temperature,
+                             greedy=args.greedy, seed=args.seed)
+        payload = {"env": cfg.env.eval_name or cfg.env.name, "model": model_name or args.target, **result.to_dict()}
     print(json.dumps(payload, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(payload, indent=2))
+    return 0
+
+
+def _eval_served(cfg, args):
+    from turnrl.engines.openai import OpenAIEngine
+    from turnrl.served import evaluate_served
+
+    if not args.base_url:
+        raise UsageError("--engine openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
+    if args.concurrency < 1 or args.timeout <= 0 or args.retries < 0:
+        raise UsageError("--concurrency must be >= 1, --timeout > 0 and --retries >= 0")
+    engine = OpenAIEngine(args.base_url, args.model, api_key=args.api_key, timeout=args.timeout,
+                          max_retries=args.retries, concurrency=args.concurrency)
+    result, _ = evaluate_served(engine, cfg, episodes=args.episodes, k=args.k, temperature=args.temperature,
+                                greedy=args.greedy)
+    return result, engine.model
+
+
+def cmd_serve(argv: list[str]) -> int:
+    from turnrl.serve import AgentServer
+    from turnrl.train import build_policy
+
+    p = argparse.ArgumentParser(prog="turnrl serve", description="Serve a run's final model (or newest checkpoint) "
+                                "as an OpenAI-compatible chat-completions endpoint (/v1/chat/completions, /v1/models). "
+                                "Replies start with the response prefix the agent was trained with.")
+    p.add_argument("run", help="a turnrl run directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (0 picks a free one)")
+    p.add_argument("--model-name", default=None, help="model name clients use (default: the run directory's name)")
+    p.add_argument("--max-batch", type=int, default=32, help="requests generated together at most")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    args = p.parse_args(argv)
+    run_dir = Path(args.run)
+    if not is_run_dir(run_dir):
+        raise UsageError(f"{str(run_dir)!r} is not a turnrl run directory (no config.json with final/ or checkpoints/)")
+    if args.max_batch < 1 or not 0 <= args.port < 65536:
+        raise UsageError("--max-batch must be >= 1 and --port in [0, 65535]")
+    cfg, model_dir = run_model(run_dir)
+    policy = build_policy(cfg, model_dir)
+    try:
+        server = AgentServer(policy, model_name=args.model_name or run_dir.resolve().name,
+                             response_prefix="<think>" if cfg.rollout.think else "<answer>", host=args.host,
+                             port=args.port, max_batch=args.max_batch,
+                             default_max_tokens=cfg.rollout.max_new_tokens, seed=args.seed)
+    except OSError as err:
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {err.strerror}") from err
+    print(f"turnrl: serving {model_dir} as {server.model_name!r} on {server.url} (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.httpd.server_close()
     return 0
 
 
@@ -200,7 +318,8 @@ def cmd_envs(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "play": cmd_play, "envs": cmd_envs}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "serve": cmd_serve, "play": cmd_play,
+            "envs": cmd_envs}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,12 +334,13 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"unknown command {command!r}" + (f"; did you mean {close[0]!r}?" if close else "") +
                      f" (commands: {', '.join(COMMANDS)})")
     from turnrl.config import ConfigError
+    from turnrl.engines.openai import ServerError
     from turnrl.faults import EnvFailureError, Interrupted
     from turnrl.models import ModelLoadError
 
     try:
         return COMMANDS[command](rest)
-    except (ConfigError, ModelLoadError, UsageError) as err:
+    except (ConfigError, ModelLoadError, UsageError, ServerError) as err:
         return _fail(str(err))
     except ValueError as err:  # unknown env names and bad env arguments from the registry
         from turnrl.envs import UnknownEnvError

