@@ -96,6 +96,19 @@ def summarize(trajs: list[Trajectory], k: int) -> dict[str, float]:
     }
 
 
+def eval_arguments(cfg: TrainConfig, env_name: str | None, episodes: int | None, k: int | None,
+                   temperature: float | None, greedy: bool | None) -> tuple[str, int, int, float, bool]:
+    """The evaluation's env, episodes, k, temperature and greedy flag: given values, else `cfg.eval`'s
+    (the env: `cfg.env.eval_name`, else `cfg.env.name`)."""
+    e = cfg.eval
+    env_name = env_name or cfg.env.eval_name or cfg.env.name
+    episodes = e.episodes if episodes is None else episodes
+    if not 1 <= episodes < EVAL_SEED_LIMIT:
+        raise ValueError(f"episodes must be in [1, {EVAL_SEED_LIMIT})")
+    return (env_name, episodes, e.k if k is None else k, e.temperature if temperature is None else temperature,
+            e.greedy if greedy is None else greedy)
+
+
 def evaluate(policy, cfg: TrainConfig, *, env_name: str | None = None, episodes: int | None = None,
              k: int | None = None, temperature: float | None = None, greedy: bool | None = None,
              seed: int | None = None) -> tuple[EvalResult, list[Trajectory]]:
@@ -104,15 +117,8 @@ def evaluate(policy, cfg: TrainConfig, *, env_name: str | None = None, episodes:
     Arguments default to `cfg.eval`; the env defaults to `cfg.env.eval_name` or `cfg.env.name`.
     Returns the summary and the sampled trajectories (for logs).
     """
-    e = cfg.eval
-    env_name = env_name or cfg.env.eval_name or cfg.env.name
-    episodes = e.episodes if episodes is None else episodes
-    k = e.k if k is None else k
-    temperature = e.temperature if temperature is None else temperature
-    greedy = e.greedy if greedy is None else greedy
-    if not 1 <= episodes < EVAL_SEED_LIMIT:
-        raise ValueError(f"episodes must be in [1, {EVAL_SEED_LIMIT})")
-    gen = torch.Generator().manual_seed(e.seed if seed is None else seed)
+    env_name, episodes, k, temperature, greedy = eval_arguments(cfg, env_name, episodes, k, temperature, greedy)
+    gen = torch.Generator().manual_seed(cfg.eval.seed if seed is None else seed)
     engine = HFEngine(policy.lm, eos_token_id=policy.eos_token_id, pad_token_id=policy.pad_token_id,
                       batch_size=cfg.rollout.gen_batch_size, generator=gen)
     renderer = renderer_for(policy, cfg)

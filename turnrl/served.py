@@ -15,11 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from turnrl.config import EVAL_SEED_LIMIT, TrainConfig
+from turnrl.config import TrainConfig
 from turnrl.engines.base import SamplingParams
 from turnrl.engines.openai import OpenAIEngine
 from turnrl.envs import make
-from turnrl.evaluate import EvalResult, summarize
+from turnrl.evaluate import EvalResult, eval_arguments, summarize
 from turnrl.parsing import parse_reply
 from turnrl.rollout import act
 
@@ -86,14 +86,7 @@ def evaluate_served(engine: OpenAIEngine, cfg: TrainConfig, *, env_name: str | N
                     episodes: int | None = None, k: int | None = None, temperature: float | None = None,
                     greedy: bool | None = None) -> tuple[EvalResult, list[ChatEpisode]]:
     """`turnrl.evaluate.evaluate` for a served model: same seeds, same metrics, same defaults."""
-    e = cfg.eval
-    env_name = env_name or cfg.env.eval_name or cfg.env.name
-    episodes = e.episodes if episodes is None else episodes
-    k = e.k if k is None else k
-    temperature = e.temperature if temperature is None else temperature
-    greedy = e.greedy if greedy is None else greedy
-    if not 1 <= episodes < EVAL_SEED_LIMIT:
-        raise ValueError(f"episodes must be in [1, {EVAL_SEED_LIMIT})")
+    env_name, episodes, k, temperature, greedy = eval_arguments(cfg, env_name, episodes, k, temperature, greedy)
     make_env = lambda: make(env_name, **cfg.env.kwargs)  # noqa: E731
     seeds = list(range(episodes))
     sampled = run_chat_episodes(engine, make_env, seeds, k, cfg,
