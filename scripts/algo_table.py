@@ -121,8 +121,6 @@ def main() -> None:
                   f"({seconds / 60:.1f} min)", flush=True)
 
     lines = [
-        "# Results",
-        "",
         "## Algorithm comparison on the quickstart Sokoban setting (CPU)",
         "",
         f"Held-out success on Sokoban 6×6 / 1 box (at most 10 actions), start states 0–127, after "
@@ -152,8 +150,8 @@ def main() -> None:
         "",
     ]
     out = Path(args.write)
-    extra = _keep_other_sections(out)
-    out.write_text("\n".join(lines) + extra)
+    preamble, extra = _keep_other_sections(out)
+    out.write_text(preamble + "\n".join(lines) + extra)
     print("\n".join(lines))
 
 
@@ -167,15 +165,15 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _keep_other_sections(path: Path) -> str:
-    """Keeps sections of an existing results file that this script does not write (other result tables)."""
+def _keep_other_sections(path: Path) -> tuple[str, str]:
+    """Keeps what this script does not write: the file's preamble (title and intro) and its other sections."""
     if not path.exists():
-        return ""
+        return "# Results\n\n", ""
     text = path.read_text()
     marker = "\n## "
     parts = text.split(marker)
     kept = [p for p in parts[1:] if not p.startswith("Algorithm comparison")]
-    return "".join(marker + p for p in kept)
+    return parts[0].rstrip("\n") + "\n\n", "".join(marker + p for p in kept)
 
 
 if __name__ == "__main__":
