@@ -145,7 +145,7 @@ def cmd_export(argv: list[str]) -> int:
 
 
 def cmd_eval(argv: list[str]) -> int:
-    from turnrl.config import EnvConfig, ModelConfig, TrainConfig
+    from turnrl.config import EngineConfig, EnvConfig, ModelConfig, TrainConfig
     from turnrl.evaluate import evaluate
     from turnrl.train import build_policy, check_env_config
 
@@ -159,7 +159,7 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--k", type=int, default=None, help="samples per start state (pass@k)")
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=None, help="also report greedy success")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (hf engine)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (hf and vllm engines)")
     p.add_argument("--max-turns", type=int, default=None, help="model replies per episode")
     p.add_argument("--max-new-tokens", type=int, default=None, help="tokens per reply")
     p.add_argument("--think", action=argparse.BooleanOptionalAction, default=None,
@@ -167,7 +167,9 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--out", default=None, help="write the result as JSON here")
     served = p.add_argument_group("served models (--engine openai; evaluation only: a chat server returns text, "
                                   "not the token ids training needs)")
-    served.add_argument("--engine", choices=("hf", "openai"), default="hf")
+    served.add_argument("--engine", choices=("hf", "vllm", "openai"), default=None,
+                        help="hf: turnrl's decode loop; vllm: vLLM (pip install 'turnrl[vllm]'); openai: a served "
+                             "model (default: the run's engine.name, else hf)")
     served.add_argument("--base-url", default=None, help="e.g. http://127.0.0.1:8000/v1")
     served.add_argument("--model", default=None, help="served model name (default: the only one the server lists)")
     served.add_argument("--api-key", default=None, help="default: $OPENAI_API_KEY, or none for local servers")
@@ -185,7 +187,7 @@ def cmd_eval(argv: list[str]) -> int:
     else:
         if args.env is None:
             raise UsageError("--env is required when evaluating a model rather than a run directory")
-        if target is None and args.engine == "hf":
+        if target is None and args.engine != "openai":
             raise UsageError("give a run directory or a model to evaluate (or --engine openai --base-url URL)")
         cfg = TrainConfig(model=ModelConfig(name=args.target or "served"), env=EnvConfig(name=args.env))
         model_name = None
@@ -195,6 +197,8 @@ def cmd_eval(argv: list[str]) -> int:
         if value is not None:
             setattr(cfg.rollout, field_, value)
     cfg.rollout.__post_init__()
+    if args.engine in ("hf", "vllm") and args.engine != cfg.engine.name:
+        cfg.engine = EngineConfig(name=args.engine)
     check_env_config(cfg)
     if args.engine == "openai":
         result, served_model = _eval_served(cfg, args)

@@ -251,6 +251,32 @@ class EvalConfig:
         _check(self.temperature > 0, "eval.temperature must be > 0 (use eval.greedy for temperature 0)")
 
 
+ENGINE_VLLM_DEFAULTS = {"vllm_dtype": "auto", "vllm_weight_sync": "auto", "vllm_gpu_memory_utilization": 0.5,
+                        "vllm_sleep": True, "vllm_enforce_eager": True, "vllm_cpu_kv_cache_gib": 1.0}
+
+
+@dataclass
+class EngineConfig:
+    """The generation backend of training rollouts and evaluation (turnrl.engines)."""
+
+    name: Literal["hf", "vllm"] = "hf"  # hf: turnrl's KV-cached decode loop on the policy itself; vllm: a vLLM copy of the policy, re-synced after every update (pip install 'turnrl[vllm]'; README, "vLLM engine")
+    vllm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # vllm: weights and activations; auto = bfloat16 on GPU, float32 on CPU
+    vllm_weight_sync: Literal["auto", "full", "lora"] = "auto"  # vllm: full = merged weights after every update; lora = the adapter as a LoRARequest (LoRA policies); auto = lora for a LoRA policy on GPU, else full
+    vllm_gpu_memory_utilization: float = 0.5  # vllm on GPU: fraction of GPU memory vLLM takes for weights + KV cache (RAGEN: 0.5)
+    vllm_sleep: bool = True  # vllm on GPU: vLLM frees its GPU memory during each update (sleep mode) and wakes for the next rollout
+    vllm_enforce_eager: bool = True  # vllm: no CUDA graphs / torch.compile (starts much faster; RAGEN runs eager too)
+    vllm_cpu_kv_cache_gib: float = 1.0  # vllm on CPU: KV-cache memory in GiB (vLLM's own default takes ~16 GiB)
+
+    def __post_init__(self):
+        if self.name != "vllm":
+            changed = [k for k, v in ENGINE_VLLM_DEFAULTS.items() if getattr(self, k) != v]
+            _check(not changed, f"engine.{changed[0] if changed else ''} configures the vllm engine, which is off: "
+                   "set engine.name='vllm' or remove it")
+        _check(0 < self.vllm_gpu_memory_utilization <= 1,
+               f"engine.vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+        _check(self.vllm_cpu_kv_cache_gib > 0, f"engine.vllm_cpu_kv_cache_gib must be > 0, got {self.vllm_cpu_kv_cache_gib}")
+
+
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -261,6 +287,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     iterations: int = 200  # RL iterations
     seed: int = 0  # seed of model init, sampling and the RL seed stream
     out: str = "runs/latest"  # run directory (config.json, metrics.jsonl, eval.json, checkpoints/, final/)
@@ -289,6 +316,12 @@ class TrainConfig:
         _check(self.algo.critic_warmup == 0 or self.algo.critic_warmup < self.iterations,
                f"algo.critic_warmup={self.algo.critic_warmup} >= iterations={self.iterations}: the policy would "
                "never be updated; lower critic_warmup or raise iterations")
+        _check(self.engine.name != "vllm" or self.rollout.top_p == 1.0,
+               "engine.name='vllm' reports logprobs under the top-p truncated distribution, which the trainer does "
+               "not recompute: set rollout.top_p=1.0 with the vllm engine")
+        _check(self.engine.vllm_weight_sync != "lora" or self.model.lora_rank > 0,
+               "engine.vllm_weight_sync='lora' pushes LoRA adapters, but model.lora_rank=0: set model.lora_rank or "
+               "use vllm_weight_sync='full'")
         _check(self.reward.dense_until == 0 or self.reward.dense_until < self.iterations,
                f"reward.dense_until={self.reward.dense_until} >= iterations={self.iterations}: rewards never turn "
                "sparse; lower dense_until (0 = off) or raise iterations")
@@ -303,7 +336,8 @@ class TrainConfig:
     def from_dict(cls, data: dict) -> "TrainConfig":
         """Builds a config from JSON data (a run's config.json), checking every field's name and type."""
         nested = {"model": ModelConfig, "env": EnvConfig, "rollout": RolloutConfig, "algo": AlgoConfig,
-                  "reward": RewardConfig, "optim": OptimConfig, "sft": SFTConfig, "eval": EvalConfig}
+                  "reward": RewardConfig, "optim": OptimConfig, "sft": SFTConfig, "eval": EvalConfig,
+                  "engine": EngineConfig}
         kwargs = {}
         for key, value in _typed_fields(cls, data, "").items():
             if key in nested:

@@ -25,6 +25,24 @@ def renderer_for(policy, cfg: TrainConfig) -> ChatRenderer:
     return ChatRenderer(policy.tokenizer, system_prompt=system, response_prefix="<think>" if cfg.rollout.think else "<answer>")
 
 
+def engine_for(policy, cfg: TrainConfig, generator: torch.Generator):
+    """The engine `cfg.engine` names: HFEngine on the policy itself (cheap, built per use), or a VLLMEngine
+    holding a copy of the policy (expensive to start: build one per run, `sync` it after every update and
+    `close` it at the end)."""
+    if cfg.engine.name == "vllm":
+        from turnrl.engines.vllm import VLLMEngine
+
+        e = cfg.engine
+        return VLLMEngine(policy.lm, eos_token_id=policy.eos_token_id, pad_token_id=policy.pad_token_id,
+                          max_model_len=cfg.rollout.max_context_tokens, generator=generator, dtype=e.vllm_dtype,
+                          weight_sync=e.vllm_weight_sync, gpu_memory_utilization=e.vllm_gpu_memory_utilization,
+                          sleep=e.vllm_sleep, enforce_eager=e.vllm_enforce_eager,
+                          cpu_kv_cache_gib=e.vllm_cpu_kv_cache_gib, max_num_seqs=cfg.rollout.gen_batch_size,
+                          seed=cfg.seed)
+    return HFEngine(policy.lm, eos_token_id=policy.eos_token_id, pad_token_id=policy.pad_token_id,
+                    batch_size=cfg.rollout.gen_batch_size, generator=generator)
+
+
 def settings_for(cfg: TrainConfig) -> RolloutSettings:
     r = cfg.rollout
     return RolloutSettings(max_turns=r.max_turns, max_actions_per_turn=r.max_actions_per_turn,
@@ -111,16 +129,35 @@ def eval_arguments(cfg: TrainConfig, env_name: str | None, episodes: int | None,
 
 def evaluate(policy, cfg: TrainConfig, *, env_name: str | None = None, episodes: int | None = None,
              k: int | None = None, temperature: float | None = None, greedy: bool | None = None,
-             seed: int | None = None) -> tuple[EvalResult, list[Trajectory]]:
+             seed: int | None = None, engine=None) -> tuple[EvalResult, list[Trajectory]]:
     """Plays `episodes` held-out start states `k` times each with the policy (sampling at `temperature`).
 
     Arguments default to `cfg.eval`; the env defaults to `cfg.env.eval_name` or `cfg.env.name`.
+    `engine`: a running engine already synced with the policy (the trainer's vLLM engine); its sampling
+    generator is swapped for the evaluation's for the duration. Default: the engine `cfg.engine` names,
+    built here (and closed again when it is a vLLM engine).
     Returns the summary and the sampled trajectories (for logs).
     """
     env_name, episodes, k, temperature, greedy = eval_arguments(cfg, env_name, episodes, k, temperature, greedy)
     gen = torch.Generator().manual_seed(cfg.eval.seed if seed is None else seed)
-    engine = HFEngine(policy.lm, eos_token_id=policy.eos_token_id, pad_token_id=policy.pad_token_id,
-                      batch_size=cfg.rollout.gen_batch_size, generator=gen)
+    if engine is None:
+        engine = engine_for(policy, cfg, gen)
+        try:
+            return evaluate(policy, cfg, env_name=env_name, episodes=episodes, k=k, temperature=temperature,
+                            greedy=greedy, seed=seed, engine=engine)
+        finally:
+            if hasattr(engine, "close"):
+                engine.close()
+    saved = engine.generator
+    engine.generator = gen
+    try:
+        return _evaluate(policy, cfg, engine, env_name, episodes, k, temperature, greedy)
+    finally:
+        engine.generator = saved
+
+
+def _evaluate(policy, cfg: TrainConfig, engine, env_name, episodes, k, temperature, greedy
+              ) -> tuple[EvalResult, list[Trajectory]]:
     renderer = renderer_for(policy, cfg)
     settings = settings_for(cfg)
     seeds = list(range(episodes))

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import time
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -26,9 +27,9 @@ from turnrl.checkpoint import (MetricsLog, check_free_space, checkpoint_bytes, l
                                save_checkpoint, save_model_atomic, set_rng_state)
 from turnrl.config import (DYNAMIC_SEED_OFFSET, SFT_SEED_BASE, TRAIN_SEED_BASE, ConfigError, TrainConfig,
                            diff_configs)
-from turnrl.engines import HFEngine, SamplingParams
+from turnrl.engines import SamplingParams
 from turnrl.envs import make
-from turnrl.evaluate import evaluate, renderer_for, settings_for
+from turnrl.evaluate import engine_for, evaluate, renderer_for, settings_for
 from turnrl.faults import EnvFailureError, Interrupted, StopSignals
 from turnrl.models import LoraSpec, TinyModelSpec, load_policy
 from turnrl.rollout import Trajectory, run_episodes
@@ -214,8 +215,8 @@ def write_eval(path: Path, evals: dict) -> None:
     os.replace(tmp, path)
 
 
-def _run_eval(policy, cfg: TrainConfig, evals: dict, name: str, path: Path, log) -> None:
-    result, _ = evaluate(policy, cfg)
+def _run_eval(policy, cfg: TrainConfig, evals: dict, name: str, path: Path, log, engine=None) -> None:
+    result, _ = evaluate(policy, cfg, engine=engine)
     evals[name] = result.to_dict()
     write_eval(path, evals)
     greedy = "" if result.greedy_success_rate is None else f", greedy {result.greedy_success_rate:.3f}"
@@ -232,11 +233,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> dict:
     `cfg` except for fields in RESUMABLE_CHANGES. SIGINT and SIGTERM stop the run after the current
     iteration with a checkpoint (`Interrupted`); a second signal stops it at once (turnrl.faults.StopSignals).
     """
-    with StopSignals() as stop:
-        return _train(cfg, resume, log, stop)
+    with StopSignals() as stop, ExitStack() as cleanup:
+        return _train(cfg, resume, log, stop, cleanup)
 
 
-def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals) -> dict:
+def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: ExitStack) -> dict:
     # ---- setup ------------------------------------------------------------------------------------
     run_dir = check_output_dir(cfg.out)
     check_env_config(cfg)
@@ -269,15 +270,23 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals) -> dict:
     else:
         policy = build_policy(cfg)
     check_model_fits(policy, cfg, run_dir)
+    # A vLLM engine holds its own copy of the policy: started once, re-synced whenever the weights change
+    # (after SFT, after every update), shut down however the run ends. The HF engine samples from the
+    # policy itself and is built where it is used.
+    shared = engine_for(policy, cfg, generators["rollout"]) if cfg.engine.name == "vllm" else None
+    if shared is not None:
+        cleanup.callback(shared.close)
     # Keep only the iterations the checkpoint knows about (a crash may have logged more).
     metrics.truncate_to([r for r in metrics.read() if r.get("iteration", 0) < state["iteration"]])
 
     # ---- evaluation before training and SFT warm start --------------------------------------------
     if "untrained" not in evals:
-        _run_eval(policy, cfg, evals, "untrained", eval_path, log)
+        _run_eval(policy, cfg, evals, "untrained", eval_path, log, shared)
     if state["phase"] == "start":
         if cfg.sft.episodes > 0:
             run_sft(policy, cfg, log)
+            if shared is not None:
+                shared.sync(policy.lm)
         state = {"phase": "rl", "iteration": 0}
         save_checkpoint(run_dir, 0, policy, None, None, state, generators, cfg.keep_checkpoints)
     if "after_sft" not in evals:
@@ -285,7 +294,7 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals) -> dict:
             evals["after_sft"] = dict(evals["untrained"])
             write_eval(eval_path, evals)
         else:
-            _run_eval(policy, cfg, evals, "after_sft", eval_path, log)
+            _run_eval(policy, cfg, evals, "after_sft", eval_path, log, shared)
 
     # ---- RL ---------------------------------------------------------------------------------------
     optimizer, scheduler = rl_optimizer(policy, cfg)
@@ -296,8 +305,7 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals) -> dict:
             scheduler.load_state_dict(trainer_state["scheduler"])
         set_rng_state(trainer_state["rng"], generators)
     ref_lm = reference_model(run_dir, policy, cfg, state["iteration"]) if cfg.algo.kl_coef > 0 else None
-    engine = HFEngine(policy.lm, eos_token_id=policy.eos_token_id, pad_token_id=policy.pad_token_id,
-                      batch_size=cfg.rollout.gen_batch_size, generator=generators["rollout"])
+    engine = shared if shared is not None else engine_for(policy, cfg, generators["rollout"])
     renderer, settings = renderer_for(policy, cfg), settings_for(cfg)
     params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
                             top_p=cfg.rollout.top_p)
@@ -329,9 +337,13 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals) -> dict:
                 critic_only = iteration < cfg.algo.critic_warmup
                 t1 = time.perf_counter()
                 if kept:
+                    if shared is not None:
+                        shared.sleep()  # GPU: free vLLM's memory for the update
                     update_stats = ppo_update(policy, optimizer, scheduler, kept, algo=cfg.algo, optim=cfg.optim,
                                               temperature=cfg.rollout.temperature, ref_lm=ref_lm,
                                               generator=generators["update"], critic_only=critic_only)
+                    if shared is not None:
+                        shared.sync(policy.lm)  # the next rollout samples from the updated policy
                 else:  # every group had identical returns: nothing to learn from this batch
                     update_stats = {}
                 t_update = time.perf_counter() - t1
@@ -378,7 +390,7 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals) -> dict:
         evals["after_rl"] = dict(evals["after_sft"])
         write_eval(eval_path, evals)
     else:
-        _run_eval(policy, cfg, evals, "after_rl", eval_path, log)
+        _run_eval(policy, cfg, evals, "after_rl", eval_path, log, shared)
     save_model_atomic(policy, run_dir / "final")
     return evals
 
