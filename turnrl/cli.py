@@ -339,12 +339,13 @@ def main(argv: list[str] | None = None) -> int:
                      f" (commands: {', '.join(COMMANDS)})")
     from turnrl.config import ConfigError
     from turnrl.engines.openai import ServerError
+    from turnrl.engines.vllm import VLLMUnavailable
     from turnrl.faults import EnvFailureError, Interrupted
     from turnrl.models import ModelLoadError
 
     try:
         return COMMANDS[command](rest)
-    except (ConfigError, ModelLoadError, UsageError, ServerError) as err:
+    except (ConfigError, ModelLoadError, UsageError, ServerError, VLLMUnavailable) as err:
         return _fail(str(err))
     except ValueError as err:  # unknown env names and bad env arguments from the registry
         from turnrl.envs import UnknownEnvError

@@ -498,19 +498,74 @@ def math_tiny() -> TrainConfig:
     )
 
 
-def ragen_sokoban_05b() -> TrainConfig:
-    """RAGEN v1 defaults (Qwen2.5-0.5B-Instruct, 8 groups x 16, 5 turns, 5 actions/turn, 200 iterations,
-    StarPO-S top-25% std filter, clip 0.2/0.28, no KL). For GPU machines."""
+def _ragen_v1(env: EnvConfig, *, max_turns: int, max_actions_per_turn: int, max_new_tokens: int,
+              out: str) -> TrainConfig:
+    """RAGEN v1 (Wang et al. 2025, "RAGEN: Understanding Self-Evolution in LLM Agents via Multi-Turn
+    Reinforcement Learning") code defaults, StarPO-S: Qwen2.5-0.5B-Instruct, 8 groups x 16 samples, PPO with
+    GAE (gamma = lambda = 1, value head on the shared trunk where RAGEN trains a separate critic), top-25%
+    reward-std filter, clip 0.2/0.28, entropy 0.001, no KL, actor lr 1e-6 constant without warm-up, weight
+    decay 0.01, 200 iterations; rollouts at T=1 through vLLM (gpu_memory_utilization 0.5, eager);
+    evaluation on 256 held-out start states at T=0.5. For GPU machines (pip install 'turnrl[vllm]')."""
     return TrainConfig(
         model=ModelConfig(name="Qwen/Qwen2.5-0.5B-Instruct"),
-        env=EnvConfig(name="sokoban"),
-        rollout=RolloutConfig(n_groups=8, group_size=16, max_turns=5, max_actions_per_turn=5, max_new_tokens=100,
-                              max_context_tokens=3600, think=True),
-        algo=AlgoConfig(estimator="gae", filter="std", filter_keep=0.25, entropy_coef=0.001),
-        optim=OptimConfig(lr=1e-6, warmup_steps=0, bf16=True, micro_batch_tokens=8192),
+        env=env,
+        rollout=RolloutConfig(n_groups=8, group_size=16, max_turns=max_turns, max_actions_per_turn=max_actions_per_turn,
+                              max_new_tokens=max_new_tokens, max_context_tokens=3600, think=True, format_penalty=-0.1,
+                              temperature=1.0, gen_batch_size=128),
+        algo=AlgoConfig(estimator="gae", filter="std", filter_keep=0.25, entropy_coef=0.001, clip_low=0.2,
+                        clip_high=0.28),
+        optim=OptimConfig(lr=1e-6, warmup_steps=0, weight_decay=0.01, bf16=True, micro_batch_tokens=8192),
         eval=EvalConfig(episodes=256, k=1, temperature=0.5, greedy=False),
+        engine=EngineConfig(name="vllm", vllm_gpu_memory_utilization=0.5),
         iterations=200,
-        out="runs/ragen-sokoban-0.5b",
+        out=out,
+    )
+
+
+def ragen_sokoban_05b() -> TrainConfig:
+    """RAGEN v1 on SimpleSokoban (6x6, 1 box, at most 10 actions): 5 turns, 5 actions per turn, replies up to
+    400 tokens (RAGEN's vLLM response_length). GPU: vLLM engine."""
+    return _ragen_v1(EnvConfig(name="sokoban"), max_turns=5, max_actions_per_turn=5, max_new_tokens=400,
+                     out="runs/ragen-sokoban-0.5b")
+
+
+def ragen_frozenlake_05b() -> TrainConfig:
+    """RAGEN v1 on FrozenLake (4x4, p=0.8, slippery as in v1, at most 10 actions): 5 turns, 5 actions per
+    turn, replies up to 400 tokens. GPU: vLLM engine."""
+    return _ragen_v1(EnvConfig(name="frozen_lake"), max_turns=5, max_actions_per_turn=5, max_new_tokens=400,
+                     out="runs/ragen-frozenlake-0.5b")
+
+
+def ragen_bandit_05b() -> TrainConfig:
+    """RAGEN v1 on the two-armed bandit (`_1_bandit.yaml`: one turn, one action, replies up to 500 tokens);
+    trained on the Dragon/Phoenix names, evaluated on the held-out names (BanditTest). GPU: vLLM engine."""
+    return _ragen_v1(EnvConfig(name="bandit", eval_name="bandit_test"), max_turns=1, max_actions_per_turn=1,
+                     max_new_tokens=500, out="runs/ragen-bandit-0.5b")
+
+
+def ufo_math_3b() -> TrainConfig:
+    """UFO (Liu et al. 2025, "A Simple 'Try Again' Can Elicit Multi-Turn LLM Reasoning") settings:
+    Qwen2.5-3B-Instruct on MetaMathQA's MATH-derived questions (needs `datasets` and network) with unary
+    feedback, up to 5 attempts, success reward 0.5^t and repetition penalty 0.5 (the env's defaults), PPO with
+    GAE (gamma = lambda = 1), top-25% reward-std filter over 8 groups x 16, clip 0.2/0.28, entropy 0.001,
+    actor lr 1e-6, mini-batches of 8 (32 kept episodes -> 4 optimizer steps), KL 0.001 to the initial policy
+    (UFO puts it in the reward; here it is a k1 loss term), replies up to 400 tokens, 8192-token context,
+    200 iterations; Succ@5 evaluation on 128 questions at T=0.5. UFO runs vLLM with tensor parallelism 2 on
+    2 GPUs; turnrl's vLLM engine uses one GPU (gpu_memory_utilization 0.5)."""
+    return TrainConfig(
+        model=ModelConfig(name="Qwen/Qwen2.5-3B-Instruct"),
+        env=EnvConfig(name="math_qa_jsonl", kwargs={"hf_dataset": "metamathqa", "max_attempts": 5, "gamma": 0.5,
+                                                    "repetition_penalty": 0.5}),
+        rollout=RolloutConfig(n_groups=8, group_size=16, max_turns=5, max_actions_per_turn=1, max_new_tokens=400,
+                              max_context_tokens=8192, think=True, format_penalty=-0.1, temperature=1.0,
+                              gen_batch_size=128),
+        algo=AlgoConfig(estimator="gae", filter="std", filter_keep=0.25, entropy_coef=0.001, clip_low=0.2,
+                        clip_high=0.28, kl_coef=0.001, kl_estimator="k1", minibatches=4),
+        optim=OptimConfig(lr=1e-6, warmup_steps=0, weight_decay=0.01, bf16=True, micro_batch_tokens=8192),
+        eval=EvalConfig(episodes=128, k=1, temperature=0.5, greedy=False),
+        engine=EngineConfig(name="vllm", vllm_gpu_memory_utilization=0.5),
+        iterations=200,
+        out="runs/ufo-math-3b",
     )
 
 
@@ -582,6 +637,9 @@ PRESETS = {
     "countdown-tiny": countdown_tiny,
     "math-tiny": math_tiny,
     "ragen-sokoban-0.5b": ragen_sokoban_05b,
+    "ragen-frozenlake-0.5b": ragen_frozenlake_05b,
+    "ragen-bandit-0.5b": ragen_bandit_05b,
+    "ufo-math-3b": ufo_math_3b,
     "bandit-tiny": bandit_tiny,
     "smollm2-bandit": smollm2_bandit,
     "smollm2-frozenlake": smollm2_frozenlake,

@@ -70,6 +70,16 @@ def check_model_fits(policy, cfg: TrainConfig, run_dir: Path) -> None:
         raise ConfigError(f"not enough disk space for checkpoints: {err.strerror}") from err
 
 
+def check_engine(cfg: TrainConfig) -> None:
+    """Fails early (ConfigError) when the vllm engine is chosen but vLLM is not installed."""
+    import importlib.util
+
+    if cfg.engine.name == "vllm" and importlib.util.find_spec("vllm") is None:
+        from turnrl.engines.vllm import INSTALL_HINT
+
+        raise ConfigError(f"engine.name='vllm': {INSTALL_HINT}")
+
+
 def check_env_config(cfg: TrainConfig) -> None:
     """Fails early (ConfigError) on an unknown env or bad env arguments."""
     for name in {cfg.env.name, cfg.env.eval_name or cfg.env.name}:
@@ -241,6 +251,7 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
     # ---- setup ------------------------------------------------------------------------------------
     run_dir = check_output_dir(cfg.out)
     check_env_config(cfg)
+    check_engine(cfg)
     remove_stale_temps(run_dir)
     ckpt = latest_checkpoint(run_dir) if resume else None
     if resume:

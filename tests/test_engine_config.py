@@ -1,0 +1,62 @@
+"""Engine choice (engine.name hf|vllm) and the GPU presets that use the vLLM engine: no GPU, no vLLM needed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from turnrl.cli import main
+from turnrl.config import ConfigError, EngineConfig, ModelConfig, RolloutConfig, TrainConfig, get_preset
+
+GPU_PRESETS = ("ragen-sokoban-0.5b", "ragen-frozenlake-0.5b", "ragen-bandit-0.5b", "ufo-math-3b")
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+
+
+@pytest.mark.parametrize("name", GPU_PRESETS)
+def test_gpu_presets_build_valid_vllm_configs(name):
+    cfg = get_preset(name)
+    again = TrainConfig.from_dict(json.loads(cfg.to_json()))  # what a run's config.json reads back as
+    assert again == cfg
+    assert cfg.engine.name == "vllm" and cfg.engine.vllm_gpu_memory_utilization == 0.5
+    assert cfg.model.name.startswith("Qwen/Qwen2.5-")
+    # RAGEN v1 / UFO: 8 groups x 16, top-25% reward-std filter, PPO + GAE, clip 0.2/0.28, lr 1e-6, 200 iterations
+    assert (cfg.rollout.n_groups, cfg.rollout.group_size) == (8, 16)
+    assert (cfg.algo.filter, cfg.algo.filter_keep, cfg.algo.estimator) == ("std", 0.25, "gae")
+    assert (cfg.algo.clip_low, cfg.algo.clip_high, cfg.optim.lr, cfg.iterations) == (0.2, 0.28, 1e-6, 200)
+    assert cfg.rollout.top_p == 1.0 and cfg.eval.temperature == 0.5
+
+
+def test_gpu_preset_specifics():
+    bandit, lake, ufo = get_preset("ragen-bandit-0.5b"), get_preset("ragen-frozenlake-0.5b"), get_preset("ufo-math-3b")
+    assert (bandit.env.name, bandit.env.eval_name, bandit.rollout.max_turns) == ("bandit", "bandit_test", 1)
+    assert lake.env.name == "frozen_lake" and lake.rollout.max_actions_per_turn == 5
+    assert ufo.model.name == "Qwen/Qwen2.5-3B-Instruct" and ufo.rollout.max_context_tokens == 8192
+    assert ufo.env.kwargs["hf_dataset"] == "metamathqa" and ufo.algo.kl_coef == 0.001
+
+
+def test_engine_config_rejects_settings_that_would_do_nothing():
+    with pytest.raises(ConfigError, match="vllm_sleep configures the vllm engine"):
+        EngineConfig(name="hf", vllm_sleep=False)
+    with pytest.raises(ConfigError, match="gpu_memory_utilization"):
+        EngineConfig(name="vllm", vllm_gpu_memory_utilization=1.5)
+    with pytest.raises(ConfigError, match="top_p=1.0"):
+        TrainConfig(rollout=RolloutConfig(top_p=0.9), engine=EngineConfig(name="vllm"))
+    with pytest.raises(ConfigError, match="lora_rank"):
+        TrainConfig(engine=EngineConfig(name="vllm", vllm_weight_sync="lora"))
+    TrainConfig(model=ModelConfig(lora_rank=8), engine=EngineConfig(name="vllm", vllm_weight_sync="lora"))
+    with pytest.raises(ConfigError, match="unknown config field 'engine.nam'"):
+        TrainConfig.from_dict({"engine": {"nam": "vllm"}})
+
+
+@pytest.mark.skipif(HAS_VLLM, reason="checks the message shown when vLLM is missing")
+def test_vllm_engine_without_vllm_is_a_one_line_error(tmp_path, capsys):
+    code = main(["train", "--preset", "bandit-tiny", "--engine.name", "vllm", "--out", str(tmp_path / "r"),
+                 "--iterations", "1", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "vllm" in err and "pip install" in err
+    code = main(["eval", "--engine", "vllm", "tiny", "--env", "bandit", "--episodes", "2"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "vllm" in err and len(err.splitlines()) == 1
