@@ -77,7 +77,7 @@ def hf_weights(lm, *, merge_lora: bool = True) -> Iterator[tuple[str, torch.Tens
             yield name, p.detach()
         return
     deltas: dict[str, torch.Tensor] = {}
-    if merge_lora and not getattr(base, "_turnrl_adapters_off", False):
+    if merge_lora:
         from peft.tuners.lora import LoraLayer
 
         for mname, module in base.named_modules():
@@ -147,13 +147,18 @@ class VLLMEngine:
             kwargs.update(kv_cache_memory_bytes=int(cpu_kv_cache_gib * (1 << 30)))
         if self.weight_sync == "lora":
             peft_cfg = next(iter(lm.peft_config.values()))
-            kwargs.update(enable_lora=True, max_lora_rank=max(8, int(peft_cfg.r)), max_loras=1)
+            rank = next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= int(peft_cfg.r)), int(peft_cfg.r))
+            kwargs.update(enable_lora=True, max_lora_rank=rank, max_loras=1)
         try:
             self.llm = vllm.LLM(**kwargs)
         except BaseException:
             shutil.rmtree(self._dir, ignore_errors=True)
             raise
-        self.sync(lm)
+        try:
+            self.sync(lm)
+        except BaseException:
+            self.close()
+            raise
 
     # ---- weights ----------------------------------------------------------------------------------
     def sync(self, lm) -> None:
@@ -258,7 +263,8 @@ class VLLMEngine:
                 gc.collect()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-        shutil.rmtree(getattr(self, "_dir", ""), ignore_errors=True) if getattr(self, "_dir", None) else None
+        if getattr(self, "_dir", None) is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self):
         return self
