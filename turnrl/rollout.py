@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from turnrl.engines.base import Completion, Engine, SamplingParams
@@ -163,6 +163,23 @@ class Trajectory:
         if self.row_starts is None:
             return [start for start, _ in self.turn_spans]
         return [start - row for row, (start, _) in zip(self.row_starts, self.turn_spans)]
+
+
+def as_turn_rows(t: Trajectory) -> Trajectory:
+    """A full-history episode recorded as one sequence, re-recorded as turn-as-sample rows: turn k's row is
+    the sequence up to the end of reply k (its prompt is the history, loss mask 0 on earlier replies).
+    This is exactly what `run_episodes` records with context "full" and `turn_rows=True`."""
+    if t.row_starts is not None:
+        return t
+    ids, mask, logprobs, spans, starts = [], [], [], [], []
+    for start, end in t.turn_spans:
+        starts.append(len(ids))
+        ids += t.ids[:end]
+        mask += [0] * start + list(t.loss_mask[start:end])
+        logprobs += [0.0] * start + list(t.logprobs[start:end])
+        spans.append((starts[-1] + start, starts[-1] + end))
+    return replace(t, ids=tuple(ids), loss_mask=tuple(mask), logprobs=tuple(logprobs), turn_spans=tuple(spans),
+                   row_starts=tuple(starts))
 
 
 @dataclass
