@@ -258,3 +258,91 @@ def test_rollout_settings_refuse_window_without_turn_rows():
         RolloutSettings(context="window")
     with pytest.raises(ValueError, match="context_window"):
         RolloutSettings(context="window", context_window=0, turn_rows=True)
+
+
+# ------------------------------------------------------------------------- training end to end
+
+
+CONTEXT_RUNS = {
+    "full-turn-rows": dict(context="full", samples="turn"),
+    "window": dict(context="window", context_window=1),
+    "summary": dict(context="summary", think=True),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", list(CONTEXT_RUNS))
+def test_training_with_a_context_policy_resumes_exactly(tmp_path, run):
+    """SFT + 4 RL iterations (tiny model, frozen_lake, 1 thread) under each policy; a run killed with SIGKILL
+    in iteration 3 and resumed ends with the same metrics, weights and evaluation as an uninterrupted one."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_resume_exact import HERE, child_env, small_config, without_timing
+    from test_train import weights
+    from turnrl.checkpoint import MetricsLog
+    from turnrl.train import train
+
+    def config(out):
+        cfg = small_config(out)
+        cfg.rollout = dataclasses.replace(cfg.rollout, max_turns=3, max_context_tokens=1024, **CONTEXT_RUNS[run])
+        return cfg
+
+    straight = config(tmp_path / "straight")
+    train(straight, log=lambda *_: None)
+    killed = config(tmp_path / "killed")
+    (tmp_path / "killed.json").write_text(killed.to_json())
+    proc = subprocess.run([sys.executable, str(HERE / "crash_driver.py"), str(tmp_path / "killed.json"), "3"],
+                          env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    resumed = subprocess.run([sys.executable, "-m", "turnrl.cli", "train", "--resume", killed.out], env=child_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+
+    a = MetricsLog(Path(straight.out) / "metrics.jsonl").read()
+    b = MetricsLog(Path(killed.out) / "metrics.jsonl").read()
+    assert [r["iteration"] for r in b] == [0, 1, 2, 3]
+    assert without_timing(a) == without_timing(b)
+    assert all(r["train/skipped_update"] == 0 and r["train/adv_abs_mean"] > 0 for r in a[2:])
+    assert all(r["rollout/mean_turns"] > 1 and r["rollout/prompt_tokens"] > 0 for r in a)
+    wa, wb = weights(Path(straight.out) / "final"), weights(Path(killed.out) / "final")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert json.loads((Path(straight.out) / "eval.json").read_text()) == json.loads(
+        (Path(killed.out) / "eval.json").read_text())
+
+
+@pytest.mark.parametrize("run", list(CONTEXT_RUNS))
+def test_short_training_run_with_each_policy_and_exact_resume(tmp_path, run):
+    """4 RL iterations straight, and 2 iterations then `resume` to 4: same metrics and weights (the fast
+    version of the SIGKILL test above)."""
+    from test_resume_exact import without_timing
+    from test_train import tiny_config, weights
+    from turnrl.checkpoint import MetricsLog
+    from turnrl.train import train
+
+    def config(name, iterations):
+        cfg = tiny_config(tmp_path / name, threads=1, iterations=iterations)
+        cfg.rollout = dataclasses.replace(cfg.rollout, max_turns=3, max_context_tokens=1024, **CONTEXT_RUNS[run])
+        cfg.eval.episodes, cfg.eval.k, cfg.eval.greedy = 2, 1, False
+        # enough SFT for valid replies some of the time, so returns vary and the updates have a signal
+        cfg.sft.episodes, cfg.sft.steps, cfg.sft.lr = 64, 30, 1e-2
+        cfg.rollout.group_size = 4
+        return cfg
+
+    straight = config("straight", 4)
+    evals = train(straight, log=lambda *_: None)
+    assert set(evals) == {"untrained", "after_sft", "after_rl"}
+    train(config("split", 2), log=lambda *_: None)
+    train(config("split", 4), resume=True, log=lambda *_: None)
+    a = MetricsLog(tmp_path / "straight" / "metrics.jsonl").read()
+    b = MetricsLog(tmp_path / "split" / "metrics.jsonl").read()
+    assert len(a) == 4 and without_timing(a) == without_timing(b)
+    for r in a:
+        assert r["rollout/mean_turns"] > 1
+        assert 0 < r["rollout/prompt_tokens"] <= r["rollout/prompt_tokens_max"] <= 1024 - straight.rollout.max_new_tokens
+    assert any(r["train/skipped_update"] == 0 and r["train/adv_abs_mean"] > 0 for r in a[2:])  # learned after the split
+    wa, wb = weights(tmp_path / "straight" / "final"), weights(tmp_path / "split" / "final")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
