@@ -346,3 +346,26 @@ def test_short_training_run_with_each_policy_and_exact_resume(tmp_path, run):
     assert any(r["train/skipped_update"] == 0 and r["train/adv_abs_mean"] > 0 for r in a[2:])  # learned after the split
     wa, wb = weights(tmp_path / "straight" / "final"), weights(tmp_path / "split" / "final")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_served_evaluation_sends_the_policy_context():
+    from types import SimpleNamespace
+
+    from turnrl.served import context_messages
+
+    msgs = [{"role": "system", "content": "rules"}]
+    for t in range(4):
+        msgs += [{"role": "user", "content": f"obs{t}"},
+                 {"role": "assistant", "content": f"<think>plan{t}</think><answer>a{t}</answer>"}]
+    msgs.append({"role": "user", "content": "obs4"})
+    full = SimpleNamespace(context="full", context_window=2, max_new_tokens=8)
+    assert context_messages(msgs, full) == msgs
+    window = SimpleNamespace(context="window", context_window=2, max_new_tokens=8)
+    assert [m["content"] for m in context_messages(msgs, window)] == [
+        "rules", "obs2", "<think>plan2</think><answer>a2</answer>", "obs3", "<think>plan3</think><answer>a3</answer>",
+        "obs4"]
+    summary = SimpleNamespace(context="summary", context_window=2, max_new_tokens=8)
+    sent = context_messages(msgs, summary)
+    assert len(sent) == 2 and sent[0]["content"] == "rules"
+    assert "plan3" in sent[1]["content"] and "a3" in sent[1]["content"] and sent[1]["content"].endswith("obs4")
+    assert "plan2" not in sent[1]["content"]

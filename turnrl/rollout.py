@@ -50,8 +50,9 @@ def summary_message(reflection: str, answer: str, observation: str) -> str:
 
 def reflection_of(reply: str, tokenizer, max_tokens: int) -> tuple[str, str]:
     """(reflection, answer) of a reply `<think>reflection</think><answer>answer</answer>`, tolerant of
-    unclosed tags: the reflection is the text after `<think>` up to `</think>` or `<answer>`. The
-    reflection is cut to `max_tokens` tokens so the next prompt's length stays bounded."""
+    unclosed tags: the reflection is the text after `<think>` up to `</think>` or `<answer>`. With a
+    tokenizer, each is cut to `max_tokens` tokens so the next prompt's length stays bounded (a served
+    model's reply, which has no tokenizer here, is already bounded by its max_tokens)."""
     text = reply
     if "<think>" in text:
         text = text.split("<think>", 1)[1]
@@ -59,6 +60,8 @@ def reflection_of(reply: str, tokenizer, max_tokens: int) -> tuple[str, str]:
     answer = ""
     if "<answer>" in reply:
         answer = reply.split("<answer>", 1)[1].split("</answer>", 1)[0].strip()
+    if tokenizer is None:
+        return reflection, answer
     ids = tokenizer(reflection, add_special_tokens=False)["input_ids"]
     if len(ids) > max_tokens:
         reflection = tokenizer.decode(ids[:max_tokens], skip_special_tokens=True)
