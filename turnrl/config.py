@@ -83,6 +83,10 @@ class RolloutConfig:
     think: bool = True  # reply format '<think>..</think><answer>..</answer>'; False: '<answer>..</answer>' only
     format_penalty: float = -0.1  # added to a turn whose reply does not parse or holds an invalid action
     gen_batch_size: int = 128  # episodes per generation batch
+    # -- context policy (turnrl/rollout.py) --
+    context: Literal["full", "window", "summary"] = "full"  # full: whole history (RAGEN/UFO); window: last k turns (VAGEN); summary: own last reflection + newest observation (ERA)
+    context_window: int = 2  # context=window: completed turns (observation + reply) kept in the prompt
+    samples: Literal["auto", "episode", "turn"] = "auto"  # training samples: one per episode, or one per turn (ERA/SkyRL); auto: episode for full, turn otherwise
     # -- fault tolerance (docs/reliability.md) --
     env_timeout: float = 60.0  # seconds an env reset/step may take before its episode fails (0 = no limit; Unix main thread)
     max_env_error_rate: float = 0.1  # fraction of an iteration's episodes whose env may fail before the run stops
@@ -98,6 +102,19 @@ class RolloutConfig:
         _check(self.max_context_tokens > self.max_new_tokens,
                "rollout.max_context_tokens must exceed rollout.max_new_tokens")
         _check(self.format_penalty <= 0, f"rollout.format_penalty is a penalty and must be <= 0, got {self.format_penalty}")
+        _check(self.context_window >= 1, f"rollout.context_window must be >= 1, got {self.context_window}")
+        _check(self.context == "window" or self.context_window == 2,
+               f"rollout.context_window={self.context_window} is used only with rollout.context='window'")
+        _check(not (self.context != "full" and self.samples == "episode"),
+               f"rollout.samples='episode' cannot train rollout.context={self.context!r}: its prompts are not prefixes "
+               "of one sequence; use rollout.samples='turn' (or 'auto')")
+        _check(not (self.context == "summary" and not self.think),
+               "rollout.context='summary' carries the model's <think> text between turns: it needs rollout.think=true")
+
+    @property
+    def turn_rows(self) -> bool:
+        """One training row per turn (rollout.samples, resolved)."""
+        return self.samples == "turn" or (self.samples == "auto" and self.context != "full")
 
 
 # Estimator families (docs/algorithms.md, "Wiring in the trainer").

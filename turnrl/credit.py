@@ -12,7 +12,7 @@ padded with masked turns. See docs/algorithms.md, "Wiring in the trainer".
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -205,3 +205,65 @@ def _need(values: Tensor | None, estimator: str) -> Tensor:
     if values is None:
         raise ValueError(f"estimator {estimator!r} needs the value head's outputs")
     return values
+
+
+def compute_row_credit(trajs: list[Trajectory], rows: list[tuple[int, int, int, int]], mask: Tensor,
+                       values: Tensor | None, algo: AlgoConfig) -> Credit:
+    """`compute_credit` for turn-as-sample batches (one row per turn, ERA/SkyRL style).
+
+    Every estimator is computed on each episode, not on each row: the episode's replies are laid back to
+    back in a compact sequence (a dummy first token, then reply 0, reply 1, ...), whose model tokens are
+    exactly the episode's model tokens in order, with the value head's outputs taken from the turn rows.
+    All estimators only read model-token positions (GAE skips the others; turn GAE reads the state value
+    at a turn's first reply position, which in the turn row is the value of the exact prompt the model
+    saw), so the episode's advantages and returns are those of the single-sequence form given the same
+    values. They are then scattered back to the rows: each turn row gets its episode's advantage
+    (sequence estimators) or its turn's (turn estimators) or its tokens' (token estimators).
+
+    Args:
+        rows: `turnrl.update.Batch.rows`: (trajectory, turn, reply start, reply end) of each row, the
+            reply in the row's own coordinates.
+        mask, values: ``(R, L-1)`` shifted loss mask and value-head outputs of the rows.
+    Returns:
+        A `Credit` whose token tensors and `seq_advantages` are per row (the GSPO sequence of a row is
+        its turn: the mean of its tokens' advantages) and whose turn tensors are per episode.
+    """
+    offsets = []  # per trajectory: offset of each reply in the compact sequence
+    compact = []
+    for t in trajs:
+        offs, spans, off = [], [], 0
+        for start, end in t.turn_spans:
+            offs.append(off)
+            spans.append((1 + off, 1 + off + (end - start)))
+            off += end - start
+        offsets.append(offs)
+        compact.append(replace(t, ids=(0,) * (1 + off), loss_mask=(0,) + (1,) * off, logprobs=(0.0,) * (1 + off),
+                               turn_spans=tuple(spans), row_starts=None))
+    width = max(max(len(c.ids) for c in compact), 2)
+    ep_mask = torch.zeros(len(trajs), width - 1)
+    for e, c in enumerate(compact):
+        ep_mask[e, : len(c.ids) - 1] = 1.0
+    ep_values = None
+    if values is not None:
+        ep_values = torch.zeros(len(trajs), width - 1, dtype=values.dtype)
+    for r, (e, k, start, end) in enumerate(rows):
+        if k < 0:
+            raise ValueError("compute_row_credit needs turn rows only; a batch cannot mix episode and turn rows")
+        off = offsets[e][k]
+        if values is not None:
+            ep_values[e, off: off + end - start] = values[r, start - 1: end - 1]
+    ep = compute_credit(compact, ep_mask, ep_values, algo)
+
+    def to_rows(x: Tensor | None) -> Tensor | None:
+        if x is None:
+            return None
+        out = torch.zeros(mask.shape, dtype=x.dtype)
+        for r, (e, k, start, end) in enumerate(rows):
+            off = offsets[e][k]
+            out[r, start - 1: end - 1] = x[e, off: off + end - start]
+        return out
+
+    advantages = to_rows(ep.advantages) * mask
+    seq = (advantages * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return Credit(advantages=advantages, seq_advantages=seq.to(torch.float32), turn_advantages=ep.turn_advantages,
+                  turn_mask=ep.turn_mask, returns=to_rows(ep.returns), value_mask=to_rows(ep.value_mask))

@@ -15,13 +15,15 @@ from turnrl.engines import HFEngine, SamplingParams
 from turnrl.envs import make
 from turnrl.parsing import parse_reply
 from turnrl.qa_metrics import mean_turns_to_success, mean_unique_answer_ratio, succ_at_k
-from turnrl.rollout import ChatRenderer, RolloutSettings, Trajectory, run_episodes
+from turnrl.rollout import SUMMARY_INSTRUCTION, ChatRenderer, RolloutSettings, Trajectory, run_episodes
 
 
 def renderer_for(policy, cfg: TrainConfig) -> ChatRenderer:
     env = make(cfg.env.name, **cfg.env.kwargs)
     system = env.system_prompt() if cfg.env.system_prompt else None
     env.close()
+    if cfg.rollout.context == "summary":
+        system = f"{system}\n\n{SUMMARY_INSTRUCTION}" if system else SUMMARY_INSTRUCTION
     return ChatRenderer(policy.tokenizer, system_prompt=system, response_prefix="<think>" if cfg.rollout.think else "<answer>")
 
 
@@ -47,7 +49,8 @@ def settings_for(cfg: TrainConfig) -> RolloutSettings:
     r = cfg.rollout
     return RolloutSettings(max_turns=r.max_turns, max_actions_per_turn=r.max_actions_per_turn,
                            max_new_tokens=r.max_new_tokens, max_context_tokens=r.max_context_tokens,
-                           think=r.think, format_penalty=r.format_penalty, env_timeout=r.env_timeout)
+                           think=r.think, format_penalty=r.format_penalty, env_timeout=r.env_timeout,
+                           context=r.context, context_window=r.context_window, turn_rows=r.turn_rows)
 
 
 @dataclass(frozen=True)

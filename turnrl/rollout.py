@@ -1,15 +1,30 @@
 """The multi-turn loop: groups × samples of episodes, rendered as chat, extended turn by turn in token ids.
 
-Each episode is one growing token sequence. The model's tokens are appended exactly as sampled
-(loss mask 1, with their logprobs); everything else (system prompt, observations, chat-template glue)
-is tokenised once when it is appended (loss mask 0). Nothing already in the sequence is ever
-re-tokenised, so the trainer sees the very ids the engine produced.
+Context policies (`RolloutSettings.context`) decide what the model sees at each turn:
+
+* ``full`` (RAGEN, UFO): the whole history. Each episode is one growing token sequence: the model's
+  tokens are appended exactly as sampled (loss mask 1, with their logprobs); everything else (system
+  prompt, observations, chat-template glue) is tokenised once when it is appended (loss mask 0).
+* ``window`` (VAGEN): the last `context_window` turns (observation + reply) and the newest observation.
+  The prompt is assembled from the same once-tokenised pieces as under ``full`` (the sampled reply ids
+  and the continuation glue), only the window's first observation is rendered afresh as the opening
+  user message.
+* ``summary`` (ERA's self-summary): the system prompt plus one user message holding the model's own
+  reflection and plan from its previous reply (the text of its ``<think>`` block) and the newest
+  observation; the context length stays bounded whatever the number of turns.
+
+Under ``window`` and ``summary`` a turn's prompt is not a prefix of the next one, so an episode cannot be
+one training sequence: each turn is its own training sample (`RolloutSettings.turn_rows`, ERA/SkyRL's
+turn-as-sample training), holding the exact prompt ids the engine was given followed by the exact
+sampled ids. ``full`` can be trained either way. Nothing already given to the engine is re-tokenised,
+so the trainer sees the very ids the engine produced.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from turnrl.engines.base import Completion, Engine, SamplingParams
@@ -18,6 +33,42 @@ from turnrl.parsing import parse_reply
 
 _CALLS = itertools.count()
 _USER_SLOT, _ASSISTANT_SLOT = "\x00USER\x00", "\x00ASSISTANT\x00"
+
+CONTEXTS = ("full", "window", "summary")
+# Appended to the system prompt under the `summary` policy (it creates one if the env has none).
+SUMMARY_INSTRUCTION = ("Earlier turns are not shown again: each turn you see only your own reflection from your "
+                       "previous reply and the newest observation. Inside <think>, say what you have learned "
+                       "so far and your plan for the next steps.")
+
+
+def summary_message(reflection: str, answer: str, observation: str) -> str:
+    """The user message of every turn after the first under the `summary` context policy."""
+    return (f"Your reflection and plan from your previous reply:\n{reflection or '(none)'}\n"
+            f"Your previous answer: {answer or '(none)'}\n\n"
+            f"Current observation:\n{observation}")
+
+
+def reflection_of(reply: str, tokenizer, max_tokens: int) -> tuple[str, str]:
+    """(reflection, answer) of a reply `<think>reflection</think><answer>answer</answer>`, tolerant of
+    unclosed tags: the reflection is the text after `<think>` up to `</think>` or `<answer>`. With a
+    tokenizer, each is cut to `max_tokens` tokens so the next prompt's length stays bounded (a served
+    model's reply, which has no tokenizer here, is already bounded by its max_tokens)."""
+    text = reply
+    if "<think>" in text:
+        text = text.split("<think>", 1)[1]
+    reflection = re.split(r"</think>|<answer>", text, maxsplit=1)[0].strip()
+    answer = ""
+    if "<answer>" in reply:
+        answer = reply.split("<answer>", 1)[1].split("</answer>", 1)[0].strip()
+    if tokenizer is None:
+        return reflection, answer
+    ids = tokenizer(reflection, add_special_tokens=False)["input_ids"]
+    if len(ids) > max_tokens:
+        reflection = tokenizer.decode(ids[:max_tokens], skip_special_tokens=True)
+    ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    if len(ids) > max_tokens:
+        answer = tokenizer.decode(ids[:max_tokens], skip_special_tokens=True)
+    return reflection, answer
 
 
 class ChatRenderer:
@@ -86,6 +137,10 @@ class Trajectory:
     end_reason: str                      # "env" | "turn_budget" | "context_budget" | "env_error"
     transcript: tuple[tuple[str, str], ...] = ()  # (role, text) for logs and the trajectory viewer
     error: str = ""                      # end_reason "env_error": env name, seed and traceback
+    # Turn-as-sample episodes (RolloutSettings.turn_rows): turn k's training row is
+    # ids[row_starts[k]:turn_spans[k][1]], the exact prompt the engine was given then the sampled reply;
+    # the rows are packed back to back in `ids`. None: the whole of `ids` is one training row.
+    row_starts: tuple[int, ...] | None = None
 
     @property
     def failed(self) -> bool:
@@ -99,6 +154,35 @@ class Trajectory:
     @property
     def num_turns(self) -> int:
         return len(self.turn_spans)
+
+    def training_rows(self) -> list[tuple[int, int]]:
+        """[start, end) in `ids` of each training row: one per turn (turn rows), else the whole episode."""
+        if self.row_starts is None:
+            return [(0, len(self.ids))]
+        return [(start, end) for start, (_, end) in zip(self.row_starts, self.turn_spans)]
+
+    def prompt_lengths(self) -> list[int]:
+        """Number of prompt tokens the engine was given at each turn."""
+        if self.row_starts is None:
+            return [start for start, _ in self.turn_spans]
+        return [start - row for row, (start, _) in zip(self.row_starts, self.turn_spans)]
+
+
+def as_turn_rows(t: Trajectory) -> Trajectory:
+    """A full-history episode recorded as one sequence, re-recorded as turn-as-sample rows: turn k's row is
+    the sequence up to the end of reply k (its prompt is the history, loss mask 0 on earlier replies).
+    This is exactly what `run_episodes` records with context "full" and `turn_rows=True`."""
+    if t.row_starts is not None:
+        return t
+    ids, mask, logprobs, spans, starts = [], [], [], [], []
+    for start, end in t.turn_spans:
+        starts.append(len(ids))
+        ids += t.ids[:end]
+        mask += [0] * start + list(t.loss_mask[start:end])
+        logprobs += [0.0] * start + list(t.logprobs[start:end])
+        spans.append((starts[-1] + start, starts[-1] + end))
+    return replace(t, ids=tuple(ids), loss_mask=tuple(mask), logprobs=tuple(logprobs), turn_spans=tuple(spans),
+                   row_starts=tuple(starts))
 
 
 @dataclass
@@ -134,16 +218,92 @@ class RolloutSettings:
     max_turns: int = 5
     max_actions_per_turn: int = 1
     max_new_tokens: int = 64
-    max_context_tokens: int = 2048
+    max_context_tokens: int = 2048  # limit of every prompt + reply the engine is given
     think: bool = True
     format_penalty: float = -0.1
     env_timeout: float = 0.0  # seconds per env reset/step before the episode fails; 0 = no limit
+    context: str = "full"     # context policy: full | window | summary (module docstring)
+    context_window: int = 2   # window: completed turns kept in the prompt
+    turn_rows: bool = False   # one training row per turn (required by window and summary)
+
+    def __post_init__(self):
+        if self.context not in CONTEXTS:
+            raise ValueError(f"context must be one of {CONTEXTS}, got {self.context!r}")
+        if self.context_window < 1:
+            raise ValueError(f"context_window must be >= 1, got {self.context_window}")
+        if self.context != "full" and not self.turn_rows:
+            raise ValueError(f"context {self.context!r} needs turn_rows=True: its prompts are not prefixes of one sequence")
+        if self.context == "summary" and not self.think:
+            raise ValueError("context 'summary' carries the model's <think> text between turns: it needs think=True")
+
+
+class TurnContext:
+    """One episode's prompts under a context policy, and its training record (`builder`).
+
+    `prompt` is what the engine is given this turn. After the reply, `add_reply` records it; after the
+    env step, `next_prompt(obs)` builds the next turn's prompt and `commit` makes it current (the caller
+    checks it against the context budget in between).
+    """
+
+    def __init__(self, renderer: ChatRenderer, settings: RolloutSettings, first_obs: str):
+        self.renderer, self.settings = renderer, settings
+        self.prompt = renderer.prompt_ids(first_obs)
+        self.row_starts: list[int] | None = [] if settings.turn_rows else None
+        self.builder = EpisodeBuilder([] if settings.turn_rows else list(self.prompt))
+        self.builder.transcript.append(("user", first_obs))
+        # window: per turn, its observation, the ids that open it in-line (None for turn 0), its reply ids
+        self._obs: list[str] = [first_obs]
+        self._openings: dict[int, list[int]] = {0: self.prompt}
+        self._inline: list[list[int] | None] = [None]
+        self._replies: list[list[int]] = []
+        self._reply_text = ""
+        self._pending: list[int] | None = None  # full, one sequence: the continuation ids to append
+
+    def add_reply(self, ids, logprobs, text: str) -> None:
+        b = self.builder
+        if self.row_starts is not None:
+            self.row_starts.append(len(b.ids))
+            b.add_context(self.prompt)
+        b.add_model(ids, logprobs)
+        b.transcript.append(("assistant", text))
+        self._replies.append(list(ids))
+        self._reply_text = text
+
+    def next_prompt(self, obs: str, *, reply_ended: bool) -> list[int]:
+        """The prompt of the next turn, whose newest observation is `obs` (not yet committed)."""
+        r, policy = self.renderer, self.settings.context
+        if policy == "summary":
+            reflection, answer = reflection_of(self._reply_text, r.tokenizer, self.settings.max_new_tokens)
+            self._pending = None
+            return r.prompt_ids(summary_message(reflection, answer, obs))
+        cont = r.continuation_ids(obs, reply_ended=reply_ended)
+        self._pending = cont
+        if policy == "full":
+            return self.prompt + self._replies[-1] + cont
+        # window: the last k completed turns, then the newest observation
+        turn = len(self._replies)  # index of the turn being opened
+        first = max(0, turn - self.settings.context_window)
+        if first not in self._openings:
+            self._openings[first] = r.prompt_ids(self._obs[first])
+        ids = list(self._openings[first])
+        for t in range(first, turn):
+            if t > first:
+                ids += self._inline[t]
+            ids += self._replies[t]
+        return ids + cont
+
+    def commit(self, obs: str, prompt: list[int]) -> None:
+        if self.row_starts is None:  # full, one sequence: the prompt is the sequence so far
+            self.builder.add_context(self._pending)
+        self._obs.append(obs)
+        self._inline.append(self._pending)
+        self.prompt = prompt
 
 
 @dataclass
 class _Episode:
     env: object
-    builder: EpisodeBuilder
+    ctx: TurnContext | None
     seed: int
     group_id: int
     done: bool = False
@@ -158,6 +318,10 @@ class _Episode:
     def fail(self, err: BaseException, env_name: str, during: str) -> None:
         self.done, self.end_reason = True, "env_error"
         self.error = f"env {env_name!r} seed {self.seed}: {during} raised\n{format_error(err)}"
+
+    @property
+    def builder(self) -> EpisodeBuilder:
+        return self.ctx.builder if self.ctx is not None else EpisodeBuilder([])
 
 
 def invalid_format_message(env) -> str:
@@ -201,7 +365,7 @@ def run_episodes(engine: Engine, renderer: ChatRenderer, make_env: Callable[[], 
     episodes: list[_Episode] = []
     for group_id, seed in enumerate(seeds):
         for _ in range(group_size):
-            ep = _Episode(None, EpisodeBuilder([]), seed, group_id)
+            ep = _Episode(None, None, seed, group_id)
             episodes.append(ep)
             try:
                 with time_limit(settings.env_timeout):
@@ -211,9 +375,8 @@ def run_episodes(engine: Engine, renderer: ChatRenderer, make_env: Callable[[], 
             except Exception as err:  # the env is user code: whatever it raises loses only this episode
                 ep.fail(err, env_name, "reset")
                 continue
-            ep.builder = EpisodeBuilder(renderer.prompt_ids(obs))
-            ep.builder.transcript.append(("user", obs))
-            if len(ep.builder.ids) + settings.max_new_tokens > settings.max_context_tokens:
+            ep.ctx = TurnContext(renderer, settings, obs)
+            if len(ep.ctx.prompt) + settings.max_new_tokens > settings.max_context_tokens:
                 # the first observation alone leaves no room for a reply: no turn is played
                 ep.done, ep.truncated, ep.end_reason = True, True, "context_budget"
 
@@ -225,7 +388,7 @@ def run_episodes(engine: Engine, renderer: ChatRenderer, make_env: Callable[[], 
             active = [i for i, e in enumerate(episodes) if not e.done]
             if not active:
                 break
-            completions: list[Completion] = engine.generate([episodes[i].builder.ids for i in active], params,
+            completions: list[Completion] = engine.generate([episodes[i].ctx.prompt for i in active], params,
                                                             keys=[(call, i) for i in active])
             for i, completion in zip(active, completions):
                 _advance(episodes[i], completion, renderer, settings, last_turn=turn == settings.max_turns - 1,
@@ -248,19 +411,19 @@ def run_episodes(engine: Engine, renderer: ChatRenderer, make_env: Callable[[], 
             ids=tuple(b.ids), loss_mask=tuple(b.mask), logprobs=tuple(b.logprobs), turn_spans=tuple(b.spans),
             turn_rewards=tuple(b.rewards), terminated=ep.terminated, truncated=ep.truncated, success=ep.success,
             env_name=env_name, seed=ep.seed, group_id=ep.group_id, num_actions=ep.num_actions,
-            valid_turns=ep.valid_turns, end_reason=ep.end_reason, transcript=tuple(b.transcript), error=ep.error))
+            valid_turns=ep.valid_turns, end_reason=ep.end_reason, transcript=tuple(b.transcript), error=ep.error,
+            row_starts=(None if ep.ctx is None or ep.ctx.row_starts is None else tuple(ep.ctx.row_starts))))
     return trajectories
 
 
 def _advance(ep: _Episode, completion: Completion, renderer: ChatRenderer, settings: RolloutSettings,
              *, last_turn: bool, env_name: str = "") -> None:
-    b = ep.builder
-    b.add_model(completion.ids, completion.logprobs)
-    # Decoding is for the env only; training uses the sampled ids above.
+    ctx, b = ep.ctx, ep.builder
+    # Decoding is for the env (and the summary policy's reflection) only; training uses the sampled ids.
     text = renderer.tokenizer.decode(list(completion.ids), skip_special_tokens=True)
+    ctx.add_reply(completion.ids, completion.logprobs, renderer.prefix + text)
     reply = parse_reply(renderer.prefix + text, think=settings.think, max_actions=settings.max_actions_per_turn,
                         split=not ep.env.free_text)
-    b.transcript.append(("assistant", renderer.prefix + text))
     try:
         with time_limit(settings.env_timeout):
             obs, reward, terminated, truncated, success, n_valid, all_valid = act(ep.env, reply.actions, reply.ok)
@@ -279,8 +442,8 @@ def _advance(ep: _Episode, completion: Completion, renderer: ChatRenderer, setti
     if last_turn:
         ep.done, ep.truncated, ep.end_reason = True, True, "turn_budget"
         return
-    cont = renderer.continuation_ids(obs, reply_ended=completion.finish_reason == "stop")
-    if len(b.ids) + len(cont) + settings.max_new_tokens > settings.max_context_tokens:
+    prompt = ctx.next_prompt(obs, reply_ended=completion.finish_reason == "stop")
+    if len(prompt) + settings.max_new_tokens > settings.max_context_tokens:
         ep.done, ep.truncated, ep.end_reason = True, True, "context_budget"
         return
-    b.add_context(cont)
+    ctx.commit(obs, prompt)

@@ -21,7 +21,7 @@ from turnrl.engines.openai import OpenAIEngine
 from turnrl.envs import make
 from turnrl.evaluate import EvalResult, eval_arguments, summarize
 from turnrl.parsing import parse_reply
-from turnrl.rollout import act
+from turnrl.rollout import SUMMARY_INSTRUCTION, act, reflection_of, summary_message
 
 
 @dataclass
@@ -50,6 +50,21 @@ class ChatEpisode:
         return False
 
 
+def context_messages(messages: list[dict], r) -> list[dict]:
+    """The messages sent for the next reply under the run's context policy (`rollout.context`, see
+    turnrl.rollout): the whole conversation (full), the system message plus the last
+    `rollout.context_window` exchanges and the newest observation (window), or the system message plus
+    one user message with the previous reply's reflection and answer and the newest observation (summary)."""
+    head = messages[:1] if messages and messages[0]["role"] == "system" else []
+    body = messages[len(head):]  # user, assistant, user, ..., user
+    if r.context == "window":
+        return head + body[-(2 * r.context_window + 1):]
+    if r.context == "summary" and len(body) > 1:
+        reflection, answer = reflection_of(body[-2]["content"], None, r.max_new_tokens)
+        return head + [{"role": "user", "content": summary_message(reflection, answer, body[-1]["content"])}]
+    return messages
+
+
 def run_chat_episodes(engine: OpenAIEngine, make_env: Callable[[], object], seeds: list[int], k: int,
                       cfg: TrainConfig, params: SamplingParams) -> list[ChatEpisode]:
     """Plays `k` episodes per seed with the served model, at most `cfg.rollout.max_turns` replies each."""
@@ -59,14 +74,17 @@ def run_chat_episodes(engine: OpenAIEngine, make_env: Callable[[], object], seed
         for _ in range(k):
             env = make_env()
             obs, _ = env.reset(seed=seed)
-            system = [{"role": "system", "content": env.system_prompt()}] if cfg.env.system_prompt else []
+            rules = env.system_prompt() if cfg.env.system_prompt else None
+            if r.context == "summary":
+                rules = f"{rules}\n\n{SUMMARY_INSTRUCTION}" if rules else SUMMARY_INSTRUCTION
+            system = [{"role": "system", "content": rules}] if rules else []
             episodes.append(ChatEpisode(env, seed, system + [{"role": "user", "content": obs}]))
     try:
         for _turn in range(r.max_turns):
             active = [e for e in episodes if not e.done]
             if not active:
                 break
-            for ep, reply in zip(active, engine.chat([e.messages for e in active], params)):
+            for ep, reply in zip(active, engine.chat([context_messages(e.messages, r) for e in active], params)):
                 parsed = parse_reply(reply.text, think=r.think, max_actions=r.max_actions_per_turn,
                                      split=not ep.env.free_text)
                 obs, reward, terminated, truncated, success, _n_valid, all_valid = act(ep.env, parsed.actions, parsed.ok)

@@ -1,7 +1,7 @@
 """Warm start from solver demonstrations: behaviour cloning on the exact chat token layout of rollouts.
 
-Demonstrations are built with the same `ChatRenderer` and `EpisodeBuilder` as rollouts, so SFT and
-RL train on identical sequences. With `epsilon > 0` each action is replaced by a uniformly random one
+Demonstrations are built with the same `ChatRenderer` and `TurnContext` as rollouts, so SFT and
+RL train on identical sequences under every context policy (full history, window, self-summary). With `epsilon > 0` each action is replaced by a uniformly random one
 with that probability and the label is the action actually taken: the demos are noisy, which leaves
 room for RL to improve on behaviour cloning.
 """
@@ -16,7 +16,7 @@ import torch
 
 from turnrl.algos.losses import token_logprobs
 from turnrl.parsing import format_reply
-from turnrl.rollout import ChatRenderer, EpisodeBuilder, RolloutSettings, Trajectory
+from turnrl.rollout import ChatRenderer, RolloutSettings, Trajectory, TurnContext
 from turnrl.update import collate, micro_batches
 
 
@@ -24,7 +24,8 @@ def demonstration(env, renderer: ChatRenderer, seed: int, settings: RolloutSetti
                   rng: random.Random) -> Trajectory:
     """Plays one episode with the env's expert (epsilon-noisy) and records it as a trajectory."""
     obs, _ = env.reset(seed=seed)
-    builder = EpisodeBuilder(renderer.prompt_ids(obs))
+    ctx = TurnContext(renderer, settings, obs)
+    builder = ctx.builder
     eos = renderer.tokenizer.eos_token_id
     terminated = truncated = success = False
     num_actions = 0
@@ -43,15 +44,17 @@ def demonstration(env, renderer: ChatRenderer, seed: int, settings: RolloutSetti
         text = format_reply(actions, think=settings.think)
         assert text.startswith(renderer.prefix)
         reply_ids = renderer.encode(text[len(renderer.prefix):]) + [eos]
-        builder.add_model(reply_ids, [0.0] * len(reply_ids))
+        ctx.add_reply(reply_ids, [0.0] * len(reply_ids), text)
         builder.rewards.append(reward)
+        builder.transcript.append(("user", obs))
         if terminated or truncated or turn == settings.max_turns - 1:
             break
-        builder.add_context(renderer.continuation_ids(obs, reply_ended=True))
+        ctx.commit(obs, ctx.next_prompt(obs, reply_ended=True))
     env.close()
     return Trajectory(tuple(builder.ids), tuple(builder.mask), tuple(builder.logprobs), tuple(builder.spans),
                       tuple(builder.rewards), terminated, truncated, success, "", seed, 0, num_actions,
-                      len(builder.spans), "env")
+                      len(builder.spans), "env", transcript=tuple(builder.transcript),
+                      row_starts=None if ctx.row_starts is None else tuple(ctx.row_starts))
 
 
 def make_demonstrations(make_env: Callable[[], object], renderer: ChatRenderer, seeds: list[int],

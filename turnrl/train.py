@@ -202,6 +202,7 @@ def rollout_metrics(trajs: list[Trajectory], cfg: TrainConfig) -> dict[str, floa
     rewards = torch.tensor([t.total_reward for t in trajs])
     turns = sum(t.num_turns for t in trajs)
     model_tokens = sum(sum(t.loss_mask) for t in trajs)
+    prompts = [n for t in trajs for n in t.prompt_lengths()]  # tokens the engine was given at each turn
     groups: dict[int, list[bool]] = {}
     for t in trajs:
         groups.setdefault(t.group_id, []).append(t.success)
@@ -214,6 +215,8 @@ def rollout_metrics(trajs: list[Trajectory], cfg: TrainConfig) -> dict[str, floa
         "rollout/mean_turns": turns / len(trajs),
         "rollout/mean_actions": sum(t.num_actions for t in trajs) / len(trajs),
         "rollout/response_tokens": model_tokens / max(1, turns),
+        "rollout/prompt_tokens": sum(prompts) / max(1, len(prompts)),
+        "rollout/prompt_tokens_max": float(max(prompts, default=0)),
         "rollout/context_truncated": sum(t.end_reason == "context_budget" for t in trajs) / len(trajs),
         "rollout/turn_budget_truncated": sum(t.end_reason == "turn_budget" for t in trajs) / len(trajs),
     }

@@ -14,7 +14,7 @@ import torch
 from turnrl.algos.losses import (aggregate, entropy_from_logits, gspo_loss, kl_penalty, ppo_clip_loss, token_logprobs,
                                  value_loss)
 from turnrl.config import AlgoConfig, OptimConfig
-from turnrl.credit import Credit, compute_credit, turn_spread
+from turnrl.credit import Credit, compute_credit, compute_row_credit, turn_spread
 from turnrl.rollout import Trajectory
 
 
@@ -26,26 +26,54 @@ class Batch:
     mask: torch.Tensor        # (B, L-1) float, 1 where the target is a model token
     old_logprobs: torch.Tensor  # (B, L-1) sampling logprobs (0 off-mask)
     lengths: list[int]
+    # Row r holds training row `rows[r]` = (trajectory index, turn index or -1 for a whole episode,
+    # [start, end) of that turn's reply in the row's own coordinates; (0, 0) for a whole episode).
+    rows: list[tuple[int, int, int, int]] | None = None
+    num_episodes: int = 0
+    seq_tokens: torch.Tensor | None = None  # (B,) model tokens of each row's episode (seq-mean-token-mean)
 
     @property
     def size(self) -> int:
         return self.input_ids.shape[0]
 
+    @property
+    def episode_of(self) -> list[int]:
+        return [r[0] for r in self.rows] if self.rows is not None else list(range(self.size))
+
+    @property
+    def turn_rows(self) -> bool:
+        return self.rows is not None and any(r[1] >= 0 for r in self.rows)
+
 
 def collate(trajs: list[Trajectory], pad_id: int) -> Batch:
-    lengths = [len(t.ids) for t in trajs]
-    width = max(lengths)
-    ids = torch.full((len(trajs), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(trajs), width), dtype=torch.long)
-    mask = torch.zeros((len(trajs), width), dtype=torch.float32)
-    logp = torch.zeros((len(trajs), width), dtype=torch.float32)
-    for row, t in enumerate(trajs):
-        n = len(t.ids)
-        ids[row, :n] = torch.tensor(t.ids)
+    """One row per training row of each trajectory: the whole episode, or each turn (turn-as-sample)."""
+    rows, pieces = [], []
+    for index, t in enumerate(trajs):
+        if t.row_starts is None:
+            rows.append((index, -1, 0, 0))
+            pieces.append((t, 0, len(t.ids)))
+        else:
+            for turn, ((start, end), row_start) in enumerate(zip(t.turn_spans, t.row_starts)):
+                rows.append((index, turn, start - row_start, end - row_start))
+                pieces.append((t, row_start, end))
+    if not pieces:
+        raise ValueError("no training rows: every trajectory is turn-as-sample with zero turns")
+    lengths = [end - start for _, start, end in pieces]
+    width = max(max(lengths), 2)
+    ids = torch.full((len(pieces), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(pieces), width), dtype=torch.long)
+    mask = torch.zeros((len(pieces), width), dtype=torch.float32)
+    logp = torch.zeros((len(pieces), width), dtype=torch.float32)
+    for row, (t, start, end) in enumerate(pieces):
+        n = end - start
+        ids[row, :n] = torch.tensor(t.ids[start:end], dtype=torch.long)
         attn[row, :n] = 1
-        mask[row, :n] = torch.tensor(t.loss_mask, dtype=torch.float32)
-        logp[row, :n] = torch.tensor(t.logprobs, dtype=torch.float32)
-    return Batch(ids, attn, ids[:, 1:], mask[:, 1:], logp[:, 1:], lengths)
+        mask[row, :n] = torch.tensor(t.loss_mask[start:end], dtype=torch.float32)
+        logp[row, :n] = torch.tensor(t.logprobs[start:end], dtype=torch.float32)
+    shifted = mask[:, 1:]
+    episode_tokens = torch.zeros(len(trajs)).index_add_(0, torch.tensor([r[0] for r in rows]), shifted.sum(1))
+    seq_tokens = episode_tokens[torch.tensor([r[0] for r in rows])]
+    return Batch(ids, attn, ids[:, 1:], shifted, logp[:, 1:], lengths, rows, len(trajs), seq_tokens)
 
 
 def micro_batches(lengths: list[int], rows: list[int], token_budget: int) -> list[list[int]]:
@@ -106,7 +134,8 @@ def prepare_targets(policy, batch: Batch, trajs: list[Trajectory], *, algo: Algo
         _, old_values = forward_no_grad(policy, policy.lm, batch,
                                         micro_batches(batch.lengths, all_rows, optim.micro_batch_tokens),
                                         temperature, True, optim.bf16)
-    credit = compute_credit(trajs, batch.mask, old_values, algo)
+    credit = (compute_row_credit(trajs, batch.rows, batch.mask, old_values, algo) if batch.turn_rows
+              else compute_credit(trajs, batch.mask, old_values, algo))
     ref_logprobs = None
     if algo.kl_coef > 0:
         ref_logprobs, _ = forward_no_grad(None, ref_lm, batch,
@@ -130,20 +159,37 @@ def _frozen(module: torch.nn.Module):
 
 def minibatch_backward(policy, batch: Batch, targets: Targets, mb_rows: list[int], *, algo: AlgoConfig,
                        optim: OptimConfig, temperature: float, critic_only: bool = False,
-                       stats: dict | None = None, log_mismatch: bool = False) -> dict[str, float]:
+                       stats: dict | None = None, log_mismatch: bool = False,
+                       num_seqs: int | None = None) -> dict[str, float]:
     """Forward + backward of one mini-batch, in micro-batches of at most `optim.micro_batch_tokens` padded tokens.
 
     Gradients accumulate in `.grad`. Every loss term is aggregated with the mini-batch's totals as
     denominators, so the accumulated gradient does not depend on how the rows are split into micro-batches.
+
+    The "sequence" of the seq-mean aggregation modes is the episode, also when each turn is its own row
+    (turn-as-sample): `num_seqs` counts the mini-batch's episodes (default: the distinct episodes of
+    `mb_rows`; give it when episodes without rows count too), and seq-mean-token-mean divides a turn row's
+    token losses by its whole episode's model-token count (`Batch.seq_tokens`). So an episode weighs the same
+    whether it is one row or one row per turn, and full history trained as turn rows gives the same loss as
+    the single-sequence form (tests/test_context.py). GSPO's sequence ratio is the exception: it is taken
+    over each row, i.e. over each turn with turn rows.
     With `critic_only` (critic warm-up) the language model is frozen and only the value loss is optimised;
     the policy terms are still computed for logging. Returns the mini-batch's losses; per-micro-batch
     statistics are appended to `stats`.
     """
     stats = {} if stats is None else stats
     credit = targets.credit
-    num_seqs = len(mb_rows)
+    episode_of = batch.episode_of
+    if num_seqs is None:
+        num_seqs = len({episode_of[r] for r in mb_rows})
     num_tokens = max(1, int(batch.mask[mb_rows].sum().item()))
     num_value_tokens = max(1, int(credit.value_mask[mb_rows].sum().item())) if algo.needs_critic else 1
+    seq_tokens = batch.seq_tokens if batch.turn_rows else None
+    seq_value_tokens = None
+    if batch.turn_rows and algo.needs_critic:
+        index = torch.tensor(episode_of)
+        per_episode = torch.zeros(batch.num_episodes).index_add_(0, index, credit.value_mask.sum(1).float())
+        seq_value_tokens = per_episode[index]
     totals: dict[str, float] = {}  # micro-batch parts of this mini-batch's losses (they add up)
     with _frozen(policy.lm) if critic_only else contextlib.nullcontext():
         for rows in micro_batches(batch.lengths, mb_rows, optim.micro_batch_tokens):
@@ -162,7 +208,8 @@ def minibatch_backward(policy, batch: Batch, targets: Targets, mb_rows: list[int
                 pg, pg_stats = ppo_clip_loss(logps, old, credit.advantages[rows, : n - 1], mask,
                                              clip_low=algo.clip_low, clip_high=algo.clip_high,
                                              dual_clip=algo.dual_clip)
-            agg = dict(num_seqs=num_seqs, num_tokens=num_tokens)
+            agg = dict(num_seqs=num_seqs, num_tokens=num_tokens,
+                       seq_tokens=None if seq_tokens is None else seq_tokens[rows])
             loss = aggregate(pg, mask, algo.loss_agg, **agg)
             _add(totals, "loss/policy", loss.item())
             # Entropy is always logged; it is differentiated only when it enters the loss.
@@ -182,12 +229,13 @@ def minibatch_backward(policy, batch: Batch, targets: Targets, mb_rows: list[int
                 vmask = credit.value_mask[rows, : n - 1]
                 vl = value_loss(values[:, :-1].float(), targets.old_values[rows, : n - 1],
                                 credit.returns[rows, : n - 1], vmask, clip=algo.value_clip)
-                vl = aggregate(vl, vmask, algo.loss_agg, num_seqs=num_seqs, num_tokens=num_value_tokens)
+                vl = aggregate(vl, vmask, algo.loss_agg, num_seqs=num_seqs, num_tokens=num_value_tokens,
+                               seq_tokens=None if seq_value_tokens is None else seq_value_tokens[rows])
                 loss = loss + algo.vf_coef * vl
                 _add(totals, "loss/value", vl.item())
             if loss.requires_grad:
                 loss.backward()
-            weight = len(rows) / num_seqs
+            weight = len(rows) / len(mb_rows)
             _append(stats, "actor/clip_frac", pg_stats["clip_frac"], weight)
             if log_mismatch:
                 # Before the first step the policy is the sampler: any gap is engine/trainer numerics.
@@ -203,6 +251,8 @@ def ppo_update(policy, optimizer, scheduler, trajs: list[Trajectory], *, algo: A
 
     `critic_only` (critic warm-up, ERA): the optimizer steps the value head only; the policy is unchanged.
     """
+    if all(t.row_starts is not None and not t.row_starts for t in trajs):
+        return {}  # turn-as-sample episodes that ended before their first turn: no training row
     batch = collate(trajs, policy.pad_token_id)
     stats: dict[str, list[float]] = {}
 
@@ -213,17 +263,25 @@ def ppo_update(policy, optimizer, scheduler, trajs: list[Trajectory], *, algo: A
     # A NaN/inf in the advantages (or value targets), in a mini-batch's loss or in its gradients skips
     # the optimizer step (weights, Adam moments and the lr schedule stay as they were) and is counted in
     # actor/skipped_steps; the trainer stops the run after optim.max_bad_updates such updates in a row.
+    # Mini-batches are drawn over episodes; with turn rows an episode's rows stay together (see minibatch_backward).
     policy.train()
-    n_mb = min(algo.minibatches, batch.size)
+    n_mb = min(algo.minibatches, batch.num_episodes)
+    rows_of: list[list[int]] = [[] for _ in range(batch.num_episodes)]
+    for row, episode in enumerate(batch.episode_of):
+        rows_of[episode].append(row)
     skipped = 0
     if not targets_finite(targets, batch):
         skipped = algo.epochs * n_mb
     for epoch in range(algo.epochs if not skipped else 0):
-        perm = torch.randperm(batch.size, generator=generator).tolist()
+        perm = torch.randperm(batch.num_episodes, generator=generator).tolist()
         for mb_index in range(n_mb):
-            totals = minibatch_backward(policy, batch, targets, perm[mb_index::n_mb], algo=algo, optim=optim,
+            episodes = perm[mb_index::n_mb]
+            mb_rows = [row for e in episodes for row in rows_of[e]]
+            if not mb_rows:  # only turn-as-sample episodes without a turn: nothing to train on
+                continue
+            totals = minibatch_backward(policy, batch, targets, mb_rows, algo=algo, optim=optim,
                                         temperature=temperature, critic_only=critic_only, stats=stats,
-                                        log_mismatch=epoch == 0 and mb_index == 0)
+                                        log_mismatch=epoch == 0 and mb_index == 0, num_seqs=len(episodes))
             for key, value in totals.items():
                 _append(stats, key, value)
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), optim.max_grad_norm)

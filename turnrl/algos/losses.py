@@ -95,7 +95,7 @@ def ppo_clip_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, ma
 
 
 def aggregate(loss: Tensor, mask: Tensor, mode: str, *, num_seqs: int | None = None,
-              num_tokens: int | None = None) -> Tensor:
+              num_tokens: int | None = None, seq_tokens: Tensor | None = None) -> Tensor:
     """Reduce a per-token loss ``(B, T)`` to a scalar, micro-batch additive.
 
     Loss aggregation modes as compared in DAPO (arXiv 2503.14476, token-level
@@ -113,6 +113,12 @@ def aggregate(loss: Tensor, mask: Tensor, mode: str, *, num_seqs: int | None = N
     Rows with no masked token contribute 0 to the numerator; they count in the
     denominator only if the caller includes them in ``num_seqs``.
 
+    Several rows may make up one sequence (turn-as-sample training: one row per
+    turn of an episode). Then pass ``num_seqs`` = number of sequences and
+    ``seq_tokens`` ``(B,)`` = masked-token count of each row's whole sequence:
+    "seq-mean-token-mean" divides a row's token sum by its sequence's count, so
+    the result equals aggregating the sequences as single rows.
+
     Args:
         loss: ``(B, T)``; mask: ``(B, T)``.
     Returns:
@@ -129,7 +135,7 @@ def aggregate(loss: Tensor, mask: Tensor, mode: str, *, num_seqs: int | None = N
         denom = int((tok > 0).sum()) if num_seqs is None else num_seqs
         per_seq = masked.sum(-1)
         if mode == "seq-mean-token-mean":
-            per_seq = per_seq / tok.clamp(min=1)
+            per_seq = per_seq / (tok if seq_tokens is None else seq_tokens.to(tok.dtype)).clamp(min=1)
         return per_seq.sum() / max(denom, 1)
     raise ValueError(f"unknown aggregation mode {mode!r}; choose one of {AGG_MODES}")
 

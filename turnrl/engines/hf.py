@@ -6,8 +6,11 @@ sampled token, its logprob under exactly the distribution the trainer will recom
 checkpointable), and no re-tokenisation anywhere.
 
 Multi-turn reuse: when `generate` is called with `keys` (one per episode), the engine keeps each
-episode's KV cache after the call. On the next turn the prompt of that episode extends the tokens
-already cached, so only the new tokens (env reply and chat glue) are prefilled, never the history.
+episode's KV cache after the call. On the next turn the cached keys/values of the longest common prefix
+of the cached tokens and the new prompt are reused and only the rest is prefilled: under the full-history
+context policy that is the new tokens (env reply and chat glue), never the history; under the window and
+summary policies, whose prompts drop earlier turns, it is everything after the shared head (system prompt).
+The cache is then replaced by the new prompt and reply.
 Rows are laid out as [pad | cached prefix | pad | new tokens] with explicit position ids; the gaps
 are masked, so every row computes exactly what an unpadded forward pass would.
 """
@@ -38,9 +41,21 @@ class _Cached:
         self.tokens, self.keys, self.values = tokens, keys, values
 
     def prefix_of(self, prompt: list[int]) -> int:
-        """How many leading prompt tokens can be served from this cache (at most len(prompt) - 1)."""
+        """How many leading prompt tokens can be served from this cache (at most len(prompt) - 1): the
+        longest common prefix. A prompt that extends the cached tokens (full history) reuses all of them; one
+        that does not (window and summary context policies) reuses the shared head, e.g. the system prompt,
+        and prefills the rest."""
         n = min(len(self.tokens), len(prompt) - 1)
-        return n if self.tokens[:n] == prompt[:n] else 0
+        if self.tokens[:n] == prompt[:n]:
+            return n
+        lo, hi = 0, n  # tokens[:lo] == prompt[:lo] holds, tokens[:hi] == prompt[:hi] does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self.tokens[:mid] == prompt[:mid]:
+                lo = mid
+            else:
+                hi = mid
+        return lo
 
 
 class HFEngine:
