@@ -85,8 +85,10 @@ def test_second_signal_exits_at_once_without_corrupting_anything(tmp_path):
     finally:
         proc.kill()
         proc.wait()
-    # 130: the second signal (SIGINT) stopped it; 143: the first one's checkpoint was done before it came
-    assert proc.returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM), stderr
+    # 130: the second signal (SIGINT) stopped it; 143: the first one's checkpoint was done before it came;
+    # -SIGINT: under load the second signal can land after the handlers were restored (interpreter teardown),
+    # where Python's default handler ends the process by SIGINT: still at once, and nothing may be corrupted.
+    assert proc.returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT), stderr
     done = assert_run_dir_intact(out)
     assert len(MetricsLog(out / "metrics.jsonl").read()) >= done
     resume_and_finish(out, done + 1)
