@@ -16,6 +16,8 @@ from turnrl.algos.losses import (aggregate, entropy_from_logits, gspo_loss, kl_p
 from turnrl.config import AlgoConfig, OptimConfig
 from turnrl.credit import Credit, compute_credit, turn_spread
 from turnrl.rollout import Trajectory
+from turnrl.shared_prefix import plan_micro_batches, prompt_ids, prompt_lengths, shared_prefix_logits, windows, \
+    worth_sharing
 
 
 @dataclass
@@ -26,6 +28,8 @@ class Batch:
     mask: torch.Tensor        # (B, L-1) float, 1 where the target is a model token
     old_logprobs: torch.Tensor  # (B, L-1) sampling logprobs (0 off-mask)
     lengths: list[int]
+    prompt_len: list[int] | None = None  # tokens of each row's first prompt (turnrl.shared_prefix)
+    prompt_id: list[int] | None = None   # equal for rows whose first prompts are identical
 
     @property
     def size(self) -> int:
@@ -45,7 +49,9 @@ def collate(trajs: list[Trajectory], pad_id: int) -> Batch:
         attn[row, :n] = 1
         mask[row, :n] = torch.tensor(t.loss_mask, dtype=torch.float32)
         logp[row, :n] = torch.tensor(t.logprobs, dtype=torch.float32)
-    return Batch(ids, attn, ids[:, 1:], mask[:, 1:], logp[:, 1:], lengths)
+    prompt_len = prompt_lengths([t.ids for t in trajs], [t.loss_mask for t in trajs])
+    return Batch(ids, attn, ids[:, 1:], mask[:, 1:], logp[:, 1:], lengths, prompt_len,
+                 prompt_ids([t.ids for t in trajs], prompt_len))
 
 
 def micro_batches(lengths: list[int], rows: list[int], token_budget: int) -> list[list[int]]:
@@ -145,21 +151,36 @@ def minibatch_backward(policy, batch: Batch, targets: Targets, mb_rows: list[int
     num_tokens = max(1, int(batch.mask[mb_rows].sum().item()))
     num_value_tokens = max(1, int(credit.value_mask[mb_rows].sum().item())) if algo.needs_critic else 1
     totals: dict[str, float] = {}  # micro-batch parts of this mini-batch's losses (they add up)
+    share = use_shared_prefix(policy, batch, mb_rows, algo=algo, optim=optim)
+    plan = (plan_micro_batches(mb_rows, batch.lengths, batch.prompt_len, batch.prompt_id, optim.micro_batch_tokens)
+            if share else micro_batches(batch.lengths, mb_rows, optim.micro_batch_tokens))
     with _frozen(policy.lm) if critic_only else contextlib.nullcontext():
-        for rows in micro_batches(batch.lengths, mb_rows, optim.micro_batch_tokens):
+        for rows in plan:
             n = max(batch.lengths[r] for r in rows)
-            ids, attn = batch.input_ids[rows, :n], batch.attention[rows, :n]
-            mask = batch.mask[rows, : n - 1]
-            with _autocast(optim.bf16):
-                logits, values = policy(ids, attn, with_values=algo.needs_critic)
-            logits = logits[:, :-1].float()
-            logps = token_logprobs(logits, batch.targets[rows, : n - 1], temperature=temperature)
-            old = batch.old_logprobs[rows, : n - 1]
+            values = None
+            if share:
+                # Loss windows only: from the last prompt position (the first position that predicts a model
+                # token) to each row's end; the prompt ran once per group (turnrl.shared_prefix).
+                with _autocast(optim.bf16):
+                    logits, starts, width = shared_prefix_logits(policy.lm, batch.input_ids, batch.lengths, rows,
+                                                                 batch.prompt_len, batch.prompt_id)
+                ends = torch.tensor([batch.lengths[r] - 1 for r in rows])
+                window = lambda t: windows(t, rows, starts, width, ends)  # noqa: E731
+            else:
+                with _autocast(optim.bf16):
+                    logits, values = policy(batch.input_ids[rows, :n], batch.attention[rows, :n],
+                                            with_values=algo.needs_critic)
+                logits = logits[:, :-1]
+                window = lambda t: t[rows, : n - 1]  # noqa: E731
+            logits = logits.float()
+            mask = window(batch.mask)
+            logps = token_logprobs(logits, window(batch.targets), temperature=temperature)
+            old = window(batch.old_logprobs)
             if algo.loss == "gspo":
                 pg, pg_stats = gspo_loss(logps, old, credit.seq_advantages[rows], mask,
                                          clip_low=algo.clip_low, clip_high=algo.clip_high)
             else:
-                pg, pg_stats = ppo_clip_loss(logps, old, credit.advantages[rows, : n - 1], mask,
+                pg, pg_stats = ppo_clip_loss(logps, old, window(credit.advantages), mask,
                                              clip_low=algo.clip_low, clip_high=algo.clip_high,
                                              dual_clip=algo.dual_clip)
             agg = dict(num_seqs=num_seqs, num_tokens=num_tokens)
@@ -172,7 +193,7 @@ def minibatch_backward(policy, batch: Batch, targets: Targets, mb_rows: list[int
                 loss = loss - algo.entropy_coef * ent
             _add(totals, "loss/entropy", ent.item())
             if algo.kl_coef > 0:
-                kl = aggregate(kl_penalty(logps, targets.ref_logprobs[rows, : n - 1], kind=algo.kl_estimator) * mask,
+                kl = aggregate(kl_penalty(logps, window(targets.ref_logprobs), kind=algo.kl_estimator) * mask,
                                mask, algo.loss_agg, **agg)
                 loss = loss + algo.kl_coef * kl
                 _add(totals, "loss/kl", kl.item())
@@ -194,6 +215,14 @@ def minibatch_backward(policy, batch: Batch, targets: Targets, mb_rows: list[int
                 gap = ((logps.detach() - old).abs() * mask).sum() / mask.sum().clamp(min=1)
                 _append(stats, "actor/logprob_mismatch", gap.item(), weight)
     return totals
+
+
+def use_shared_prefix(policy, batch: Batch, rows: list[int], *, algo: AlgoConfig, optim: OptimConfig) -> bool:
+    """The shared-prefix forward applies when asked for, when some rows share a prompt, with no critic (its values
+    need every position's hidden state) and without gradient checkpointing (which drops the KV cache)."""
+    return (optim.shared_prefix and not algo.needs_critic and batch.prompt_id is not None
+            and not any(getattr(m, "gradient_checkpointing", False) for m in policy.lm.modules())
+            and worth_sharing(rows, batch.prompt_id))
 
 
 def ppo_update(policy, optimizer, scheduler, trajs: list[Trajectory], *, algo: AlgoConfig, optim: OptimConfig,
