@@ -172,9 +172,13 @@ def minibatch_backward(policy, batch: Batch, targets: Targets, mb_rows: list[int
                                             with_values=algo.needs_critic)
                 logits = logits[:, :-1]
                 window = lambda t: t[rows, : n - 1]  # noqa: E731
-            logits = logits.float()
             mask = window(batch.mask)
-            logps = token_logprobs(logits, window(batch.targets), temperature=temperature)
+            # Vocabulary-wide work (log-softmax, entropy) only where the loss mask is on: the other positions
+            # (prompt, env replies, padding) never enter the loss. Results are scattered back to (rows, width).
+            on = mask > 0
+            logits = logits[on].float()  # (model tokens, vocab)
+            logps = _scatter(on, token_logprobs(logits[None], window(batch.targets)[on][None],
+                                                temperature=temperature)[0])
             old = window(batch.old_logprobs)
             if algo.loss == "gspo":
                 pg, pg_stats = gspo_loss(logps, old, credit.seq_advantages[rows], mask,
@@ -188,7 +192,7 @@ def minibatch_backward(policy, batch: Batch, targets: Targets, mb_rows: list[int
             _add(totals, "loss/policy", loss.item())
             # Entropy is always logged; it is differentiated only when it enters the loss.
             with torch.set_grad_enabled(algo.entropy_coef > 0 and not critic_only):
-                ent = aggregate(entropy_from_logits(logits / temperature) * mask, mask, algo.loss_agg, **agg)
+                ent = aggregate(_scatter(on, entropy_from_logits(logits / temperature)), mask, algo.loss_agg, **agg)
             if algo.entropy_coef > 0:
                 loss = loss - algo.entropy_coef * ent
             _add(totals, "loss/entropy", ent.item())
@@ -285,6 +289,11 @@ def targets_finite(targets: Targets, batch: Batch) -> bool:
     if credit.returns is not None:
         parts.append(credit.returns[credit.value_mask > 0])
     return all(bool(torch.isfinite(p).all()) for p in parts)
+
+
+def _scatter(on: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A (rows, width) float tensor holding `values` where `on` is True and 0 elsewhere (differentiable)."""
+    return torch.zeros(on.shape, dtype=values.dtype, device=values.device).masked_scatter(on, values)
 
 
 def _add(totals, key, value):
