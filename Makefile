@@ -37,7 +37,8 @@ results: $(STAMP)
 	$(BIN)/python scripts/algo_table.py
 
 # Side-by-side benchmarks against the peers (docs/performance.md): installs the `bench` extra (TRL,
-# gym-sokoban, ...) and runs every script; each prints its ratio peer/turnrl last. About 15 minutes on 2 cores.
+# gym-sokoban, ...) and runs every script; each prints its ratio peer/turnrl last. The scripts took about 20 minutes
+# in total on 2 busy cores (measured one by one, docs/performance.md).
 bench: real-model
 	$(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python benchmarks/sokoban_vs_gym_sokoban.py
