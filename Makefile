@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: train test install real-model clean results
+.PHONY: train test install real-model clean results bench
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -35,6 +35,17 @@ test: $(STAMP)
 
 results: $(STAMP)
 	$(BIN)/python scripts/algo_table.py
+
+# Side-by-side benchmarks against the peers (docs/performance.md): installs the `bench` extra (TRL,
+# gym-sokoban, ...) and runs every script; each prints its ratio peer/turnrl last. The scripts took about 20 minutes
+# in total on 2 busy cores (measured one by one, docs/performance.md).
+bench: real-model
+	$(BIN)/pip install --quiet -e ".[bench]"
+	$(BIN)/python benchmarks/sokoban_vs_gym_sokoban.py
+	$(BIN)/python benchmarks/iteration_vs_trl.py
+	$(BIN)/python benchmarks/rollout_vs_reprefill.py
+	$(BIN)/python benchmarks/update_flops.py
+	$(BIN)/python benchmarks/memory.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

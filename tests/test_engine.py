@@ -79,3 +79,48 @@ def test_greedy_is_deterministic(policy):
     a = engine.generate([[256, 70, 71]], SamplingParams(max_new_tokens=6, greedy=True))
     b = engine.generate([[256, 70, 71]], SamplingParams(max_new_tokens=6, greedy=True))
     assert a[0].ids == b[0].ids
+
+
+def test_shared_prompt_prefilled_once_same_logprobs_as_separate_prefill(policy):
+    """Members of a group share their first prompt: it is prefilled once and its keys/values copied to
+    every member; each member's logprobs equal those of a separate full forward of its own sequence."""
+    engine = HFEngine(policy.lm, eos_token_id=policy.eos_token_id, pad_token_id=policy.pad_token_id,
+                      generator=torch.Generator().manual_seed(3))
+    rng = random.Random(2)
+    a, b = [rng.randrange(0, 250) for _ in range(11)], [rng.randrange(0, 250) for _ in range(6)]
+    prompts = [a] * 4 + [b] * 3 + [a[:5]]
+    comps = engine.generate(prompts, SamplingParams(max_new_tokens=7, temperature=0.9), keys=list(range(8)))
+    assert engine.stats["shared_prefill_tokens"] == 3 * len(a) + 2 * len(b)
+    assert engine.stats["prefill_tokens"] == sum(len(p) for p in prompts)
+    assert len({c.ids for c in comps[:4]}) > 1, "members must sample independently after the shared prefill"
+    for prompt, c in zip(prompts, comps):
+        ref = full_forward_logprobs(policy, prompt, c.ids, temperature=0.9)
+        assert max(abs(x - y) for x, y in zip(ref, c.logprobs)) < 1e-4
+    # Greedy: the shared prefill decodes exactly what a separate call per prompt decodes.
+    greedy = SamplingParams(max_new_tokens=6, greedy=True)
+    together = engine.generate([a] * 3 + [b], greedy)
+    alone = [engine.generate([p], greedy)[0] for p in (a, b)]
+    assert [c.ids for c in together] == [alone[0].ids] * 3 + [alone[1].ids]
+    for x, y in zip(together[0].logprobs, alone[0].logprobs):
+        assert abs(x - y) < 1e-4
+
+
+def test_finished_rows_leave_batch_and_keep_exact_cache(policy):
+    """Rows that sample eos early are dropped from the decode batch (compaction); their cache, saved on
+    the way out, still serves their next turn exactly."""
+    engine = HFEngine(policy.lm, eos_token_id=policy.eos_token_id, pad_token_id=policy.pad_token_id,
+                      generator=torch.Generator().manual_seed(0))
+    engine.compact_fraction = 1e-9  # drop finished rows as soon as any finishes
+    rng = random.Random(4)
+    prompts = [[256] + [rng.randrange(0, 250) for _ in range(rng.randrange(2, 9))] for _ in range(32)]
+    keys = list(range(32))
+    params = SamplingParams(max_new_tokens=16, temperature=5.0)  # near-uniform: some rows sample eos early
+    for _turn in range(3):
+        comps = engine.generate(prompts, params, keys=keys)
+        for prompt, c in zip(prompts, comps):
+            ref = full_forward_logprobs(policy, prompt, c.ids, temperature=5.0)
+            assert max(abs(x - y) for x, y in zip(ref, c.logprobs)) < 1e-4
+            assert (c.finish_reason == "stop") == (c.ids[-1] == policy.eos_token_id)
+        prompts = [p + list(c.ids) + [rng.randrange(0, 250) for _ in range(3)] for p, c in zip(prompts, comps)]
+    assert engine.stats["compactions"] > 0
+    assert engine.stats["reused_tokens"] > 0

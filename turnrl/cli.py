@@ -356,6 +356,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"turnrl: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:  # SIGINT, or SIGTERM during training (turnrl.faults.Interrupted)
+        import signal
+
+        # Already stopping: a further SIGINT/SIGTERM must not kill the exit path (uncaught, it would end
+        # the process by the signal instead of our exit code).
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
         print("\nturnrl: interrupted", file=sys.stderr)
         return err.exit_code if isinstance(err, Interrupted) else 130
     except SystemExit as exit_:  # --help of a subcommand

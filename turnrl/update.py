@@ -16,6 +16,8 @@ from turnrl.algos.losses import (aggregate, entropy_from_logits, gspo_loss, kl_p
 from turnrl.config import AlgoConfig, OptimConfig
 from turnrl.credit import Credit, compute_credit, compute_row_credit, turn_spread
 from turnrl.rollout import Trajectory
+from turnrl.shared_prefix import plan_micro_batches, prompt_ids, prompt_lengths, shared_prefix_logits, windows, \
+    worth_sharing
 
 
 @dataclass
@@ -31,6 +33,8 @@ class Batch:
     rows: list[tuple[int, int, int, int]] | None = None
     num_episodes: int = 0
     seq_tokens: torch.Tensor | None = None  # (B,) model tokens of each row's episode (seq-mean-token-mean)
+    prompt_len: list[int] | None = None  # tokens of each row's first prompt (turnrl.shared_prefix)
+    prompt_id: list[int] | None = None   # equal for rows whose first prompts are identical
 
     @property
     def size(self) -> int:
@@ -73,7 +77,10 @@ def collate(trajs: list[Trajectory], pad_id: int) -> Batch:
     shifted = mask[:, 1:]
     episode_tokens = torch.zeros(len(trajs)).index_add_(0, torch.tensor([r[0] for r in rows]), shifted.sum(1))
     seq_tokens = episode_tokens[torch.tensor([r[0] for r in rows])]
-    return Batch(ids, attn, ids[:, 1:], shifted, logp[:, 1:], lengths, rows, len(trajs), seq_tokens)
+    row_ids = [t.ids[start:end] for t, start, end in pieces]
+    prompt_len = prompt_lengths(row_ids, [t.loss_mask[start:end] for t, start, end in pieces])
+    return Batch(ids, attn, ids[:, 1:], shifted, logp[:, 1:], lengths, rows, len(trajs), seq_tokens,
+                 prompt_len, prompt_ids(row_ids, prompt_len))
 
 
 def micro_batches(lengths: list[int], rows: list[int], token_budget: int) -> list[list[int]]:
@@ -191,21 +198,40 @@ def minibatch_backward(policy, batch: Batch, targets: Targets, mb_rows: list[int
         per_episode = torch.zeros(batch.num_episodes).index_add_(0, index, credit.value_mask.sum(1).float())
         seq_value_tokens = per_episode[index]
     totals: dict[str, float] = {}  # micro-batch parts of this mini-batch's losses (they add up)
+    share = use_shared_prefix(policy, batch, mb_rows, algo=algo, optim=optim)
+    plan = (plan_micro_batches(mb_rows, batch.lengths, batch.prompt_len, batch.prompt_id, optim.micro_batch_tokens)
+            if share else micro_batches(batch.lengths, mb_rows, optim.micro_batch_tokens))
     with _frozen(policy.lm) if critic_only else contextlib.nullcontext():
-        for rows in micro_batches(batch.lengths, mb_rows, optim.micro_batch_tokens):
+        for rows in plan:
             n = max(batch.lengths[r] for r in rows)
-            ids, attn = batch.input_ids[rows, :n], batch.attention[rows, :n]
-            mask = batch.mask[rows, : n - 1]
-            with _autocast(optim.bf16):
-                logits, values = policy(ids, attn, with_values=algo.needs_critic)
-            logits = logits[:, :-1].float()
-            logps = token_logprobs(logits, batch.targets[rows, : n - 1], temperature=temperature)
-            old = batch.old_logprobs[rows, : n - 1]
+            values = None
+            if share:
+                # Loss windows only: from the last prompt position (the first position that predicts a model
+                # token) to each row's end; the prompt ran once per group (turnrl.shared_prefix).
+                with _autocast(optim.bf16):
+                    logits, starts, width = shared_prefix_logits(policy.lm, batch.input_ids, batch.lengths, rows,
+                                                                 batch.prompt_len, batch.prompt_id)
+                ends = torch.tensor([batch.lengths[r] - 1 for r in rows])
+                window = lambda t: windows(t, rows, starts, width, ends)  # noqa: E731
+            else:
+                with _autocast(optim.bf16):
+                    logits, values = policy(batch.input_ids[rows, :n], batch.attention[rows, :n],
+                                            with_values=algo.needs_critic)
+                logits = logits[:, :-1]
+                window = lambda t: t[rows, : n - 1]  # noqa: E731
+            mask = window(batch.mask)
+            # Vocabulary-wide work (log-softmax, entropy) only where the loss mask is on: the other positions
+            # (prompt, env replies, padding) never enter the loss. Results are scattered back to (rows, width).
+            on = mask > 0
+            logits = logits[on].float()  # (model tokens, vocab)
+            logps = _scatter(on, token_logprobs(logits[None], window(batch.targets)[on][None],
+                                                temperature=temperature)[0])
+            old = window(batch.old_logprobs)
             if algo.loss == "gspo":
                 pg, pg_stats = gspo_loss(logps, old, credit.seq_advantages[rows], mask,
                                          clip_low=algo.clip_low, clip_high=algo.clip_high)
             else:
-                pg, pg_stats = ppo_clip_loss(logps, old, credit.advantages[rows, : n - 1], mask,
+                pg, pg_stats = ppo_clip_loss(logps, old, window(credit.advantages), mask,
                                              clip_low=algo.clip_low, clip_high=algo.clip_high,
                                              dual_clip=algo.dual_clip)
             agg = dict(num_seqs=num_seqs, num_tokens=num_tokens,
@@ -214,12 +240,12 @@ def minibatch_backward(policy, batch: Batch, targets: Targets, mb_rows: list[int
             _add(totals, "loss/policy", loss.item())
             # Entropy is always logged; it is differentiated only when it enters the loss.
             with torch.set_grad_enabled(algo.entropy_coef > 0 and not critic_only):
-                ent = aggregate(entropy_from_logits(logits / temperature) * mask, mask, algo.loss_agg, **agg)
+                ent = aggregate(_scatter(on, entropy_from_logits(logits / temperature)), mask, algo.loss_agg, **agg)
             if algo.entropy_coef > 0:
                 loss = loss - algo.entropy_coef * ent
             _add(totals, "loss/entropy", ent.item())
             if algo.kl_coef > 0:
-                kl = aggregate(kl_penalty(logps, targets.ref_logprobs[rows, : n - 1], kind=algo.kl_estimator) * mask,
+                kl = aggregate(kl_penalty(logps, window(targets.ref_logprobs), kind=algo.kl_estimator) * mask,
                                mask, algo.loss_agg, **agg)
                 loss = loss + algo.kl_coef * kl
                 _add(totals, "loss/kl", kl.item())
@@ -242,6 +268,14 @@ def minibatch_backward(policy, batch: Batch, targets: Targets, mb_rows: list[int
                 gap = ((logps.detach() - old).abs() * mask).sum() / mask.sum().clamp(min=1)
                 _append(stats, "actor/logprob_mismatch", gap.item(), weight)
     return totals
+
+
+def use_shared_prefix(policy, batch: Batch, rows: list[int], *, algo: AlgoConfig, optim: OptimConfig) -> bool:
+    """The shared-prefix forward applies when asked for, when some rows share a prompt, with no critic (its values
+    need every position's hidden state) and without gradient checkpointing (which drops the KV cache)."""
+    return (optim.shared_prefix and not algo.needs_critic and batch.prompt_id is not None
+            and not any(getattr(m, "gradient_checkpointing", False) for m in policy.lm.modules())
+            and worth_sharing(rows, batch.prompt_id))
 
 
 def ppo_update(policy, optimizer, scheduler, trajs: list[Trajectory], *, algo: AlgoConfig, optim: OptimConfig,
@@ -314,6 +348,11 @@ def targets_finite(targets: Targets, batch: Batch) -> bool:
     if credit.returns is not None:
         parts.append(credit.returns[credit.value_mask > 0])
     return all(bool(torch.isfinite(p).all()) for p in parts)
+
+
+def _scatter(on: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A (rows, width) float tensor holding `values` where `on` is True and 0 elsewhere (differentiable)."""
+    return torch.zeros(on.shape, dtype=values.dtype, device=values.device).masked_scatter(on, values)
 
 
 def _add(totals, key, value):

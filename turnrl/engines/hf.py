@@ -13,13 +13,22 @@ summary policies, whose prompts drop earlier turns, it is everything after the s
 The cache is then replaced by the new prompt and reply.
 Rows are laid out as [pad | cached prefix | pad | new tokens] with explicit position ids; the gaps
 are masked, so every row computes exactly what an unpadded forward pass would.
+
+Speed (issue 5): the keys/values of a call live in one preallocated buffer per layer (`_BufferCache`),
+written in place at each decode step instead of concatenated; rows whose prompts are identical and
+uncached (the members of a group on their first turn) are prefilled once and their keys/values copied
+to every member; only the last position's logits are computed during prefill; finished rows leave the
+batch (their cache is kept for the next turn first) once they are a quarter of it, since every
+compaction copies the live buffer.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Hashable
 
 import torch
+from transformers.cache_utils import Cache, DynamicLayer
 
 from turnrl.engines.base import Completion, SamplingParams
 
@@ -30,6 +39,12 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     drop = probs.cumsum(-1) - probs > top_p  # keep the token that crosses top_p
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+def _cache_argument(lm) -> str:
+    """Name of the forward argument taking the KV cache: `cache` in recent transformers, else `past_key_values`."""
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # a PEFT model forwards its kwargs
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
 
 class _Cached:
@@ -58,8 +73,69 @@ class _Cached:
         return lo
 
 
+class _BufferLayer(DynamicLayer):
+    """One layer's keys/values in a buffer preallocated for the whole call, (rows, heads, capacity, head_dim).
+
+    `update` writes the new positions in place and returns views of the filled part, so a decode step
+    copies one position per row instead of the whole cache (which `torch.cat` in DynamicLayer does)."""
+
+    def __init__(self, capacity: int, kbuf: torch.Tensor | None = None, vbuf: torch.Tensor | None = None,
+                 length: int = 0):
+        super().__init__()
+        self.capacity, self.kbuf, self.vbuf, self.length = capacity, kbuf, vbuf, length
+        if kbuf is not None:
+            self.device, self.is_initialized = kbuf.device, True
+            self.keys, self.values = kbuf[:, :, :length], vbuf[:, :, :length]
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        self.device, self.is_initialized = key_states.device, True
+        self.kbuf = torch.empty((b, h, self.capacity, d), dtype=key_states.dtype, device=self.device)
+        self.vbuf = torch.empty((b, value_states.shape[1], self.capacity, value_states.shape[-1]),
+                                dtype=value_states.dtype, device=self.device)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV buffer overflow ({end} > {self.capacity} positions)")
+        self.kbuf[:, :, self.length:end] = key_states
+        self.vbuf[:, :, self.length:end] = value_states
+        self.length = end
+        self.keys, self.values = self.kbuf[:, :, :end], self.vbuf[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keeps only `rows` (batch indices, possibly repeated), copying just the filled positions."""
+        kbuf = self.kbuf.new_empty((len(rows),) + self.kbuf.shape[1:])
+        vbuf = self.vbuf.new_empty((len(rows),) + self.vbuf.shape[1:])
+        kbuf[:, :, :self.length] = self.kbuf[rows, :, :self.length]
+        vbuf[:, :, :self.length] = self.vbuf[rows, :, :self.length]
+        self.kbuf, self.vbuf = kbuf, vbuf
+        self.keys, self.values = kbuf[:, :, :self.length], vbuf[:, :, :self.length]
+
+
+class _BufferCache(Cache):
+    def __init__(self, layers: list[_BufferLayer]):
+        super().__init__(layers=layers)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        for layer in self.layers:
+            layer.select_rows(rows)
+
+
 class HFEngine:
     """Samples from a Hugging Face causal LM (the policy's `lm`) in batches of left-padded prompts."""
+
+    # Finished rows are dropped from the decode batch once they make up this fraction of it.
+    compact_fraction = 0.25
 
     def __init__(self, lm, *, eos_token_id: int, pad_token_id: int, batch_size: int = 64,
                  generator: torch.Generator | None = None):
@@ -69,7 +145,9 @@ class HFEngine:
         self.batch_size = batch_size
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self._cache: dict[Hashable, _Cached] = {}
-        self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "generated_tokens": 0}
+        self._cache_arg = _cache_argument(lm)
+        self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "shared_prefill_tokens": 0, "generated_tokens": 0,
+                      "compactions": 0}
 
     def release(self, keys) -> None:
         """Frees the cached state of finished episodes."""
@@ -87,64 +165,100 @@ class HFEngine:
             raise ValueError("keys must have one entry per prompt")
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
-        # Sort by the number of tokens to prefill so each batch wastes little padding.
+        # Sort by the number of tokens to prefill so each batch wastes little padding (identical
+        # prompts end up side by side, so a group's members share one batch and one prefill).
         def new_tokens(i: int) -> int:
             cached = self._cache.get(keys[i]) if keys is not None else None
             return len(prompts[i]) - (cached.prefix_of(prompts[i]) if cached else 0)
-        order = sorted(range(len(prompts)), key=new_tokens)
+        order = sorted(range(len(prompts)), key=lambda i: (new_tokens(i), prompts[i]))
         results: list[Completion | None] = [None] * len(prompts)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            batch_keys = [keys[i] for i in idx] if keys is not None else None
-            for i, completion in zip(idx, self._generate_batch([prompts[i] for i in idx], params, batch_keys)):
-                results[i] = completion
-        return results  # type: ignore[return-value]
-
-    @torch.inference_mode()
-    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams,
-                        keys: list[Hashable] | None) -> list[Completion]:
         was_training = self.lm.training
         self.lm.eval()
-        device = next(self.lm.parameters()).device
+        try:
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start:start + self.batch_size]
+                batch_keys = [keys[i] for i in idx] if keys is not None else None
+                for i, completion in zip(idx, self._generate_batch([prompts[i] for i in idx], params, batch_keys)):
+                    results[i] = completion
+        finally:
+            if was_training:
+                self.lm.train()
+        return results  # type: ignore[return-value]
+
+    def _prefill(self, prompts: list[list[int]], cached: list, reuse: list[int], capacity: int, device):
+        """One forward over the uncached tokens of every row. Returns (cache, last logits, real, positions)."""
         batch = len(prompts)
-        cached = [self._cache.get(k) if keys is not None else None for k in (keys or [None] * batch)]
-        reuse = [c.prefix_of(p) if c is not None else 0 for c, p in zip(cached, prompts)]
         width_c = max(reuse)
         suffixes = [p[r:] for p, r in zip(prompts, reuse)]
         width_s = max(len(s) for s in suffixes)
-        self.stats["reused_tokens"] += sum(reuse)
-        self.stats["prefill_tokens"] += sum(len(s) for s in suffixes)
-
         # Layout: [pad | cached prefix (reuse_i) | pad | suffix_i]; `real` marks tokens of the sequence.
         input_ids = torch.full((batch, width_s), self.pad, dtype=torch.long, device=device)
         positions = torch.zeros((batch, width_s), dtype=torch.long, device=device)
-        real = torch.zeros((batch, width_c + width_s), dtype=torch.bool, device=device)
+        real = torch.zeros((batch, capacity), dtype=torch.bool, device=device)
         for row, (suffix, r) in enumerate(zip(suffixes, reuse)):
             input_ids[row, width_s - len(suffix):] = torch.tensor(suffix, dtype=torch.long)
             positions[row, width_s - len(suffix):] = torch.arange(r, r + len(suffix))
             real[row, width_c - r:width_c] = True
-            real[row, width_c + width_s - len(suffix):] = True
-        past = None
+            real[row, width_c + width_s - len(suffix):width_c + width_s] = True
         if width_c > 0:
-            from transformers import DynamicCache
-
-            past = DynamicCache()
-            for layer in range(len(next(c for c in cached if c is not None).keys)):
-                ref = next(c for c in cached if c is not None).keys[layer]
-                k = torch.zeros((batch, ref.shape[0], width_c, ref.shape[2]), dtype=ref.dtype, device=device)
-                v = torch.zeros_like(k)
+            ref = next(c for c in cached if c is not None)
+            layers = []
+            for layer in range(len(ref.keys)):
+                h, _, d = ref.keys[layer].shape
+                # Positions past the prefix are written before they are read; the masked gaps must be finite.
+                k = torch.empty((batch, h, capacity, d), dtype=ref.keys[layer].dtype, device=device)
+                v = torch.empty((batch, ref.values[layer].shape[0], capacity, ref.values[layer].shape[2]),
+                                dtype=ref.values[layer].dtype, device=device)
+                k[:, :, :width_c].zero_()
+                v[:, :, :width_c].zero_()
                 for row, (c, r) in enumerate(zip(cached, reuse)):
                     if r:
-                        k[row, :, width_c - r:] = c.keys[layer][:, :r]
-                        v[row, :, width_c - r:] = c.values[layer][:, :r]
-                past.update(k, v, layer)
+                        k[row, :, width_c - r:width_c] = c.keys[layer][:, :r]
+                        v[row, :, width_c - r:width_c] = c.values[layer][:, :r]
+                layers.append(_BufferLayer(capacity, k, v, width_c))
+        else:
+            layers = [_BufferLayer(capacity) for _ in range(self.lm.config.num_hidden_layers)]
+        cache = _BufferCache(layers)
+        out = self.lm(input_ids=input_ids, attention_mask=real[:, :width_c + width_s].long(), position_ids=positions,
+                      use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
+        return cache, out.logits[:, -1, :].float(), real, positions[:, -1] + 1
 
-        out = self.lm(input_ids=input_ids, attention_mask=real.long(), position_ids=positions,
-                      past_key_values=past, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1, :].float()
-        next_pos = positions[:, -1] + 1
-        tokens, logps = [], []
+    @torch.inference_mode()
+    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams,
+                        keys: list[Hashable] | None) -> list[Completion]:
+        device = next(self.lm.parameters()).device
+        batch = len(prompts)
+        cached = [self._cache.get(k) if keys is not None else None for k in (keys or [None] * batch)]
+        reuse = [c.prefix_of(p) if c is not None else 0 for c, p in zip(cached, prompts)]
+        width = max(reuse) + max(len(p) - r for p, r in zip(prompts, reuse))
+        capacity = width + params.max_new_tokens - 1  # the last sampled token is never fed
+        self.stats["reused_tokens"] += sum(reuse)
+        self.stats["prefill_tokens"] += sum(len(p) - r for p, r in zip(prompts, reuse))
+
+        # Identical uncached prompts (a group's first turn) are prefilled once and copied to every member.
+        expand = None
+        if max(reuse) == 0:
+            first: dict[tuple[int, ...], int] = {}
+            inverse = [first.setdefault(tuple(p), len(first)) for p in prompts]
+            if len(first) < batch:
+                unique = [list(p) for p in first]
+                self.stats["shared_prefill_tokens"] += sum(len(p) for p in prompts) - sum(len(p) for p in unique)
+                expand = torch.tensor(inverse, dtype=torch.long, device=device)
+        if expand is not None:
+            cache, logits, real, next_pos = self._prefill(unique, [None] * len(unique), [0] * len(unique),
+                                                          capacity, device)
+            cache.select_rows(expand)
+            logits, real, next_pos = logits[expand], real[expand], next_pos[expand]
+        else:
+            cache, logits, real, next_pos = self._prefill(prompts, cached, reuse, capacity, device)
+        length = cache.layers[0].length
+
+        out_tokens = torch.full((batch, params.max_new_tokens), self.pad, dtype=torch.long, device=device)
+        out_logps = torch.zeros((batch, params.max_new_tokens), dtype=torch.float32, device=device)
+        n_out = torch.zeros(batch, dtype=torch.long, device=device)  # tokens sampled per original row
+        rows = torch.arange(batch, device=device)  # original row of each batch row
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        kept: dict[int, tuple] = {}  # original row -> (fed mask, keys, values) saved before the row left
         for step in range(params.max_new_tokens):
             if params.greedy:
                 logp_all = torch.log_softmax(logits, dim=-1)
@@ -154,39 +268,55 @@ class HFEngine:
                 logp_all = torch.log_softmax(scaled, dim=-1)
                 sample_from = scaled if params.top_p >= 1.0 else _top_p_filter(scaled, params.top_p)
                 choice = torch.multinomial(torch.softmax(sample_from, dim=-1), 1, generator=self.generator).squeeze(-1)
-            was_finished = finished.clone()
-            choice = torch.where(was_finished, torch.full_like(choice, self.pad), choice)
-            tokens.append(choice)
-            logps.append(logp_all.gather(-1, choice[:, None]).squeeze(-1))
-            finished |= choice == self.eos
-            if bool(finished.all()) or step == params.max_new_tokens - 1:
+            live = ~finished
+            choice = torch.where(live, choice, torch.full_like(choice, self.pad))
+            out_tokens[rows, step] = choice
+            out_logps[rows, step] = torch.where(live, logp_all.gather(-1, choice[:, None]).squeeze(-1),
+                                                torch.zeros((), device=device))
+            n_out[rows] += live.long()
+            finished = finished | (choice == self.eos)
+            n_done = int(finished.sum())
+            if n_done == len(rows) or step == params.max_new_tokens - 1:
                 break
+            if n_done and n_done >= self.compact_fraction * len(rows):
+                gone = finished.nonzero().squeeze(-1)
+                if keys is not None:
+                    for b in gone.tolist():
+                        kept[int(rows[b])] = self._row_state(cache, real, b, length)
+                stay = (~finished).nonzero().squeeze(-1)
+                cache.select_rows(stay)
+                self.stats["compactions"] += 1
+                rows, real, next_pos, finished = rows[stay], real[stay], next_pos[stay], finished[stay]
+                choice, live = choice[stay], live[stay]
             # Feed the sampled token; rows that had already finished feed a masked pad.
-            real = torch.cat([real, (~was_finished)[:, None]], dim=1)
-            out = self.lm(input_ids=choice[:, None], attention_mask=real.long(), position_ids=next_pos[:, None],
-                          past_key_values=cache, use_cache=True)
-            cache, logits = out.past_key_values, out.logits[:, -1, :].float()
+            real[:, length] = live
+            length += 1
+            out = self.lm(input_ids=choice[:, None], attention_mask=real[:, :length].long(),
+                          position_ids=next_pos[:, None], use_cache=True, **{self._cache_arg: cache})
+            logits = out.logits[:, -1, :].float()
             next_pos = next_pos + 1
-        if was_training:
-            self.lm.train()
 
-        tokens_t, logps_t = torch.stack(tokens, 1), torch.stack(logps, 1)
+        counts = n_out.tolist()
+        tokens_l, logps_l = out_tokens.tolist(), out_logps.tolist()
         completions = []
         for row in range(batch):
-            ids = tokens_t[row].tolist()
-            cut = ids.index(self.eos) + 1 if self.eos in ids else len(ids)
-            reason = "stop" if self.eos in ids else "length"
-            completions.append(Completion(tuple(ids[:cut]), tuple(logps_t[row, :cut].tolist()), reason))
-        self.stats["generated_tokens"] += sum(len(c.ids) for c in completions)
+            ids = tokens_l[row][:counts[row]]
+            reason = "stop" if ids and ids[-1] == self.eos else "length"
+            completions.append(Completion(tuple(ids), tuple(logps_l[row][:counts[row]]), reason))
+        self.stats["generated_tokens"] += sum(counts)
 
         if keys is not None:  # keep each episode's keys/values for its next turn
-            n_cached = real.shape[1]
+            for b, row in enumerate(rows.tolist()):
+                kept[row] = self._row_state(cache, real, b, length)
             for row, key in enumerate(keys):
-                sel = real[row, :n_cached]
-                fed = int(sel.sum().item())
+                sel, ks, vs = kept[row]
                 seq = prompts[row] + list(completions[row].ids)
-                self._cache[key] = _Cached(
-                    seq[:fed],
-                    [layer.keys[row][:, sel].clone() for layer in cache.layers],
-                    [layer.values[row][:, sel].clone() for layer in cache.layers])
+                self._cache[key] = _Cached(seq[:sel], ks, vs)
         return completions
+
+    @staticmethod
+    def _row_state(cache: _BufferCache, real: torch.Tensor, b: int, length: int):
+        """(number of tokens fed, per-layer keys, per-layer values) of batch row `b`, copied out of the buffer."""
+        sel = real[b, :length]
+        return (int(sel.sum()), [layer.kbuf[b, :, :length][:, sel].clone() for layer in cache.layers],
+                [layer.vbuf[b, :, :length][:, sel].clone() for layer in cache.layers])

@@ -44,23 +44,27 @@ MAX_ROOM_ATTEMPTS = 200
 State = tuple[int, frozenset]  # (player cell, box cells); cells are flat indices r * width + c
 
 
+_DIRECTIONS = ((-1, 0), (1, 0), (0, -1), (0, 1))
+
+
 def _carve_floor(dim: int, rng: random.Random) -> set[int]:
     """Random walk over the interior; direction changes keep the room from being one corridor."""
     lo, hi = 1, dim - 2
     wanted = max(3, round(FLOOR_FRACTION * (dim - 2) ** 2))
     r, c = rng.randint(lo, hi), rng.randint(lo, hi)
-    dr, dc = rng.choice(((-1, 0), (1, 0), (0, -1), (0, 1)))
+    choice, uniform = rng.choice, rng.random  # bound once: this loop is most of a room's generation time
+    dr, dc = choice(_DIRECTIONS)
     floor = {r * dim + c}
     for _ in range(100 * dim * dim):
         if len(floor) >= wanted:
             break
-        if rng.random() < 0.35:
-            dr, dc = rng.choice(((-1, 0), (1, 0), (0, -1), (0, 1)))
+        if uniform() < 0.35:
+            dr, dc = choice(_DIRECTIONS)
         if lo <= r + dr <= hi and lo <= c + dc <= hi:
             r, c = r + dr, c + dc
             floor.add(r * dim + c)
         else:
-            dr, dc = rng.choice(((-1, 0), (1, 0), (0, -1), (0, 1)))
+            dr, dc = choice(_DIRECTIONS)
     return floor
 
 
@@ -69,6 +73,9 @@ def _displacement(boxes: frozenset, targets: tuple[int, ...], width: int) -> int
     def dist(a: int, b: int) -> int:
         return abs(a // width - b // width) + abs(a % width - b % width)
 
+    if len(targets) == 1:
+        (b,), (t,) = boxes, targets
+        return abs(b // width - t // width) + abs(b % width - t % width)
     if len(targets) <= 4:
         return min(sum(dist(b, t) for b, t in zip(perm, targets)) for perm in itertools.permutations(boxes))
     return sum(min(dist(b, t) for t in targets) for b in boxes)  # cheap bound for many boxes
@@ -286,21 +293,17 @@ class SokobanEnv(Env):
 
     def _grid(self) -> str:
         v = self.symbols
-        rows = []
-        for r in range(self._height):
-            row = []
-            for cell in range(r * self._width, (r + 1) * self._width):
-                on_target = cell in self._targets
-                if cell in self._walls:
-                    row.append(v.wall)
-                elif cell == self._player:
-                    row.append(v.player_on_target if on_target else v.player)
-                elif cell in self._boxes:
-                    row.append(v.box_on_target if on_target else v.box)
-                else:
-                    row.append(v.target if on_target else v.floor)
-            rows.append("".join(row))
-        return "\n".join(rows)
+        key = (self._walls, self._targets, self._width, self._height, v)
+        if getattr(self, "_grid_key", None) != key:  # the static cells, rebuilt only when the room changes
+            self._grid_key = key
+            self._grid_base = [v.wall if c in self._walls else v.target if c in self._targets else v.floor
+                               for c in range(self._width * self._height)]
+        cells = self._grid_base.copy()
+        for b in self._boxes:
+            cells[b] = v.box_on_target if b in self._targets else v.box
+        cells[self._player] = v.player_on_target if self._player in self._targets else v.player
+        w = self._width
+        return "\n".join("".join(cells[r * w:(r + 1) * w]) for r in range(self._height))
 
     def _coords(self) -> str:
         def listed(cells) -> str:

@@ -1,0 +1,122 @@
+"""5-turn Sokoban rollouts: turnrl's engine vs. RAGEN's strategy (re-render and re-prefill the history every turn).
+
+Both sides play the same episodes (same env seeds, group size, turns, sampling temperature, max new
+tokens, model and threads) through the same env and reply parser; only generation differs:
+
+- turnrl: `run_episodes` with `HFEngine` (each episode's KV cache kept across turns, a group's shared
+  first prompt prefilled once, one preallocated KV buffer per batch, finished rows dropped).
+- peer (RAGEN's strategy, whose rollout re-renders the whole chat and calls the generator on it every
+  turn): per turn, the whole conversation of every active episode is re-rendered with the chat template,
+  tokenised, left-padded into one batch and passed to Hugging Face `generate` (sampling, top_k off).
+
+The measure is generated tokens per second (model tokens only). Untrained models write long, mostly
+invalid replies, so both sides play the full number of turns. The last line is the ratio
+peer seconds per generated token / turnrl seconds per generated token (the smallest over the models run).
+
+    python benchmarks/rollout_vs_reprefill.py [--models tiny smollm2-135m-instruct] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+from turnrl.engines import HFEngine, SamplingParams
+from turnrl.envs import make
+from turnrl.models import load_policy
+from turnrl.parsing import parse_reply
+from turnrl.rollout import ChatRenderer, RolloutSettings, act, run_episodes
+
+ENV, ENV_KWARGS = "sokoban", {"dim": 6, "num_boxes": 1}
+
+
+def turnrl_rollout(policy, renderer, seeds, args) -> tuple[int, float]:
+    engine = HFEngine(policy.lm, eos_token_id=policy.eos_token_id, pad_token_id=policy.pad_token_id,
+                      batch_size=len(seeds) * args.group_size, generator=torch.Generator().manual_seed(0))
+    settings = RolloutSettings(max_turns=args.turns, max_new_tokens=args.max_new_tokens, max_context_tokens=4096,
+                               think=False)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    t0 = time.perf_counter()
+    trajs = run_episodes(engine, renderer, lambda: make(ENV, **ENV_KWARGS), seeds, args.group_size, settings, params,
+                         env_name=ENV)
+    return sum(sum(t.loss_mask) for t in trajs), time.perf_counter() - t0
+
+
+def reprefill_rollout(policy, renderer, seeds, args) -> tuple[int, float]:
+    """RAGEN's strategy: every turn, the whole history is re-rendered and re-prefilled by `generate`."""
+    tok, lm = policy.tokenizer, policy.lm
+    lm.eval()
+    torch.manual_seed(0)
+    episodes = []
+    for seed in seeds:
+        for _ in range(args.group_size):
+            env = make(ENV, **ENV_KWARGS)
+            obs, _ = env.reset(seed=seed)
+            episodes.append({"env": env, "messages": renderer._messages(obs), "done": False})
+    generated = 0
+    t0 = time.perf_counter()
+    for _turn in range(args.turns):
+        active = [e for e in episodes if not e["done"]]
+        if not active:
+            break
+        texts = [tok.apply_chat_template(e["messages"], tokenize=False, add_generation_prompt=True) + renderer.prefix
+                 for e in active]
+        rows = [renderer.encode(t) for t in texts]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), policy.pad_token_id, dtype=torch.long)
+        attn = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = torch.tensor(r)
+            attn[i, width - len(r):] = 1
+        with torch.inference_mode():
+            out = lm.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=args.temperature,
+                              top_k=0, top_p=1.0, max_new_tokens=args.max_new_tokens,
+                              eos_token_id=policy.eos_token_id, pad_token_id=policy.pad_token_id)
+        for e, row in zip(active, out[:, width:].tolist()):
+            reply = row[: row.index(policy.eos_token_id) + 1] if policy.eos_token_id in row else row
+            generated += len(reply)
+            text = renderer.prefix + tok.decode(reply, skip_special_tokens=True)
+            parsed = parse_reply(text, think=False, max_actions=1)
+            obs, _r, terminated, truncated, *_ = act(e["env"], parsed.actions, parsed.ok)
+            e["messages"] = e["messages"] + [{"role": "assistant", "content": text}, {"role": "user", "content": obs}]
+            e["done"] = terminated or truncated
+    return generated, time.perf_counter() - t0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["tiny", "smollm2-135m-instruct"])
+    p.add_argument("--groups", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--turns", type=int, default=5)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    ratios = {}
+    for name in args.models:
+        policy = load_policy(name, seed=0)
+        env = make(ENV, **ENV_KWARGS)
+        renderer = ChatRenderer(policy.tokenizer, system_prompt=env.system_prompt(), response_prefix="<answer>")
+        seeds = list(range(args.groups))
+        turnrl_rollout(policy, renderer, seeds[:1], argparse.Namespace(**{**vars(args), "turns": 1}))  # warm-up
+        ours_tokens, ours_s = turnrl_rollout(policy, renderer, seeds, args)
+        peer_tokens, peer_s = reprefill_rollout(policy, renderer, seeds, args)
+        ours, peer = ours_tokens / ours_s, peer_tokens / peer_s
+        ratios[name] = ours / peer
+        print(f"{name}: {len(seeds) * args.group_size} episodes x {args.turns} turns, {args.threads} threads | "
+              f"turnrl {ours_tokens} tokens in {ours_s:.1f} s = {ours:.1f} tok/s | "
+              f"re-prefill (HF generate) {peer_tokens} tokens in {peer_s:.1f} s = {peer:.1f} tok/s | "
+              f"ratio {ratios[name]:.2f}", flush=True)
+    detail = ", ".join(f"{k} {v:.2f}" for k, v in ratios.items())
+    print(f"ratio peer/turnrl (seconds per generated token): {min(ratios.values()):.2f}  ({detail})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

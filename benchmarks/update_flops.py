@@ -1,0 +1,122 @@
+"""Achieved FLOP/s of the training update vs. a large matmul's FLOP/s, same run, same threads, same dtype.
+
+The update is `turnrl.update.ppo_update` (GRPO, one optimizer step) on a synthetic multi-turn batch shaped
+like a Sokoban rollout: `--groups` groups of `--group-size` episodes; each group shares a first prompt,
+then every episode has `--turns` turns of model reply + env reply (random token ids, random rewards).
+Its FLOPs are counted with `torch.utils.flop_counter.FlopCounterMode` (every matmul and attention kernel
+actually executed, forward and backward, so work saved by the shared-prompt forward is not counted), then
+the update is timed without the counter. The peak is a square matmul (`--matmul-size`) in the update's
+dtype (bf16 when the model trains under bf16 autocast, else fp32).
+
+Rows: SmolLM2-135M + LoRA r=16 under bf16 autocast (as the smollm2 presets train) and the tiny model in
+fp32. The last line is the smallest achieved / peak ratio (the issue's goal: >= 0.40).
+
+    python benchmarks/update_flops.py [--models smollm2-135m-instruct tiny] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from turnrl.config import AlgoConfig, OptimConfig
+from turnrl.models import LoraSpec, load_policy
+from turnrl.rollout import Trajectory
+from turnrl.update import ppo_update
+
+
+def synthetic_batch(vocab: int, args, seed: int = 0) -> list[Trajectory]:
+    rng = random.Random(seed)
+    trajs = []
+    for g in range(args.groups):
+        prompt = [rng.randrange(vocab) for _ in range(args.prompt_tokens)]
+        for _ in range(args.group_size):
+            ids, mask, spans = list(prompt), [0] * len(prompt), []
+            for turn in range(args.turns):
+                n = rng.randint(args.reply_tokens // 2, args.reply_tokens)
+                spans.append((len(ids), len(ids) + n))
+                ids += [rng.randrange(vocab) for _ in range(n)]
+                mask += [1] * n
+                if turn < args.turns - 1:
+                    ids += [rng.randrange(vocab) for _ in range(args.env_tokens)]
+                    mask += [0] * args.env_tokens
+            logprobs = [-rng.uniform(0.5, 3.0) if m else 0.0 for m in mask]
+            trajs.append(Trajectory(ids=tuple(ids), loss_mask=tuple(mask), logprobs=tuple(logprobs),
+                                    turn_spans=tuple(spans), turn_rewards=tuple(rng.random() for _ in spans),
+                                    terminated=True, truncated=False, success=False, env_name="synthetic", seed=g,
+                                    group_id=g, num_actions=len(spans), valid_turns=len(spans), end_reason="env"))
+    return trajs
+
+
+def matmul_flops(size: int, dtype: torch.dtype, seconds: float = 2.0) -> float:
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b  # warm-up
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    return 2 * size ** 3 * n / (time.perf_counter() - t0)
+
+
+def measure(name: str, args) -> float:
+    lora = name != "tiny"
+    bf16 = lora  # as the presets train: SmolLM2 with LoRA under bf16 autocast, the tiny model in fp32
+    policy = load_policy(name, seed=0, lora=LoraSpec(rank=16, alpha=32.0) if lora else None)
+    trajs = synthetic_batch(len(policy.tokenizer), args)
+    algo = AlgoConfig(estimator="grpo", filter="none", loss_agg="seq-mean-token-mean", entropy_coef=0.0)
+    optim = OptimConfig(lr=1e-5, warmup_steps=0, bf16=bf16, micro_batch_tokens=args.micro_batch_tokens)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=optim.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+    def update():
+        return ppo_update(policy, optimizer, scheduler, trajs, algo=algo, optim=optim, temperature=1.0)
+
+    update()  # warm-up
+    with FlopCounterMode(display=False) as counter:
+        update()
+    flops = counter.get_total_flops()
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        update()
+        times.append(time.perf_counter() - t0)
+    achieved = flops / min(times)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    peak = matmul_flops(args.matmul_size, dtype)
+    tokens = sum(len(t.ids) for t in trajs)
+    print(f"{name}{' + LoRA, bf16 autocast' if lora else ', fp32'}: {len(trajs)} episodes, {tokens} tokens, "
+          f"{flops / 1e12:.2f} TFLOP executed per update in {min(times):.2f} s = {achieved / 1e9:.1f} GFLOP/s | "
+          f"{args.matmul_size}^2 {str(dtype).split('.')[-1]} matmul {peak / 1e9:.1f} GFLOP/s | "
+          f"ratio {achieved / peak:.2f}", flush=True)
+    return achieved / peak
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["smollm2-135m-instruct", "tiny"])
+    p.add_argument("--groups", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=4)
+    p.add_argument("--prompt-tokens", type=int, default=256)
+    p.add_argument("--turns", type=int, default=5)
+    p.add_argument("--reply-tokens", type=int, default=24)
+    p.add_argument("--env-tokens", type=int, default=48)
+    p.add_argument("--micro-batch-tokens", type=int, default=4096)
+    p.add_argument("--matmul-size", type=int, default=2048)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    ratios = {name: measure(name, args) for name in args.models}
+    detail = ", ".join(f"{k} {v:.2f}" for k, v in ratios.items())
+    print(f"ratio achieved/peak FLOP/s: {min(ratios.values()):.2f}  ({detail})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

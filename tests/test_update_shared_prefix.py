@@ -1,0 +1,111 @@
+"""turnrl.shared_prefix: the update runs a group's shared first prompt once and reuses its keys/values;
+gradients and losses must equal the per-row computation."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from turnrl.algos.losses import AGG_MODES
+from turnrl.config import AlgoConfig, OptimConfig
+from turnrl.models import LoraSpec, TinyModelSpec, load_policy
+from turnrl.shared_prefix import plan_micro_batches
+from turnrl.update import collate, minibatch_backward, prepare_targets, use_shared_prefix
+from tests.test_credit import make_traj
+
+SPEC = TinyModelSpec(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+
+
+def grouped_batch(policy, seed: int, groups: int = 3, members: int = 4):
+    """`groups` prompts of different lengths, each followed by `members` different multi-turn continuations."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab = len(policy.tokenizer)
+    trajs = []
+    for g in range(groups):
+        p = 6 + 5 * g
+        prompt = torch.randint(0, vocab, (p,), generator=gen).tolist()
+        for _ in range(members):
+            segments = [("p", p)]
+            for _turn in range(int(torch.randint(1, 3, (1,), generator=gen))):
+                segments += [("m", int(torch.randint(1, 6, (1,), generator=gen))), ("p", 2)]
+            rest = torch.randint(0, vocab, (sum(n for _, n in segments) - p,), generator=gen).tolist()
+            rewards = (torch.rand(len(segments) // 2, generator=gen) - 0.3).tolist()
+            trajs.append(make_traj(segments, rewards, group=g, ids=prompt + rest))
+    batch = collate(trajs, policy.pad_token_id)
+    with torch.no_grad():
+        logits, _ = policy(batch.input_ids, batch.attention)
+        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch.targets[..., None])[..., 0]
+    noisy = logp + 0.3 * torch.randn(logp.shape, generator=gen)  # ratios != 1, some clipped
+    for row, t in enumerate(trajs):
+        lp = [0.0] + (noisy[row, : len(t.ids) - 1] * batch.mask[row, : len(t.ids) - 1]).tolist()
+        trajs[row] = dataclasses.replace(t, logprobs=tuple(lp))
+    return trajs
+
+
+def grads_and_losses(policy, trajs, algo, optim, ref):
+    batch = collate(trajs, policy.pad_token_id)
+    rows = list(range(batch.size))
+    targets = prepare_targets(policy, batch, trajs, algo=algo, optim=optim, temperature=0.8, ref_lm=ref)
+    policy.train()
+    policy.zero_grad(set_to_none=True)
+    losses = minibatch_backward(policy, batch, targets, rows, algo=algo, optim=optim, temperature=0.8)
+    grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+    return grads, losses, use_shared_prefix(policy, batch, rows, algo=algo, optim=optim)
+
+
+SETUPS = {
+    "grpo-kl-entropy-dualclip": dict(estimator="grpo", kl_coef=0.1, entropy_coef=0.01, dual_clip=2.0),
+    "rloo-gspo": dict(estimator="rloo", loss="gspo", clip_low=0.02, clip_high=0.03),
+}
+
+
+@pytest.mark.parametrize("budget", [64, 100_000])
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("setup", list(SETUPS))
+def test_shared_prefix_gradients_equal_per_row_gradients(setup, agg, budget):
+    policy = load_policy("tiny", seed=3, tiny=SPEC)
+    trajs = grouped_batch(policy, seed=5)
+    algo = AlgoConfig(filter="none", loss_agg=agg, **SETUPS[setup])
+    ref = copy.deepcopy(policy.lm)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    shared = grads_and_losses(policy, trajs, algo, OptimConfig(micro_batch_tokens=budget, shared_prefix=True), ref)
+    plain = grads_and_losses(policy, trajs, algo, OptimConfig(micro_batch_tokens=budget, shared_prefix=False), ref)
+    assert shared[2] and not plain[2]
+    assert shared[0].keys() == plain[0].keys() and len(plain[0]) > 0
+    for name in plain[0]:
+        torch.testing.assert_close(shared[0][name], plain[0][name], atol=2e-6, rtol=1e-4, msg=name)
+    for key in plain[1]:
+        assert shared[1][key] == pytest.approx(plain[1][key], abs=1e-6, rel=1e-6), key
+
+
+def test_shared_prefix_with_lora_equals_per_row():
+    pytest.importorskip("peft")
+    policy = load_policy("tiny", seed=1, tiny=SPEC, lora=LoraSpec(rank=4))
+    with torch.no_grad():  # B starts at zero: make the adapters matter
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    trajs = grouped_batch(policy, seed=2)
+    algo = AlgoConfig(filter="none", estimator="grpo")
+    shared = grads_and_losses(policy, trajs, algo, OptimConfig(shared_prefix=True), None)
+    plain = grads_and_losses(policy, trajs, algo, OptimConfig(shared_prefix=False), None)
+    assert shared[2] and any("lora_A" in n for n in plain[0])
+    for name in plain[0]:
+        torch.testing.assert_close(shared[0][name], plain[0][name], atol=2e-6, rtol=1e-4, msg=name)
+
+
+def test_plan_keeps_groups_together_within_budget():
+    lengths = [30, 32, 31, 50, 52, 20, 21]
+    prompt_len = [20, 20, 20, 40, 40, 10, 10]
+    prompt_id = [0, 0, 0, 1, 1, 2, 2]
+    plan = plan_micro_batches(list(range(7)), lengths, prompt_len, prompt_id, token_budget=80)
+    assert sorted(r for mb in plan for r in mb) == list(range(7))
+    for mb in plan:
+        groups = {prompt_id[r] for r in mb}
+        cost = len(groups) * max(prompt_len[r] for r in mb) + len(mb) * max(lengths[r] - prompt_len[r] for r in mb)
+        assert cost <= 80 or len(mb) == 1
+    # a group that fits stays in one micro-batch
+    assert any({0, 1, 2} <= set(mb) for mb in plan)

@@ -1,0 +1,130 @@
+"""Shared-prefix forward for the update: the members of a group start from the same prompt, so that
+prompt is run forward (and backward) once per group and its keys/values are reused, with gradient, by
+every member's continuation.
+
+The idea is the one behind prefix sharing in RL trainers (e.g. "prefix tree" / shared-prompt batching
+of GRPO groups): with a group of G episodes whose first prompt has P tokens, the forward and backward
+passes over the prompt shrink from G x P to P token positions, while the loss is unchanged, because a
+causal model's states over the prompt do not depend on what follows it. Gradients equal the unshared
+computation up to float rounding (tests/test_update_shared_prefix.py checks it).
+
+Only the logits that can carry loss are produced: for each row, a window of positions starting at the
+last prompt position (it predicts the first sampled token) and ending at the row's last position. The
+window of row r covers shifted positions [start_r, start_r + width) of the collated batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def prompt_lengths(ids: list[tuple[int, ...]], loss_masks: list[tuple[int, ...]]) -> list[int]:
+    """Length of each sequence's first prompt (tokens before the first model token), at most len - 1."""
+    out = []
+    for seq, mask in zip(ids, loss_masks):
+        first = next((i for i, m in enumerate(mask) if m), len(seq) - 1)
+        out.append(max(1, min(first, len(seq) - 1)))
+    return out
+
+
+def prompt_ids(ids: list[tuple[int, ...]], prompt_len: list[int]) -> list[int]:
+    """A number per sequence, equal for sequences whose first prompts are identical."""
+    seen: dict[tuple[int, ...], int] = {}
+    return [seen.setdefault(tuple(seq[:p]), len(seen)) for seq, p in zip(ids, prompt_len)]
+
+
+def prefix_groups(rows: list[int], prompt_id: list[int]) -> list[list[int]]:
+    """Rows grouped by identical first prompt, in order of first appearance."""
+    groups: dict[int, list[int]] = {}
+    for r in rows:
+        groups.setdefault(prompt_id[r], []).append(r)
+    return list(groups.values())
+
+
+def worth_sharing(rows: list[int], prompt_id: list[int]) -> bool:
+    """True when at least two rows share a first prompt."""
+    return len({prompt_id[r] for r in rows}) < len(rows)
+
+
+def plan_micro_batches(rows: list[int], lengths: list[int], prompt_len: list[int], prompt_id: list[int],
+                       token_budget: int) -> list[list[int]]:
+    """Micro-batches of at most `token_budget` padded token positions (each prompt once, plus every row's
+    continuation), packed group by group in order of prompt length; a group is split only when it alone
+    exceeds the budget."""
+    def cost(mb: list[int]) -> int:
+        return (len({prompt_id[r] for r in mb}) * max(prompt_len[r] for r in mb)
+                + len(mb) * max(lengths[r] - prompt_len[r] for r in mb))
+
+    groups = sorted(prefix_groups(rows, prompt_id), key=lambda g: (prompt_len[g[0]], max(lengths[r] for r in g)))
+    out, current = [], []
+    for g in groups:
+        g = sorted(g, key=lambda r: lengths[r])
+        if current and cost(current + g) > token_budget:
+            out.append(current)
+            current = []
+        for r in g:
+            if current and cost(current + [r]) > token_budget:
+                out.append(current)
+                current = []
+            current.append(r)
+    if current:
+        out.append(current)
+    return out
+
+
+def shared_prefix_logits(lm, input_ids: torch.Tensor, lengths: list[int], rows: list[int],
+                         prompt_len: list[int], prompt_id: list[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Logits of `rows` over their loss windows: (len(rows), width, vocab), the window starts (len(rows),)
+    and width. Window position j of row r predicts token input_ids[r, start_r + j + 1]."""
+    from transformers import DynamicCache
+
+    from turnrl.engines.hf import _cache_argument
+
+    device = input_ids.device
+    groups = prefix_groups(rows, prompt_id)
+    g_index = {r: gi for gi, g in enumerate(groups) for r in g}
+    order = rows  # output rows keep the caller's order
+    p_len = [prompt_len[g[0]] for g in groups]
+    p_max = max(p_len)
+    # Prompts, left-padded so every prompt ends at column p_max - 1 (its last logit predicts the first reply token).
+    pref_ids = torch.zeros((len(groups), p_max), dtype=torch.long, device=device)
+    pref_attn = torch.zeros((len(groups), p_max), dtype=torch.long, device=device)
+    pref_pos = torch.zeros((len(groups), p_max), dtype=torch.long, device=device)
+    for gi, (g, p) in enumerate(zip(groups, p_len)):
+        pref_ids[gi, p_max - p:] = input_ids[g[0], :p]
+        pref_attn[gi, p_max - p:] = 1
+        pref_pos[gi, p_max - p:] = torch.arange(p, device=device)
+    out = lm(input_ids=pref_ids, attention_mask=pref_attn, position_ids=pref_pos, use_cache=True, logits_to_keep=1)
+    first_logits = out.logits[:, -1]  # (groups, vocab)
+    cache = out.past_key_values
+    gidx = torch.tensor([g_index[r] for r in order], dtype=torch.long, device=device)
+    starts = torch.tensor([prompt_len[r] - 1 for r in order], dtype=torch.long, device=device)
+    width = max(lengths[r] - prompt_len[r] for r in order)  # window: last prompt position .. last position - 1
+    logits_first = first_logits.index_select(0, gidx)[:, None]
+    if width == 1:
+        return logits_first, starts, width
+    # Continuations: the tokens after each prompt except the last one (whose logits predict nothing), right-padded.
+    cont_ids = torch.zeros((len(order), width - 1), dtype=torch.long, device=device)
+    cont_attn = torch.zeros((len(order), width - 1), dtype=torch.long, device=device)
+    for i, r in enumerate(order):
+        n = lengths[r] - 1 - prompt_len[r]
+        cont_ids[i, :n] = input_ids[r, prompt_len[r]:lengths[r] - 1]
+        cont_attn[i, :n] = 1
+    cont_pos = (starts + 1)[:, None] + torch.arange(width - 1, device=device)[None]
+    past = DynamicCache()
+    for layer_idx, layer in enumerate(cache.layers):
+        past.update(layer.keys.index_select(0, gidx), layer.values.index_select(0, gidx), layer_idx)
+    attn = torch.cat([pref_attn.index_select(0, gidx), cont_attn], dim=1)
+    out = lm(input_ids=cont_ids, attention_mask=attn, position_ids=cont_pos, use_cache=True,
+             **{_cache_argument(lm): past})
+    return torch.cat([logits_first, out.logits], dim=1), starts, width
+
+
+def windows(t: torch.Tensor, rows: list[int], starts: torch.Tensor, width: int, ends: torch.Tensor) -> torch.Tensor:
+    """Per-row windows of a (B, L-1) tensor: out[i, j] = t[rows[i], starts[i] + j] for starts[i] + j < ends[i],
+    else 0 (like padding)."""
+    sub = t[rows]
+    idx = starts[:, None] + torch.arange(width, device=t.device)[None]
+    inside = idx < ends[:, None]
+    out = sub.gather(1, idx.clamp(max=sub.shape[1] - 1))
+    return torch.where(inside, out, torch.zeros((), dtype=out.dtype, device=out.device))
