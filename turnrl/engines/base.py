@@ -43,3 +43,11 @@ class Engine(Protocol):
                  keys: list[Hashable] | None = None) -> list[Completion]: ...
 
     def release(self, keys: list[Hashable]) -> None: ...
+
+
+def check_prompts(prompts: list[list[int]], keys: list[Hashable] | None) -> None:
+    """The input checks every engine makes before generating (one message for every backend)."""
+    if keys is not None and len(keys) != len(prompts):
+        raise ValueError("keys must have one entry per prompt")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")

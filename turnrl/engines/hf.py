@@ -30,7 +30,7 @@ from collections.abc import Hashable
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from turnrl.engines.base import Completion, SamplingParams
+from turnrl.engines.base import Completion, SamplingParams, check_prompts
 
 
 def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -161,10 +161,7 @@ class HFEngine:
                  keys: list[Hashable] | None = None) -> list[Completion]:
         if not prompts:
             return []
-        if keys is not None and len(keys) != len(prompts):
-            raise ValueError("keys must have one entry per prompt")
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
+        check_prompts(prompts, keys)
         # Sort by the number of tokens to prefill so each batch wastes little padding (identical
         # prompts end up side by side, so a group's members share one batch and one prefill).
         def new_tokens(i: int) -> int:

