@@ -41,6 +41,32 @@ def child_env() -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)]), "OMP_NUM_THREADS": "1"}
 
 
+def kill_during_update(cfg, cfg_file: Path, kill_at_update: int) -> None:
+    """Runs `cfg` in a child process that SIGKILLs itself at its `kill_at_update`-th update (tests/crash_driver.py)."""
+    cfg_file.write_text(cfg.to_json())
+    proc = subprocess.run([sys.executable, str(HERE / "crash_driver.py"), str(cfg_file), str(kill_at_update)],
+                          env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+
+def resume_to_the_end(out: str) -> None:
+    resumed = subprocess.run([sys.executable, "-m", "turnrl.cli", "train", "--resume", out], env=child_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+
+
+def assert_same_run(straight, killed) -> list[dict]:
+    """Same iterations, same non-timing metrics and same final weights; returns the straight run's metrics."""
+    a = MetricsLog(Path(straight.out) / "metrics.jsonl").read()
+    b = MetricsLog(Path(killed.out) / "metrics.jsonl").read()
+    assert [r["iteration"] for r in b] == list(range(straight.iterations))
+    assert without_timing(a) == without_timing(b)
+    wa, wb = weights(Path(straight.out) / "final"), weights(Path(killed.out) / "final")
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    return a
+
+
 @pytest.mark.parametrize("algo", [
     {},  # GRPO + StarPO-S std filter
     # value head, KL to a frozen reference, DAPO dynamic sampling with extra seed rounds, two epochs x 2 mini-batches
@@ -51,31 +77,17 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, algo):
     train(straight, log=lambda *_: None)
 
     killed = small_config(tmp_path / "killed", **algo)
-    cfg_file = tmp_path / "killed.json"
-    cfg_file.write_text(killed.to_json())
     # killed in the middle of iteration 2 (after its update, before its metrics line), one iteration past ckpt-000002
-    proc = subprocess.run([sys.executable, str(HERE / "crash_driver.py"), str(cfg_file), "3"], env=child_env(),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    kill_during_update(killed, tmp_path / "killed.json", 3)
     assert [p.name for p in list_checkpoints(killed.out)][-1] == "ckpt-000002"
     assert not (Path(killed.out) / "final").exists()
 
-    resumed = subprocess.run([sys.executable, "-m", "turnrl.cli", "train", "--resume", killed.out], env=child_env(),
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-
-    a = MetricsLog(Path(straight.out) / "metrics.jsonl").read()
-    b = MetricsLog(Path(killed.out) / "metrics.jsonl").read()
-    assert [r["iteration"] for r in b] == [0, 1, 2, 3]
-    assert without_timing(a) == without_timing(b)
+    resume_to_the_end(killed.out)
+    a = assert_same_run(straight, killed)
     # the iterations after the kill really learned something (not a vacuous comparison of skipped updates)
     assert all(r["train/skipped_update"] == 0 and r["train/adv_abs_mean"] > 0 for r in a[2:])
     if algo:
         assert all(r["loss/kl"] is not None for r in a[2:])
-    wa, wb = weights(Path(straight.out) / "final"), weights(Path(killed.out) / "final")
-    assert wa.keys() == wb.keys()
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    if algo:
         va = torch.load(Path(straight.out) / "final" / "value_head.pt")
         vb = torch.load(Path(killed.out) / "final" / "value_head.pt")
         assert all(torch.equal(va[k], vb[k]) for k in va)
