@@ -30,7 +30,7 @@ SETTINGS = {
 
 
 def one_iteration(preset: str, checkpointing: bool, threads: int) -> dict:
-    from turnrl.config import get_preset
+    from turnrl.presets import get_preset
     from turnrl.train import train
 
     cfg = get_preset(preset)

@@ -22,7 +22,7 @@ import shutil
 import time
 from pathlib import Path
 
-from turnrl.config import get_preset
+from turnrl.presets import get_preset
 from turnrl.train import train
 
 # name -> AlgoConfig fields; everything else is the preset's (lr 1e-4, cosine, clip 0.2/0.28, no KL).

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from turnrl.cli import main
-from turnrl.config import ConfigError, EngineConfig, ModelConfig, RolloutConfig, TrainConfig, get_preset
+from turnrl.config import ConfigError, EngineConfig, ModelConfig, RolloutConfig, TrainConfig
+from turnrl.presets import get_preset
 
 GPU_PRESETS = ("ragen-sokoban-0.5b", "ragen-frozenlake-0.5b", "ragen-bandit-0.5b", "ufo-math-3b")
 HAS_VLLM = importlib.util.find_spec("vllm") is not None

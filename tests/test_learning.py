@@ -1,6 +1,6 @@
 """The loop learns: a tiny model on the two-armed bandit picks the high-paying arm clearly more often."""
 
-from turnrl.config import get_preset
+from turnrl.presets import get_preset
 from turnrl.train import train
 
 

@@ -85,7 +85,7 @@ def test_conversion_matches_the_gguf_model(tmp_path):
 @needs_wheel
 def test_smollm2_lora_micro_iteration_trains_the_adapters(tmp_path):
     """One micro RL iteration of the smollm2-bandit preset (LoRA, bf16): adapters change, base does not."""
-    from turnrl.config import get_preset
+    from turnrl.presets import get_preset
     from turnrl.train import train
 
     cfg = get_preset("smollm2-bandit")

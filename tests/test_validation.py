@@ -8,7 +8,8 @@ import pytest
 
 from test_interrupt import SMALL
 from turnrl.cli import main
-from turnrl.config import ConfigError, TrainConfig, quickstart
+from turnrl.config import ConfigError, TrainConfig
+from turnrl.presets import quickstart
 
 
 def run(args, capsys):

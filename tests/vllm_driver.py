@@ -199,7 +199,8 @@ def smollm2_checks(out: dict) -> None:
 
 
 def train_checks(out: dict, run_dir: str) -> None:
-    from turnrl.config import EngineConfig, ModelConfig, get_preset
+    from turnrl.config import EngineConfig, ModelConfig
+    from turnrl.presets import get_preset
     from turnrl.train import train
 
     cfg = get_preset("bandit-tiny")

@@ -38,7 +38,8 @@ def _fail(message: str) -> int:
 def cmd_train(argv: list[str]) -> int:
     import tyro
 
-    from turnrl.config import PRESETS, TrainConfig, get_preset
+    from turnrl.config import TrainConfig
+    from turnrl.presets import PRESETS, get_preset
     from turnrl.train import train
 
     pre = argparse.ArgumentParser(add_help=False)

@@ -1,0 +1,247 @@
+"""Named presets: `turnrl train --preset NAME` (README lists them). Each is a function returning a fresh
+TrainConfig, so callers may modify the result."""
+
+from __future__ import annotations
+
+from turnrl.config import (AlgoConfig, ConfigError, EngineConfig, EnvConfig, EvalConfig, ModelConfig, OptimConfig,
+                           RolloutConfig, SFTConfig, TrainConfig)
+
+
+def _starpo_s_tiny() -> AlgoConfig:
+    """StarPO-S as the tiny-model presets run it: GRPO, top-50% reward-std groups (all-equal groups
+    dropped), per-episode loss averaging (long failed episodes do not outweigh short successes), no
+    entropy bonus."""
+    return AlgoConfig(estimator="grpo", filter="std", filter_keep=0.5, drop_zero_std=True,
+                      loss_agg="seq-mean-token-mean", entropy_coef=0.0)
+
+
+def quickstart() -> TrainConfig:
+    """Tiny model, SFT warm start on noisy solver demos, then StarPO-S (GRPO + std filter) on
+    deterministic FrozenLake; about 6 minutes on 2 CPU cores (README)."""
+    return TrainConfig(
+        model=ModelConfig(name="tiny"),
+        env=EnvConfig(name="frozen_lake_det", system_prompt=False),
+        rollout=RolloutConfig(n_groups=16, group_size=8, max_turns=8, max_actions_per_turn=1, max_new_tokens=8,
+                              max_context_tokens=1024, think=False, format_penalty=-0.1),
+        algo=_starpo_s_tiny(),
+        optim=OptimConfig(lr=3e-4, warmup_steps=10, lr_schedule="cosine"),
+        sft=SFTConfig(episodes=3000, epsilon=0.25, steps=150, batch_size=64, lr=1e-3),
+        eval=EvalConfig(episodes=128, k=4, temperature=1.0),
+        iterations=80,
+        out="runs/quickstart",
+    )
+
+
+def quickstart_sokoban() -> TrainConfig:
+    """The quickstart recipe on RAGEN's Sokoban (6x6, 1 box, at most 10 actions): tiny model, SFT warm
+    start on noisy solver demos, then StarPO-S. A lower RL learning rate than FrozenLake's: Sokoban's long
+    failed episodes make format collapse likely at 3e-4 (reference/quickstart-calibration.md).
+    The setting of the algorithm comparison in docs/results.md (scripts/algo_table.py)."""
+    return TrainConfig(
+        model=ModelConfig(name="tiny"),
+        env=EnvConfig(name="sokoban", system_prompt=False),
+        rollout=RolloutConfig(n_groups=8, group_size=8, max_turns=10, max_actions_per_turn=1, max_new_tokens=8,
+                              max_context_tokens=2048, think=False, format_penalty=-0.1),
+        algo=_starpo_s_tiny(),
+        optim=OptimConfig(lr=1e-4, warmup_steps=10, lr_schedule="cosine"),
+        sft=SFTConfig(episodes=4000, epsilon=0.25, steps=200, batch_size=64, lr=1e-3),
+        eval=EvalConfig(episodes=128, k=2, temperature=1.0),
+        iterations=40,
+        out="runs/quickstart-sokoban",
+    )
+
+
+def countdown_tiny() -> TrainConfig:
+    """Countdown (3 numbers up to 10, targets up to 30, one answer) with the tiny model: SFT on the
+    solver's expressions, then StarPO-S. A few minutes on 2 CPU cores; see docs/results.md."""
+    return TrainConfig(
+        model=ModelConfig(name="tiny"),
+        env=EnvConfig(name="countdown", system_prompt=False,
+                      kwargs={"min_numbers": 3, "max_numbers": 3, "max_number": 10, "max_target": 30}),
+        rollout=RolloutConfig(n_groups=16, group_size=8, max_turns=1, max_actions_per_turn=1, max_new_tokens=24,
+                              max_context_tokens=256, think=False),
+        algo=_starpo_s_tiny(),
+        optim=OptimConfig(lr=1e-4, warmup_steps=10, lr_schedule="cosine"),
+        sft=SFTConfig(episodes=4000, steps=300, batch_size=64, lr=1e-3),
+        eval=EvalConfig(episodes=128, k=4, temperature=1.0),
+        iterations=60,
+        out="runs/countdown-tiny",
+    )
+
+
+def math_tiny() -> TrainConfig:
+    """Multi-turn math with unary feedback (UFO; a ± b up to 20, at most 5 answers, reward 0.5^t, repetition
+    penalty 0.5) with the tiny model: SFT on first-try correct answers, then StarPO-S over whole episodes.
+    32 questions x 4 samples per iteration and lr 5e-5: with 16 x 8 at 1e-4 held-out accuracy fell
+    (docs/results.md); the signal must generalise across questions, so more of them per step matters.
+    A few minutes on 2 CPU cores; see docs/results.md."""
+    return TrainConfig(
+        model=ModelConfig(name="tiny"),
+        env=EnvConfig(name="math_qa", system_prompt=False,
+                      kwargs={"difficulty": 1, "kind": "arithmetic", "repetition_penalty": 0.5}),
+        rollout=RolloutConfig(n_groups=32, group_size=4, max_turns=5, max_actions_per_turn=1, max_new_tokens=10,
+                              max_context_tokens=512, think=False),
+        algo=_starpo_s_tiny(),
+        optim=OptimConfig(lr=5e-5, warmup_steps=10, lr_schedule="cosine"),
+        sft=SFTConfig(episodes=4000, steps=300, batch_size=64, lr=1e-3),
+        eval=EvalConfig(episodes=128, k=4, temperature=1.0),
+        iterations=60,
+        out="runs/math-tiny",
+    )
+
+
+def _ragen_v1(env: EnvConfig, *, max_turns: int, max_actions_per_turn: int, max_new_tokens: int,
+              out: str) -> TrainConfig:
+    """RAGEN v1 (Wang et al. 2025, "RAGEN: Understanding Self-Evolution in LLM Agents via Multi-Turn
+    Reinforcement Learning") code defaults, StarPO-S: Qwen2.5-0.5B-Instruct, 8 groups x 16 samples, PPO with
+    GAE (gamma = lambda = 1, value head on the shared trunk where RAGEN trains a separate critic), top-25%
+    reward-std filter, clip 0.2/0.28, entropy 0.001, no KL, actor lr 1e-6 constant without warm-up, weight
+    decay 0.01, 200 iterations; rollouts at T=1 through vLLM (gpu_memory_utilization 0.5, eager);
+    evaluation on 256 held-out start states at T=0.5. For GPU machines (pip install 'turnrl[vllm]')."""
+    return TrainConfig(
+        model=ModelConfig(name="Qwen/Qwen2.5-0.5B-Instruct"),
+        env=env,
+        rollout=RolloutConfig(n_groups=8, group_size=16, max_turns=max_turns, max_actions_per_turn=max_actions_per_turn,
+                              max_new_tokens=max_new_tokens, max_context_tokens=3600, think=True, format_penalty=-0.1,
+                              temperature=1.0, gen_batch_size=128),
+        algo=AlgoConfig(estimator="gae", filter="std", filter_keep=0.25, entropy_coef=0.001, clip_low=0.2,
+                        clip_high=0.28),
+        optim=OptimConfig(lr=1e-6, warmup_steps=0, weight_decay=0.01, bf16=True, micro_batch_tokens=8192),
+        eval=EvalConfig(episodes=256, k=1, temperature=0.5, greedy=False),
+        engine=EngineConfig(name="vllm", vllm_gpu_memory_utilization=0.5),
+        iterations=200,
+        out=out,
+    )
+
+
+def ragen_sokoban_05b() -> TrainConfig:
+    """RAGEN v1 on SimpleSokoban (6x6, 1 box, at most 10 actions): 5 turns, 5 actions per turn, replies up to
+    400 tokens (RAGEN's vLLM response_length). GPU: vLLM engine."""
+    return _ragen_v1(EnvConfig(name="sokoban"), max_turns=5, max_actions_per_turn=5, max_new_tokens=400,
+                     out="runs/ragen-sokoban-0.5b")
+
+
+def ragen_frozenlake_05b() -> TrainConfig:
+    """RAGEN v1 on FrozenLake (4x4, p=0.8, slippery as in v1, at most 10 actions): 5 turns, 5 actions per
+    turn, replies up to 400 tokens. GPU: vLLM engine."""
+    return _ragen_v1(EnvConfig(name="frozen_lake"), max_turns=5, max_actions_per_turn=5, max_new_tokens=400,
+                     out="runs/ragen-frozenlake-0.5b")
+
+
+def ragen_bandit_05b() -> TrainConfig:
+    """RAGEN v1 on the two-armed bandit (`_1_bandit.yaml`: one turn, one action, replies up to 500 tokens);
+    trained on the Dragon/Phoenix names, evaluated on the held-out names (BanditTest). GPU: vLLM engine."""
+    return _ragen_v1(EnvConfig(name="bandit", eval_name="bandit_test"), max_turns=1, max_actions_per_turn=1,
+                     max_new_tokens=500, out="runs/ragen-bandit-0.5b")
+
+
+def ufo_math_3b() -> TrainConfig:
+    """UFO (Liu et al. 2025, "A Simple 'Try Again' Can Elicit Multi-Turn LLM Reasoning") settings:
+    Qwen2.5-3B-Instruct on MetaMathQA's MATH-derived questions (needs `datasets` and network) with unary
+    feedback, up to 5 attempts, success reward 0.5^t and repetition penalty 0.5 (the env's defaults), PPO with
+    GAE (gamma = lambda = 1), top-25% reward-std filter over 8 groups x 16, clip 0.2/0.28, entropy 0.001,
+    actor lr 1e-6, mini-batches of 8 (32 kept episodes -> 4 optimizer steps), KL 0.001 to the initial policy
+    (UFO puts it in the reward; here it is a k1 loss term), replies up to 400 tokens, 8192-token context,
+    200 iterations; Succ@5 evaluation on 128 questions at T=0.5. UFO runs vLLM with tensor parallelism 2 on
+    2 GPUs; turnrl's vLLM engine uses one GPU (gpu_memory_utilization 0.5)."""
+    return TrainConfig(
+        model=ModelConfig(name="Qwen/Qwen2.5-3B-Instruct"),
+        env=EnvConfig(name="math_qa_jsonl", kwargs={"hf_dataset": "metamathqa", "max_attempts": 5, "gamma": 0.5,
+                                                    "repetition_penalty": 0.5}),
+        rollout=RolloutConfig(n_groups=8, group_size=16, max_turns=5, max_actions_per_turn=1, max_new_tokens=400,
+                              max_context_tokens=8192, think=True, format_penalty=-0.1, temperature=1.0,
+                              gen_batch_size=128),
+        algo=AlgoConfig(estimator="gae", filter="std", filter_keep=0.25, entropy_coef=0.001, clip_low=0.2,
+                        clip_high=0.28, kl_coef=0.001, kl_estimator="k1", minibatches=4),
+        optim=OptimConfig(lr=1e-6, warmup_steps=0, weight_decay=0.01, bf16=True, micro_batch_tokens=8192),
+        eval=EvalConfig(episodes=128, k=1, temperature=0.5, greedy=False),
+        engine=EngineConfig(name="vllm", vllm_gpu_memory_utilization=0.5),
+        iterations=200,
+        out="runs/ufo-math-3b",
+    )
+
+
+def bandit_tiny() -> TrainConfig:
+    """A one-turn bandit with the tiny model: SFT on uniformly random arm choices (format only),
+    then RL must discover the better arm. Small enough for tests.
+
+    Dr.GRPO (no std normalisation) on purpose: with std-normalised GRPO the safe arm wins, because a
+    group where no risky pull paid out has a tiny std and turns the risky arm's small deficit into
+    a large negative advantage (measured: risky-pull rate 0.48 -> 0.13 with grpo, -> 0.76 with dr_grpo)."""
+    return TrainConfig(
+        model=ModelConfig(name="tiny", tiny_hidden=64, tiny_layers=2, tiny_heads=4, tiny_ff=256),
+        env=EnvConfig(name="bandit", eval_name="bandit", system_prompt=False),
+        rollout=RolloutConfig(n_groups=16, group_size=8, max_turns=1, max_actions_per_turn=1, max_new_tokens=8,
+                              max_context_tokens=256, think=False),
+        algo=AlgoConfig(estimator="dr_grpo", filter="none", loss_agg="seq-mean-token-mean", entropy_coef=0.0),
+        optim=OptimConfig(lr=3e-4, warmup_steps=0),
+        sft=SFTConfig(episodes=512, epsilon=1.0, steps=120, batch_size=64, lr=3e-3),
+        eval=EvalConfig(episodes=128, k=1, temperature=1.0, greedy=False),
+        iterations=30,
+        out="runs/bandit-tiny",
+    )
+
+
+def smollm2_bandit() -> TrainConfig:
+    """SmolLM2-135M-Instruct (offline: `make real-model`) + LoRA r=16 on the one-turn bandit, sized for 2 CPU
+    cores (32 episodes of one short reply per iteration, bf16 autocast). Trains on the train arm names,
+    evaluates on the disjoint test names (bandit_test). Dr.GRPO for the reason given in bandit_tiny."""
+    return TrainConfig(
+        model=ModelConfig(name="smollm2-135m-instruct", lora_rank=16, lora_alpha=32.0),
+        env=EnvConfig(name="bandit", eval_name="bandit_test", system_prompt=True),
+        rollout=RolloutConfig(n_groups=4, group_size=8, max_turns=1, max_actions_per_turn=1, max_new_tokens=12,
+                              max_context_tokens=512, think=False, gen_batch_size=32),
+        algo=AlgoConfig(estimator="dr_grpo", filter="none", loss_agg="seq-mean-token-mean", entropy_coef=0.0),
+        optim=OptimConfig(lr=2e-4, warmup_steps=0, bf16=True, micro_batch_tokens=2048),
+        # Format-only warm start: demonstrations pick an arm uniformly at random (epsilon 1.0), so the model
+        # learns to answer with one of the two names (untrained, it invents names) but no preference.
+        sft=SFTConfig(episodes=256, epsilon=1.0, steps=16, batch_size=16, lr=5e-4),
+        eval=EvalConfig(episodes=64, k=1, temperature=1.0, greedy=True),
+        iterations=60,
+        save_every=10,
+        out="runs/smollm2-bandit",
+    )
+
+
+def smollm2_frozenlake() -> TrainConfig:
+    """SmolLM2-135M-Instruct + LoRA r=16 on deterministic 4x4 FrozenLake, sized for 2 CPU cores: 4 groups
+    x 4 episodes, at most 5 short replies each, KV cache reused across turns, StarPO-S std filter."""
+    return TrainConfig(
+        model=ModelConfig(name="smollm2-135m-instruct", lora_rank=16, lora_alpha=32.0),
+        env=EnvConfig(name="frozen_lake_det", system_prompt=True),
+        rollout=RolloutConfig(n_groups=4, group_size=4, max_turns=5, max_actions_per_turn=1, max_new_tokens=12,
+                              max_context_tokens=1024, think=False, gen_batch_size=16),
+        algo=AlgoConfig(estimator="grpo", filter="std", filter_keep=0.5, loss_agg="seq-mean-token-mean",
+                        entropy_coef=0.0),
+        optim=OptimConfig(lr=1e-4, warmup_steps=0, bf16=True, micro_batch_tokens=2048),
+        # Format-only warm start: random legal moves (epsilon 1.0) teach the reply format, not the way to the goal.
+        sft=SFTConfig(episodes=128, epsilon=1.0, steps=16, batch_size=8, lr=5e-4),
+        eval=EvalConfig(episodes=64, k=1, temperature=1.0, greedy=True),
+        iterations=80,
+        save_every=10,
+        out="runs/smollm2-frozenlake",
+    )
+
+
+PRESETS = {
+    "quickstart": quickstart,
+    "quickstart-sokoban": quickstart_sokoban,
+    "countdown-tiny": countdown_tiny,
+    "math-tiny": math_tiny,
+    "ragen-sokoban-0.5b": ragen_sokoban_05b,
+    "ragen-frozenlake-0.5b": ragen_frozenlake_05b,
+    "ragen-bandit-0.5b": ragen_bandit_05b,
+    "ufo-math-3b": ufo_math_3b,
+    "bandit-tiny": bandit_tiny,
+    "smollm2-bandit": smollm2_bandit,
+    "smollm2-frozenlake": smollm2_frozenlake,
+}
+
+
+def get_preset(name: str) -> TrainConfig:
+    if name not in PRESETS:
+        import difflib
+        close = difflib.get_close_matches(name, PRESETS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown preset {name!r}{hint} (known: {', '.join(PRESETS)})")
+    return PRESETS[name]()
