@@ -105,6 +105,30 @@ def test_shared_prompt_prefilled_once_same_logprobs_as_separate_prefill(policy):
         assert abs(x - y) < 1e-4
 
 
+def test_common_head_of_distinct_prompts_prefilled_once(policy):
+    """Distinct first prompts that begin alike (system prompt, rules): their common head is prefilled once;
+    every row's logprobs equal a separate full forward, also on the next turn served from the kept cache."""
+    engine = HFEngine(policy.lm, eos_token_id=policy.eos_token_id, pad_token_id=policy.pad_token_id,
+                      generator=torch.Generator().manual_seed(4))
+    rng = random.Random(5)
+    head = [rng.randrange(0, 250) for _ in range(12)]
+    tails = [[rng.randrange(0, 250) for _ in range(n)] for n in (3, 7, 1)]
+    prompts = [head + tails[0], head + tails[1], head + tails[1], head + tails[2]]
+    params = SamplingParams(max_new_tokens=5, temperature=0.9)
+    comps = engine.generate(prompts, params, keys=list(range(4)))
+    assert engine.stats["shared_prefill_tokens"] == len(head + tails[1]) + 2 * len(head)
+    for prompt, c in zip(prompts, comps):
+        ref = full_forward_logprobs(policy, prompt, c.ids, temperature=0.9)
+        assert max(abs(x - y) for x, y in zip(ref, c.logprobs)) < 1e-4
+    nexts = [p + list(c.ids) + [rng.randrange(0, 250) for _ in range(3)] for p, c in zip(prompts, comps)]
+    reused = engine.stats["reused_tokens"]
+    comps = engine.generate(nexts, params, keys=list(range(4)))
+    assert engine.stats["reused_tokens"] - reused >= sum(len(p) for p in prompts)  # whole first prompts, head too
+    for prompt, c in zip(nexts, comps):
+        ref = full_forward_logprobs(policy, prompt, c.ids, temperature=0.9)
+        assert max(abs(x - y) for x, y in zip(ref, c.logprobs)) < 1e-4
+
+
 def test_finished_rows_leave_batch_and_keep_exact_cache(policy):
     """Rows that sample eos early are dropped from the decode batch (compaction); their cache, saved on
     the way out, still serves their next turn exactly."""

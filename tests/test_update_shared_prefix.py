@@ -17,14 +17,16 @@ from tests.test_credit import make_traj
 SPEC = TinyModelSpec(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
 
 
-def grouped_batch(policy, seed: int, groups: int = 3, members: int = 4):
-    """`groups` prompts of different lengths, each followed by `members` different multi-turn continuations."""
+def grouped_batch(policy, seed: int, groups: int = 3, members: int = 4, head: int = 0):
+    """`groups` prompts of different lengths, each followed by `members` different multi-turn continuations;
+    all prompts begin with the same `head` tokens."""
     gen = torch.Generator().manual_seed(seed)
     vocab = len(policy.tokenizer)
+    common = torch.randint(0, vocab, (head,), generator=gen).tolist()
     trajs = []
     for g in range(groups):
-        p = 6 + 5 * g
-        prompt = torch.randint(0, vocab, (p,), generator=gen).tolist()
+        p = head + 6 + 5 * g
+        prompt = common + torch.randint(0, vocab, (p - head,), generator=gen).tolist()
         for _ in range(members):
             segments = [("p", p)]
             for _turn in range(int(torch.randint(1, 3, (1,), generator=gen))):
@@ -79,6 +81,42 @@ def test_shared_prefix_gradients_equal_per_row_gradients(setup, agg, budget):
         torch.testing.assert_close(shared[0][name], plain[0][name], atol=2e-6, rtol=1e-4, msg=name)
     for key in plain[1]:
         assert shared[1][key] == pytest.approx(plain[1][key], abs=1e-6, rel=1e-6), key
+
+
+@pytest.mark.parametrize("members", [1, 3])
+def test_common_head_of_different_prompts_runs_once_with_equal_gradients(members, monkeypatch):
+    """Prompts that differ but begin alike (system prompt, rules): the head runs once per micro-batch, and
+    gradients and losses equal the per-row computation, also when no two rows share a whole prompt."""
+    import turnrl.shared_prefix as sp
+
+    policy = load_policy("tiny", seed=4, tiny=SPEC)
+    trajs = grouped_batch(policy, seed=7, groups=4, members=members, head=12)
+    batch = collate(trajs, policy.pad_token_id)
+    assert sp.head_length(batch.input_ids, list(range(batch.size)), batch.prompt_len) == 12
+    calls = []
+    real = policy.lm.forward
+    monkeypatch.setattr(policy.lm, "forward", lambda *a, **k: calls.append(k["input_ids"].shape) or real(*a, **k))
+    algo = AlgoConfig(filter="none", estimator="rebn" if members == 1 else "grpo", entropy_coef=0.01)
+    shared = grads_and_losses(policy, trajs, algo, OptimConfig(shared_prefix=True), None)
+    assert (1, 12) in calls  # the head, once
+    calls.clear()
+    plain = grads_and_losses(policy, trajs, algo, OptimConfig(shared_prefix=False), None)
+    assert shared[2] and not plain[2] and (1, 12) not in calls
+    for name in plain[0]:
+        torch.testing.assert_close(shared[0][name], plain[0][name], atol=2e-6, rtol=1e-4, msg=name)
+    for key in plain[1]:
+        assert shared[1][key] == pytest.approx(plain[1][key], abs=1e-6, rel=1e-6), key
+
+
+def test_head_length_leaves_each_prompt_a_token_and_ignores_short_heads():
+    from turnrl.shared_prefix import MIN_HEAD, head_length
+
+    ids = torch.tensor([[1] * 20 + [2, 3], [1] * 20 + [4, 5], [1] * 22])
+    assert head_length(ids, [0, 1], [22, 22, 22]) == 20
+    assert head_length(ids, [0, 2], [22, 22, 22]) == 20
+    assert head_length(ids, [2, 2], [22, 22, 22]) == 21  # identical prompts: all but the last token
+    assert head_length(ids, [0, 1], [MIN_HEAD, 22, 22]) == 0  # too short to be worth a forward of its own
+    assert head_length(ids, [0], [22, 22, 22]) == 0
 
 
 def test_shared_prefix_with_lora_equals_per_row():

@@ -2,6 +2,10 @@
 prompt is run forward (and backward) once per group and its keys/values are reused, with gradient, by
 every member's continuation.
 
+Prompts of different groups usually begin alike too (the system prompt and the game rules): the
+longest common head of a micro-batch's prompts runs once for the whole micro-batch, then each group's
+rest of the prompt, then every member's continuation (a prefix tree of depth three).
+
 The idea is the one behind prefix sharing in RL trainers (e.g. "prefix tree" / shared-prompt batching
 of GRPO groups): with a group of G episodes whose first prompt has P tokens, the forward and backward
 passes over the prompt shrink from G x P to P token positions, while the loss is unchanged, because a
@@ -41,18 +45,35 @@ def prefix_groups(rows: list[int], prompt_id: list[int]) -> list[list[int]]:
     return list(groups.values())
 
 
-def worth_sharing(rows: list[int], prompt_id: list[int]) -> bool:
-    """True when at least two rows share a first prompt."""
-    return len({prompt_id[r] for r in rows}) < len(rows)
+# A common head shorter than this is not run separately: the extra forward call costs more than it saves.
+MIN_HEAD = 8
+
+
+def head_length(input_ids: torch.Tensor, rows: list[int], prompt_len: list[int]) -> int:
+    """Length of the common head of the rows' first prompts, leaving each prompt at least one token of its
+    own (its last position's logits predict the first reply token); 0 when shorter than MIN_HEAD."""
+    n = min(prompt_len[r] for r in rows) - 1
+    if n < MIN_HEAD or len(rows) < 2:
+        return 0
+    x = input_ids[rows, :n]
+    differs = (x != x[:1]).any(0).nonzero()
+    head = int(differs[0]) if len(differs) else n
+    return head if head >= MIN_HEAD else 0
+
+
+def worth_sharing(rows: list[int], prompt_id: list[int], head: int = 0) -> bool:
+    """True when at least two rows share a first prompt or the first prompts share a head of `head` tokens."""
+    return head > 0 or len({prompt_id[r] for r in rows}) < len(rows)
 
 
 def plan_micro_batches(rows: list[int], lengths: list[int], prompt_len: list[int], prompt_id: list[int],
-                       token_budget: int) -> list[list[int]]:
-    """Micro-batches of at most `token_budget` padded token positions (each prompt once, plus every row's
-    continuation), packed group by group in order of prompt length; a group is split only when it alone
-    exceeds the budget."""
+                       token_budget: int, head: int = 0) -> list[list[int]]:
+    """Micro-batches of at most `token_budget` padded token positions (the common head of all prompts once,
+    each prompt's rest once, plus every row's continuation), packed group by group in order of prompt length;
+    a group is split only when it alone exceeds the budget. `head`: the common head length of all `rows`
+    (head_length); a micro-batch's own head is at least as long, so the cost is an upper bound."""
     def cost(mb: list[int]) -> int:
-        return (len({prompt_id[r] for r in mb}) * max(prompt_len[r] for r in mb)
+        return (head + len({prompt_id[r] for r in mb}) * (max(prompt_len[r] for r in mb) - head)
                 + len(mb) * max(lengths[r] - prompt_len[r] for r in mb))
 
     groups = sorted(prefix_groups(rows, prompt_id), key=lambda g: (prompt_len[g[0]], max(lengths[r] for r in g)))
@@ -76,8 +97,6 @@ def shared_prefix_logits(lm, input_ids: torch.Tensor, lengths: list[int], rows: 
                          prompt_len: list[int], prompt_id: list[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Logits of `rows` over their loss windows: (len(rows), width, vocab), the window starts (len(rows),)
     and width. Window position j of row r predicts token input_ids[r, start_r + j + 1]."""
-    from transformers import DynamicCache
-
     from turnrl.engines.hf import _cache_argument
 
     device = input_ids.device
@@ -85,16 +104,26 @@ def shared_prefix_logits(lm, input_ids: torch.Tensor, lengths: list[int], rows: 
     g_index = {r: gi for gi, g in enumerate(groups) for r in g}
     order = rows  # output rows keep the caller's order
     p_len = [prompt_len[g[0]] for g in groups]
-    p_max = max(p_len)
-    # Prompts, left-padded so every prompt ends at column p_max - 1 (its last logit predicts the first reply token).
-    pref_ids = torch.zeros((len(groups), p_max), dtype=torch.long, device=device)
-    pref_attn = torch.zeros((len(groups), p_max), dtype=torch.long, device=device)
-    pref_pos = torch.zeros((len(groups), p_max), dtype=torch.long, device=device)
+    # The head all prompts share runs once, its keys/values copied (with gradient) to every group.
+    head = head_length(input_ids, [g[0] for g in groups], prompt_len)
+    head_cache = {}
+    if head:
+        out = lm(input_ids=input_ids[groups[0][0], :head][None], use_cache=True, logits_to_keep=1)
+        to_groups = torch.zeros(len(groups), dtype=torch.long, device=device)
+        head_cache = {_cache_argument(lm): _expanded(out.past_key_values, to_groups)}
+    r_max = max(p_len) - head
+    # The prompts' rests, left-padded so every prompt ends at column head + r_max - 1 (its last logit predicts
+    # the first reply token); the padding sits between the head and the rest, masked.
+    pref_ids = torch.zeros((len(groups), r_max), dtype=torch.long, device=device)
+    pref_attn = torch.zeros((len(groups), head + r_max), dtype=torch.long, device=device)
+    pref_attn[:, :head] = 1
+    pref_pos = torch.zeros((len(groups), r_max), dtype=torch.long, device=device)
     for gi, (g, p) in enumerate(zip(groups, p_len)):
-        pref_ids[gi, p_max - p:] = input_ids[g[0], :p]
-        pref_attn[gi, p_max - p:] = 1
-        pref_pos[gi, p_max - p:] = torch.arange(p, device=device)
-    out = lm(input_ids=pref_ids, attention_mask=pref_attn, position_ids=pref_pos, use_cache=True, logits_to_keep=1)
+        pref_ids[gi, r_max - (p - head):] = input_ids[g[0], head:p]
+        pref_attn[gi, head + r_max - (p - head):] = 1
+        pref_pos[gi, r_max - (p - head):] = torch.arange(head, p, device=device)
+    out = lm(input_ids=pref_ids, attention_mask=pref_attn, position_ids=pref_pos, use_cache=True, logits_to_keep=1,
+             **head_cache)
     first_logits = out.logits[:, -1]  # (groups, vocab)
     cache = out.past_key_values
     gidx = torch.tensor([g_index[r] for r in order], dtype=torch.long, device=device)
@@ -111,13 +140,20 @@ def shared_prefix_logits(lm, input_ids: torch.Tensor, lengths: list[int], rows: 
         cont_ids[i, :n] = input_ids[r, prompt_len[r]:lengths[r] - 1]
         cont_attn[i, :n] = 1
     cont_pos = (starts + 1)[:, None] + torch.arange(width - 1, device=device)[None]
-    past = DynamicCache()
-    for layer_idx, layer in enumerate(cache.layers):
-        past.update(layer.keys.index_select(0, gidx), layer.values.index_select(0, gidx), layer_idx)
     attn = torch.cat([pref_attn.index_select(0, gidx), cont_attn], dim=1)
     out = lm(input_ids=cont_ids, attention_mask=attn, position_ids=cont_pos, use_cache=True,
-             **{_cache_argument(lm): past})
+             **{_cache_argument(lm): _expanded(cache, gidx)})
     return torch.cat([logits_first, out.logits], dim=1), starts, width
+
+
+def _expanded(cache, index: torch.Tensor):
+    """A new DynamicCache whose row i holds row index[i] of `cache` (gradients flow back to `cache`)."""
+    from transformers import DynamicCache
+
+    past = DynamicCache()
+    for layer_idx, layer in enumerate(cache.layers):
+        past.update(layer.keys.index_select(0, index), layer.values.index_select(0, index), layer_idx)
+    return past
 
 
 def windows(t: torch.Tensor, rows: list[int], starts: torch.Tensor, width: int, ends: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,8 @@ from turnrl.algos.losses import (aggregate, entropy_from_logits, gspo_loss, kl_p
 from turnrl.config import AlgoConfig, OptimConfig
 from turnrl.credit import Credit, compute_credit, compute_row_credit, turn_spread
 from turnrl.rollout import Trajectory
-from turnrl.shared_prefix import plan_micro_batches, prompt_ids, prompt_lengths, shared_prefix_logits, windows, \
-    worth_sharing
+from turnrl.shared_prefix import (head_length, plan_micro_batches, prompt_ids, prompt_lengths, shared_prefix_logits,
+                                  windows, worth_sharing)
 
 
 @dataclass
@@ -199,7 +199,8 @@ def minibatch_backward(policy, batch: Batch, targets: Targets, mb_rows: list[int
         seq_value_tokens = per_episode[index]
     totals: dict[str, float] = {}  # micro-batch parts of this mini-batch's losses (they add up)
     share = use_shared_prefix(policy, batch, mb_rows, algo=algo, optim=optim)
-    plan = (plan_micro_batches(mb_rows, batch.lengths, batch.prompt_len, batch.prompt_id, optim.micro_batch_tokens)
+    plan = (plan_micro_batches(mb_rows, batch.lengths, batch.prompt_len, batch.prompt_id, optim.micro_batch_tokens,
+                               head=head_length(batch.input_ids, mb_rows, batch.prompt_len))
             if share else micro_batches(batch.lengths, mb_rows, optim.micro_batch_tokens))
     with _frozen(policy.lm) if critic_only else contextlib.nullcontext():
         for rows in plan:
@@ -271,11 +272,12 @@ def minibatch_backward(policy, batch: Batch, targets: Targets, mb_rows: list[int
 
 
 def use_shared_prefix(policy, batch: Batch, rows: list[int], *, algo: AlgoConfig, optim: OptimConfig) -> bool:
-    """The shared-prefix forward applies when asked for, when some rows share a prompt, with no critic (its values
-    need every position's hidden state) and without gradient checkpointing (which drops the KV cache)."""
+    """The shared-prefix forward applies when asked for, when some rows share a prompt or all prompts share a
+    head, with no critic (its values need every position's hidden state) and without gradient checkpointing
+    (which drops the KV cache)."""
     return (optim.shared_prefix and not algo.needs_critic and batch.prompt_id is not None
             and not any(getattr(m, "gradient_checkpointing", False) for m in policy.lm.modules())
-            and worth_sharing(rows, batch.prompt_id))
+            and worth_sharing(rows, batch.prompt_id, head_length(batch.input_ids, rows, batch.prompt_len)))
 
 
 def ppo_update(policy, optimizer, scheduler, trajs: list[Trajectory], *, algo: AlgoConfig, optim: OptimConfig,

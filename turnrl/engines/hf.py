@@ -17,7 +17,8 @@ are masked, so every row computes exactly what an unpadded forward pass would.
 Speed (issue 5): the keys/values of a call live in one preallocated buffer per layer (`_BufferCache`),
 written in place at each decode step instead of concatenated; rows whose prompts are identical and
 uncached (the members of a group on their first turn) are prefilled once and their keys/values copied
-to every member; only the last position's logits are computed during prefill; finished rows leave the
+to every member, and the head that distinct uncached prompts share (system prompt, rules) is prefilled once
+for all of them; only the last position's logits are computed during prefill; finished rows leave the
 batch (their cache is kept for the next turn first) once they are a quarter of it, since every
 compaction copies the live buffer.
 """
@@ -31,6 +32,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from turnrl.engines.base import Completion, SamplingParams, check_prompts
+from turnrl.shared_prefix import MIN_HEAD
 
 
 def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -232,20 +234,22 @@ class HFEngine:
         self.stats["reused_tokens"] += sum(reuse)
         self.stats["prefill_tokens"] += sum(len(p) - r for p, r in zip(prompts, reuse))
 
-        # Identical uncached prompts (a group's first turn) are prefilled once and copied to every member.
-        expand = None
         if max(reuse) == 0:
+            # Identical uncached prompts (a group's first turn) are prefilled once and copied to every member;
+            # the head the distinct prompts share (system prompt, rules) is prefilled once and served to each
+            # of them like a cached prefix.
             first: dict[tuple[int, ...], int] = {}
             inverse = [first.setdefault(tuple(p), len(first)) for p in prompts]
-            if len(first) < batch:
-                unique = [list(p) for p in first]
-                self.stats["shared_prefill_tokens"] += sum(len(p) for p in prompts) - sum(len(p) for p in unique)
-                expand = torch.tensor(inverse, dtype=torch.long, device=device)
-        if expand is not None:
-            cache, logits, real, next_pos = self._prefill(unique, [None] * len(unique), [0] * len(unique),
+            unique = [list(p) for p in first]
+            self.stats["shared_prefill_tokens"] += sum(len(p) for p in prompts) - sum(len(p) for p in unique)
+            head = self._head(unique, device)
+            cache, logits, real, next_pos = self._prefill(unique, [head] * len(unique),
+                                                          [len(head.tokens) if head else 0] * len(unique),
                                                           capacity, device)
-            cache.select_rows(expand)
-            logits, real, next_pos = logits[expand], real[expand], next_pos[expand]
+            if len(unique) < batch:
+                expand = torch.tensor(inverse, dtype=torch.long, device=device)
+                cache.select_rows(expand)
+                logits, real, next_pos = logits[expand], real[expand], next_pos[expand]
         else:
             cache, logits, real, next_pos = self._prefill(prompts, cached, reuse, capacity, device)
         length = cache.layers[0].length
@@ -310,6 +314,23 @@ class HFEngine:
                 seq = prompts[row] + list(completions[row].ids)
                 self._cache[key] = _Cached(seq[:sel], ks, vs)
         return completions
+
+    def _head(self, prompts: list[list[int]], device) -> _Cached | None:
+        """The keys/values of the longest head all `prompts` share (each keeps at least one token of its own),
+        or None when there is one prompt or the head is shorter than MIN_HEAD tokens."""
+        n = min(len(p) for p in prompts) - 1
+        if len(prompts) < 2 or n < MIN_HEAD:
+            return None
+        x = torch.tensor([p[:n] for p in prompts])
+        differs = (x != x[:1]).any(0).nonzero()
+        size = int(differs[0]) if len(differs) else n
+        if size < MIN_HEAD:
+            return None
+        cache = _BufferCache([_BufferLayer(size) for _ in range(self.lm.config.num_hidden_layers)])
+        self.lm(input_ids=x[:1, :size].to(device), use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
+        self.stats["shared_prefill_tokens"] += (len(prompts) - 1) * size
+        return _Cached(prompts[0][:size], [layer.kbuf[0] for layer in cache.layers],
+                       [layer.vbuf[0] for layer in cache.layers])
 
     @staticmethod
     def _row_state(cache: _BufferCache, real: torch.Tensor, b: int, length: int):
