@@ -196,3 +196,23 @@ class _Holder(torch.nn.Module):
     def __init__(self, param):
         super().__init__()
         self.param = param
+
+
+def test_eval_train_env_measures_each_point_on_the_training_env_too(tmp_path):
+    """eval.train_env: next to the held-out env, every point is also measured on the training env, and the
+    after_rl entry is what `evaluate` on the final model and the training env gives."""
+    from turnrl.evaluate import evaluate
+    from turnrl.train import build_policy
+
+    cfg = tiny_config(tmp_path / "run", env=EnvConfig(name="bandit", eval_name="bandit_test", system_prompt=False),
+                      rollout__max_turns=1, eval__train_env=True, eval__greedy=True)
+    evals = train(cfg, log=lambda *_: None)
+    assert set(evals) == {p + s for p in ("untrained", "after_sft", "after_rl") for s in ("", "@bandit")}
+    final = build_policy(cfg, str(tmp_path / "run" / "final"))
+    on_train, _ = evaluate(final, cfg, env_name="bandit")
+    on_test, _ = evaluate(final, cfg)
+    assert evals["after_rl@bandit"] == on_train.to_dict()
+    assert evals["after_rl"] == on_test.to_dict()
+    # train_env is a no-op when the evaluation env is the training env
+    cfg = tiny_config(tmp_path / "same", eval__train_env=True, iterations=0, sft=SFTConfig(episodes=0))
+    assert set(train(cfg, log=lambda *_: None)) == {"untrained", "after_sft", "after_rl"}

@@ -91,13 +91,16 @@ def _parse_config(cls, base, args: list[str], description: str):
 
 def _print_evals(evals: dict, run_dir: Path) -> None:
     print(f"\nHeld-out evaluation ({run_dir / 'eval.json'}):")
-    print(f"  {'point':<10} {'success':>8} {'greedy':>8} {'return':>8} {'pass@k':>8}")
-    for name in ("untrained", "after_sft", "after_rl"):
-        if name in evals:
-            e = evals[name]
-            greedy = "-" if e.get("greedy_success_rate") is None else f"{e['greedy_success_rate']:.3f}"
-            print(f"  {name:<10} {e['success_rate']:>8.3f} {greedy:>8} {e['mean_return']:>8.3f} {e['pass_at_k']:>8.3f}"
-                  f"   (T={e['temperature']}, {e['episodes']} seeds x {e['k']})")
+    points = ("untrained", "after_sft", "after_rl")
+    # "<point>@<env>": the same point on the training env (eval.train_env)
+    names = [n for n in evals if n in points] + [n for n in evals if n.split("@")[0] in points and "@" in n]
+    width = max([10] + [len(n) for n in names])
+    print(f"  {'point':<{width}} {'success':>8} {'greedy':>8} {'return':>8} {'pass@k':>8}")
+    for name in names:
+        e = evals[name]
+        greedy = "-" if e.get("greedy_success_rate") is None else f"{e['greedy_success_rate']:.3f}"
+        print(f"  {name:<{width}} {e['success_rate']:>8.3f} {greedy:>8} {e['mean_return']:>8.3f} {e['pass_at_k']:>8.3f}"
+              f"   (T={e['temperature']}, {e['episodes']} seeds x {e['k']})")
     if "after_rl" in evals and "after_sft" in evals:
         gain = evals["after_rl"]["success_rate"] - evals["after_sft"]["success_rate"]
         print(f"  RL gain (after_rl - after_sft success): {gain:+.3f}")

@@ -228,15 +228,34 @@ def write_eval(path: Path, evals: dict) -> None:
     os.replace(tmp, path)
 
 
+def eval_points(cfg: TrainConfig, name: str) -> list[tuple[str, str | None]]:
+    """(eval.json key, env) of one evaluation point: the evaluation env, and with `eval.train_env` the training
+    env too when they differ (key "<point>@<env name>")."""
+    points = [(name, None)]
+    if cfg.eval.train_env and (cfg.env.eval_name or cfg.env.name) != cfg.env.name:
+        points.append((f"{name}@{cfg.env.name}", cfg.env.name))
+    return points
+
+
 def _run_eval(policy, cfg: TrainConfig, evals: dict, name: str, path: Path, log, engine=None) -> None:
-    result, _ = evaluate(policy, cfg, engine=engine)
-    evals[name] = result.to_dict()
+    for key, env_name in eval_points(cfg, name):
+        if key in evals:  # a resumed run that already measured it
+            continue
+        result, _ = evaluate(policy, cfg, env_name=env_name, engine=engine)
+        evals[key] = result.to_dict()
+        write_eval(path, evals)
+        greedy = "" if result.greedy_success_rate is None else f", greedy {result.greedy_success_rate:.3f}"
+        log(f"[eval] {key}: success {result.success_rate:.3f} (T={result.temperature}){greedy}, "
+            f"return {result.mean_return:.3f}, pass@{result.k} {result.pass_at_k:.3f}"
+            + (f", succ@1 {result.qa['succ@1']:.3f}, succ@{cfg.rollout.max_turns} "
+               f"{result.qa[f'succ@{cfg.rollout.max_turns}']:.3f}" if result.qa else ""))
+
+
+def _copy_eval(cfg: TrainConfig, evals: dict, src: str, dst: str, path: Path) -> None:
+    """The same model as an earlier point: its results, without rerunning them."""
+    for (key_src, _), (key_dst, _) in zip(eval_points(cfg, src), eval_points(cfg, dst)):
+        evals[key_dst] = dict(evals[key_src])
     write_eval(path, evals)
-    greedy = "" if result.greedy_success_rate is None else f", greedy {result.greedy_success_rate:.3f}"
-    log(f"[eval] {name}: success {result.success_rate:.3f} (T={result.temperature}){greedy}, "
-        f"return {result.mean_return:.3f}, pass@{result.k} {result.pass_at_k:.3f}"
-        + (f", succ@1 {result.qa['succ@1']:.3f}, succ@{cfg.rollout.max_turns} "
-           f"{result.qa[f'succ@{cfg.rollout.max_turns}']:.3f}" if result.qa else ""))
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> dict:
@@ -294,8 +313,7 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
     metrics.truncate_to([r for r in metrics.read() if r.get("iteration", 0) < state["iteration"]])
 
     # ---- evaluation before training and SFT warm start --------------------------------------------
-    if "untrained" not in evals:
-        _run_eval(policy, cfg, evals, "untrained", eval_path, log, shared)
+    _run_eval(policy, cfg, evals, "untrained", eval_path, log, shared)
     if state["phase"] == "start":
         if cfg.sft.episodes > 0:
             run_sft(policy, cfg, log)
@@ -303,12 +321,10 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
                 shared.sync(policy.lm)
         state = {"phase": "rl", "iteration": 0}
         save_checkpoint(run_dir, 0, policy, None, None, state, generators, cfg.keep_checkpoints)
-    if "after_sft" not in evals:
-        if cfg.sft.episodes == 0:  # same model, same eval seeds and sampling seed: the same result, no need to rerun
-            evals["after_sft"] = dict(evals["untrained"])
-            write_eval(eval_path, evals)
-        else:
-            _run_eval(policy, cfg, evals, "after_sft", eval_path, log, shared)
+    if cfg.sft.episodes == 0:  # same model, same eval seeds and sampling seed: the same result, no need to rerun
+        _copy_eval(cfg, evals, "untrained", "after_sft", eval_path)
+    else:
+        _run_eval(policy, cfg, evals, "after_sft", eval_path, log, shared)
 
     # ---- RL ---------------------------------------------------------------------------------------
     optimizer, scheduler = rl_optimizer(policy, cfg)
@@ -401,9 +417,10 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
 
     # ---- evaluation after RL and the final model --------------------------------------------------
     if cfg.iterations == 0:  # no RL step was taken: the after_sft evaluation already measured this model
-        evals["after_rl"] = dict(evals["after_sft"])
-        write_eval(eval_path, evals)
+        _copy_eval(cfg, evals, "after_sft", "after_rl", eval_path)
     else:
+        for key, _ in eval_points(cfg, "after_rl"):  # a resumed run with more iterations: measure the new end
+            evals.pop(key, None)
         _run_eval(policy, cfg, evals, "after_rl", eval_path, log, shared)
     save_model_atomic(policy, run_dir / "final")
     return evals
