@@ -119,14 +119,15 @@ def test_head_length_leaves_each_prompt_a_token_and_ignores_short_heads():
     assert head_length(ids, [0], [22, 22, 22]) == 0
 
 
-def test_shared_prefix_with_lora_equals_per_row():
+@pytest.mark.parametrize("head", [0, 12])
+def test_shared_prefix_with_lora_equals_per_row(head):
     pytest.importorskip("peft")
     policy = load_policy("tiny", seed=1, tiny=SPEC, lora=LoraSpec(rank=4))
     with torch.no_grad():  # B starts at zero: make the adapters matter
         for name, p in policy.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.1)
-    trajs = grouped_batch(policy, seed=2)
+    trajs = grouped_batch(policy, seed=2, head=head)
     algo = AlgoConfig(filter="none", estimator="grpo")
     shared = grads_and_losses(policy, trajs, algo, OptimConfig(shared_prefix=True), None)
     plain = grads_and_losses(policy, trajs, algo, OptimConfig(shared_prefix=False), None)
