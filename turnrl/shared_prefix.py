@@ -55,9 +55,13 @@ def head_length(input_ids: torch.Tensor, rows: list[int], prompt_len: list[int])
     n = min(prompt_len[r] for r in rows) - 1
     if n < MIN_HEAD or len(rows) < 2:
         return 0
-    x = input_ids[rows, :n]
+    return common_head(input_ids[rows, :n])
+
+
+def common_head(x: torch.Tensor) -> int:
+    """How many leading columns all rows of `x` (rows, n) agree on; 0 when fewer than MIN_HEAD."""
     differs = (x != x[:1]).any(0).nonzero()
-    head = int(differs[0]) if len(differs) else n
+    head = int(differs[0]) if len(differs) else x.shape[1]
     return head if head >= MIN_HEAD else 0
 
 

@@ -32,7 +32,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from turnrl.engines.base import Completion, SamplingParams, check_prompts
-from turnrl.shared_prefix import MIN_HEAD
+from turnrl.shared_prefix import MIN_HEAD, common_head
 
 
 def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -322,9 +322,8 @@ class HFEngine:
         if len(prompts) < 2 or n < MIN_HEAD:
             return None
         x = torch.tensor([p[:n] for p in prompts])
-        differs = (x != x[:1]).any(0).nonzero()
-        size = int(differs[0]) if len(differs) else n
-        if size < MIN_HEAD:
+        size = common_head(x)
+        if not size:
             return None
         cache = _BufferCache([_BufferLayer(size) for _ in range(self.lm.config.num_hidden_layers)])
         self.lm(input_ids=x[:1, :size].to(device), use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
