@@ -265,7 +265,8 @@ class EvalConfig:
     temperature: float = 1.0  # sampling temperature of the evaluation
     greedy: bool = True  # also report greedy (temperature 0) success
     seed: int = 1234  # sampling seed of the evaluation (the env seeds are fixed: 0..episodes-1)
-    train_env: bool = False  # also evaluate on the training env (env.name) when env.eval_name differs: "<point>@<env>" in eval.json
+    # also evaluate on the training env (env.name) when env.eval_name differs: "<point>@<env>" entries in eval.json
+    train_env: bool = False
 
     def __post_init__(self):
         _check(1 <= self.episodes < EVAL_SEED_LIMIT, f"eval.episodes must be in [1, {EVAL_SEED_LIMIT})")
