@@ -52,14 +52,14 @@ MIN_HEAD = 8
 def head_length(input_ids: torch.Tensor, rows: list[int], prompt_len: list[int]) -> int:
     """Length of the common head of the rows' first prompts, leaving each prompt at least one token of its
     own (its last position's logits predict the first reply token); 0 when shorter than MIN_HEAD."""
-    n = min(prompt_len[r] for r in rows) - 1
-    if n < MIN_HEAD or len(rows) < 2:
-        return 0
-    return common_head(input_ids[rows, :n])
+    return common_head(input_ids[rows, :max(0, min(prompt_len[r] for r in rows) - 1)])
 
 
 def common_head(x: torch.Tensor) -> int:
-    """How many leading columns all rows of `x` (rows, n) agree on; 0 when fewer than MIN_HEAD."""
+    """How many leading columns all rows of `x` (rows, n) agree on; 0 when fewer than MIN_HEAD or when `x`
+    has fewer than two rows (nothing to share)."""
+    if x.shape[0] < 2 or x.shape[1] < MIN_HEAD:
+        return 0
     differs = (x != x[:1]).any(0).nonzero()
     head = int(differs[0]) if len(differs) else x.shape[1]
     return head if head >= MIN_HEAD else 0

@@ -32,7 +32,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from turnrl.engines.base import Completion, SamplingParams, check_prompts
-from turnrl.shared_prefix import MIN_HEAD, common_head
+from turnrl.shared_prefix import common_head
 
 
 def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -317,10 +317,8 @@ class HFEngine:
 
     def _head(self, prompts: list[list[int]], device) -> _Cached | None:
         """The keys/values of the longest head all `prompts` share (each keeps at least one token of its own),
-        or None when there is one prompt or the head is shorter than MIN_HEAD tokens."""
+        or None when there is one prompt or the head is shorter than shared_prefix.MIN_HEAD tokens."""
         n = min(len(p) for p in prompts) - 1
-        if len(prompts) < 2 or n < MIN_HEAD:
-            return None
         x = torch.tensor([p[:n] for p in prompts])
         size = common_head(x)
         if not size:
