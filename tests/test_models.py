@@ -42,3 +42,49 @@ def test_value_head_shape():
     policy = Policy(load_policy("tiny").lm, build_tiny_tokenizer(), value_head=True)
     logits, values = policy(torch.tensor([[1, 2, 3]]), with_values=True)
     assert logits.shape[:2] == (1, 3) and values.shape == (1, 3)
+
+
+def test_logits_at_marked_positions_equal_the_full_logits():
+    """`at` runs the LM head only at the marked positions; logits and values equal the whole LM's."""
+    from turnrl.models import lm_parts
+
+    policy = load_policy("tiny", value_head=True, seed=2).eval()
+    with torch.no_grad():
+        policy.value_head.weight.normal_()
+    ids = torch.randint(0, 200, (3, 9))
+    attn = torch.ones_like(ids)
+    attn[2, 6:] = 0
+    at = torch.rand(3, 9) < 0.4
+    with torch.no_grad():
+        out = policy.lm(input_ids=ids, attention_mask=attn, output_hidden_states=True)
+        logits, values = policy(ids, attn, with_values=True, at=at)
+        full, _ = policy(ids, attn)
+    assert lm_parts(policy.lm).split
+    assert logits.shape == (int(at.sum()), out.logits.shape[-1])
+    torch.testing.assert_close(logits, out.logits[at])
+    torch.testing.assert_close(full, out.logits)
+    torch.testing.assert_close(values, policy.value_head(out.hidden_states[-1]).squeeze(-1))
+
+
+def test_model_whose_logits_are_not_the_plain_head_keeps_the_whole_lm_path():
+    """A model that post-processes its logits (here: scaled, like soft-capping) is not split: `at` then selects
+    from the whole LM's own logits, so nothing changes for such models."""
+    from turnrl.models import lm_parts
+
+    policy = load_policy("tiny", seed=2).eval()
+    real = policy.lm.forward
+
+    def scaled(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+    policy.lm.forward = scaled
+    ids = torch.randint(0, 200, (2, 6))
+    at = torch.zeros(2, 6, dtype=torch.bool)
+    at[:, 3:] = True
+    with torch.no_grad():
+        logits, _ = policy(ids, torch.ones_like(ids), at=at)
+        expected = policy.lm(input_ids=ids).logits[at]
+    assert not lm_parts(policy.lm).split
+    torch.testing.assert_close(logits, expected)

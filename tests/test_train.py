@@ -158,8 +158,9 @@ def test_no_reference_model_when_kl_is_off(tmp_path, monkeypatch):
     from turnrl.models import Policy
 
     calls = []
-    real = update.forward_no_grad
-    monkeypatch.setattr(update, "forward_no_grad", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    for name in ("reference_logprobs", "policy_values"):
+        real = getattr(update, name)
+        monkeypatch.setattr(update, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     def no_reference(*_a, **_k):
         raise AssertionError("the trainer built a reference model")
 

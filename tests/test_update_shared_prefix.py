@@ -94,8 +94,9 @@ def test_common_head_of_different_prompts_runs_once_with_equal_gradients(members
     batch = collate(trajs, policy.pad_token_id)
     assert sp.head_length(batch.input_ids, list(range(batch.size)), batch.prompt_len) == 12
     calls = []
-    real = policy.lm.forward
-    monkeypatch.setattr(policy.lm, "forward", lambda *a, **k: calls.append(k["input_ids"].shape) or real(*a, **k))
+    decoder = policy.lm.get_decoder()  # the update runs the trunk and applies the LM head itself
+    real = decoder.forward
+    monkeypatch.setattr(decoder, "forward", lambda *a, **k: calls.append(k["input_ids"].shape) or real(*a, **k))
     algo = AlgoConfig(filter="none", estimator="rebn" if members == 1 else "grpo", entropy_coef=0.01)
     shared = grads_and_losses(policy, trajs, algo, OptimConfig(shared_prefix=True), None)
     assert (1, 12) in calls  # the head, once

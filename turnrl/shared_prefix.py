@@ -12,9 +12,10 @@ passes over the prompt shrink from G x P to P token positions, while the loss is
 causal model's states over the prompt do not depend on what follows it. Gradients equal the unshared
 computation up to float rounding (tests/test_update_shared_prefix.py checks it).
 
-Only the logits that can carry loss are produced: for each row, a window of positions starting at the
-last prompt position (it predicts the first sampled token) and ending at the row's last position. The
-window of row r covers shifted positions [start_r, start_r + width) of the collated batch.
+Only the positions that can carry loss come out: for each row, a window of last hidden states starting at
+the last prompt position (it predicts the first sampled token) and ending at the row's last position. The
+window of row r covers shifted positions [start_r, start_r + width) of the collated batch. The caller applies
+the LM head (turnrl.models.lm_parts) to the positions of the window it needs.
 """
 
 from __future__ import annotations
@@ -97,12 +98,15 @@ def plan_micro_batches(rows: list[int], lengths: list[int], prompt_len: list[int
     return out
 
 
-def shared_prefix_logits(lm, input_ids: torch.Tensor, lengths: list[int], rows: list[int],
+def shared_prefix_hidden(lm, input_ids: torch.Tensor, lengths: list[int], rows: list[int],
                          prompt_len: list[int], prompt_id: list[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Logits of `rows` over their loss windows: (len(rows), width, vocab), the window starts (len(rows),)
-    and width. Window position j of row r predicts token input_ids[r, start_r + j + 1]."""
+    """Last hidden states of `rows` over their loss windows: (len(rows), width, hidden), the window starts
+    (len(rows),) and width. Window position j of row r predicts token input_ids[r, start_r + j + 1] through
+    lm_parts(lm).head (for a model that cannot be split, the "hidden states" are the logits themselves)."""
     from turnrl.engines.hf import _cache_argument
+    from turnrl.models import lm_parts
 
+    body = lm_parts(lm).body
     device = input_ids.device
     groups = prefix_groups(rows, prompt_id)
     g_index = {r: gi for gi, g in enumerate(groups) for r in g}
@@ -112,7 +116,7 @@ def shared_prefix_logits(lm, input_ids: torch.Tensor, lengths: list[int], rows: 
     head = head_length(input_ids, [g[0] for g in groups], prompt_len)
     head_cache = {}
     if head:
-        out = lm(input_ids=input_ids[groups[0][0], :head][None], use_cache=True, logits_to_keep=1)
+        out = body(input_ids=input_ids[groups[0][0], :head][None], use_cache=True, logits_to_keep=1)
         to_groups = torch.zeros(len(groups), dtype=torch.long, device=device)
         head_cache = {_cache_argument(lm): _expanded(out.past_key_values, to_groups)}
     r_max = max(p_len) - head
@@ -126,16 +130,16 @@ def shared_prefix_logits(lm, input_ids: torch.Tensor, lengths: list[int], rows: 
         pref_ids[gi, r_max - (p - head):] = input_ids[g[0], head:p]
         pref_attn[gi, head + r_max - (p - head):] = 1
         pref_pos[gi, r_max - (p - head):] = torch.arange(head, p, device=device)
-    out = lm(input_ids=pref_ids, attention_mask=pref_attn, position_ids=pref_pos, use_cache=True, logits_to_keep=1,
+    out = body(input_ids=pref_ids, attention_mask=pref_attn, position_ids=pref_pos, use_cache=True, logits_to_keep=1,
              **head_cache)
-    first_logits = out.logits[:, -1]  # (groups, vocab)
+    first = out.last_hidden_state[:, -1]  # (groups, hidden)
     cache = out.past_key_values
     gidx = torch.tensor([g_index[r] for r in order], dtype=torch.long, device=device)
     starts = torch.tensor([prompt_len[r] - 1 for r in order], dtype=torch.long, device=device)
     width = max(lengths[r] - prompt_len[r] for r in order)  # window: last prompt position .. last position - 1
-    logits_first = first_logits.index_select(0, gidx)[:, None]
+    first = first.index_select(0, gidx)[:, None]
     if width == 1:
-        return logits_first, starts, width
+        return first, starts, width
     # Continuations: the tokens after each prompt except the last one (whose logits predict nothing), right-padded.
     cont_ids = torch.zeros((len(order), width - 1), dtype=torch.long, device=device)
     cont_attn = torch.zeros((len(order), width - 1), dtype=torch.long, device=device)
@@ -145,9 +149,9 @@ def shared_prefix_logits(lm, input_ids: torch.Tensor, lengths: list[int], rows: 
         cont_attn[i, :n] = 1
     cont_pos = (starts + 1)[:, None] + torch.arange(width - 1, device=device)[None]
     attn = torch.cat([pref_attn.index_select(0, gidx), cont_attn], dim=1)
-    out = lm(input_ids=cont_ids, attention_mask=attn, position_ids=cont_pos, use_cache=True,
+    out = body(input_ids=cont_ids, attention_mask=attn, position_ids=cont_pos, use_cache=True,
              **{_cache_argument(lm): _expanded(cache, gidx)})
-    return torch.cat([logits_first, out.logits], dim=1), starts, width
+    return torch.cat([first, out.last_hidden_state], dim=1), starts, width
 
 
 def _expanded(cache, index: torch.Tensor):

@@ -16,7 +16,8 @@ from turnrl.algos.losses import (aggregate, entropy_from_logits, gspo_loss, kl_p
 from turnrl.config import AlgoConfig, OptimConfig
 from turnrl.credit import Credit, compute_credit, compute_row_credit, turn_spread
 from turnrl.rollout import Trajectory
-from turnrl.shared_prefix import (head_length, plan_micro_batches, prompt_ids, prompt_lengths, shared_prefix_logits,
+from turnrl.models import lm_parts
+from turnrl.shared_prefix import (head_length, plan_micro_batches, prompt_ids, prompt_lengths, shared_prefix_hidden,
                                   windows, worth_sharing)
 
 
@@ -104,22 +105,32 @@ def _autocast(enabled: bool):
 
 
 @torch.no_grad()
-def forward_no_grad(policy, lm, batch: Batch, rows_groups: list[list[int]], temperature: float,
-                    with_values: bool, bf16: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logprobs (and values) of the batch's targets under `lm` (the policy's or a reference's)."""
+def reference_logprobs(lm, batch: Batch, rows_groups: list[list[int]], temperature: float,
+                       bf16: bool) -> torch.Tensor:
+    """(B, L-1) logprobs of the batch's targets under `lm` (a reference model) at model-token positions, 0 elsewhere."""
     logps = torch.zeros_like(batch.old_logprobs)
-    values = torch.zeros_like(batch.old_logprobs) if with_values else None
     for rows in rows_groups:
         n = max(batch.lengths[r] for r in rows)
-        ids, attn = batch.input_ids[rows, :n], batch.attention[rows, :n]
+        on = batch.mask[rows, : n - 1] > 0
         with _autocast(bf16):
-            if with_values:
-                logits, vals = policy(ids, attn, with_values=True)
-                values[rows, : n - 1] = vals[:, :-1].float()
-            else:
-                logits = lm(input_ids=ids, attention_mask=attn, use_cache=False).logits
-        logps[rows, : n - 1] = token_logprobs(logits[:, :-1].float(), batch.targets[rows, : n - 1], temperature=temperature)
-    return logps, values
+            logits = lm(input_ids=batch.input_ids[rows, :n], attention_mask=batch.attention[rows, :n],
+                        use_cache=False).logits[:, :-1][on]
+        logps[rows, : n - 1] = _scatter(on, token_logprobs(logits[None].float(), batch.targets[rows, : n - 1][on][None],
+                                                           temperature=temperature)[0])
+    return logps
+
+
+@torch.no_grad()
+def policy_values(policy, batch: Batch, rows_groups: list[list[int]], bf16: bool) -> torch.Tensor:
+    """(B, L-1) value-head outputs of `policy` at every position (the LM head does not run)."""
+    values = torch.zeros_like(batch.old_logprobs)
+    for rows in rows_groups:
+        n = max(batch.lengths[r] for r in rows)
+        attn = batch.attention[rows, :n]
+        with _autocast(bf16):
+            _, vals = policy(batch.input_ids[rows, :n], attn, with_values=True, at=torch.zeros_like(attn, dtype=torch.bool))
+        values[rows, : n - 1] = vals[:, :-1].float()
+    return values
 
 
 @dataclass
@@ -138,16 +149,14 @@ def prepare_targets(policy, batch: Batch, trajs: list[Trajectory], *, algo: Algo
     old_values = None
     if algo.needs_critic:
         policy.eval()
-        _, old_values = forward_no_grad(policy, policy.lm, batch,
-                                        micro_batches(batch.lengths, all_rows, optim.micro_batch_tokens),
-                                        temperature, True, optim.bf16)
+        old_values = policy_values(policy, batch, micro_batches(batch.lengths, all_rows, optim.micro_batch_tokens),
+                                   optim.bf16)
     credit = (compute_row_credit(trajs, batch.rows, batch.mask, old_values, algo) if batch.turn_rows
               else compute_credit(trajs, batch.mask, old_values, algo))
     ref_logprobs = None
     if algo.kl_coef > 0:
-        ref_logprobs, _ = forward_no_grad(None, ref_lm, batch,
-                                          micro_batches(batch.lengths, all_rows, optim.micro_batch_tokens),
-                                          temperature, False, optim.bf16)
+        ref_logprobs = reference_logprobs(ref_lm, batch, micro_batches(batch.lengths, all_rows, optim.micro_batch_tokens),
+                                          temperature, optim.bf16)
     return Targets(credit, old_values, ref_logprobs)
 
 
@@ -206,25 +215,30 @@ def minibatch_backward(policy, batch: Batch, targets: Targets, mb_rows: list[int
         for rows in plan:
             n = max(batch.lengths[r] for r in rows)
             values = None
+            # The LM head and the vocabulary-wide work (log-softmax, entropy) run only where the loss mask is on:
+            # the other positions (prompt, env replies, padding) never enter the loss. Results are scattered
+            # back to (rows, width).
             if share:
                 # Loss windows only: from the last prompt position (the first position that predicts a model
                 # token) to each row's end; the prompt ran once per group (turnrl.shared_prefix).
+                parts = lm_parts(policy.lm)
                 with _autocast(optim.bf16):
-                    logits, starts, width = shared_prefix_logits(policy.lm, batch.input_ids, batch.lengths, rows,
+                    hidden, starts, width = shared_prefix_hidden(policy.lm, batch.input_ids, batch.lengths, rows,
                                                                  batch.prompt_len, batch.prompt_id)
                 ends = torch.tensor([batch.lengths[r] - 1 for r in rows])
                 window = lambda t: windows(t, rows, starts, width, ends)  # noqa: E731
+                mask = window(batch.mask)
+                on = mask > 0
+                with _autocast(optim.bf16):
+                    logits = parts.head(hidden[on])
             else:
+                window = lambda t: t[rows, : n - 1]  # noqa: E731
+                mask = window(batch.mask)
+                on = mask > 0
                 with _autocast(optim.bf16):
                     logits, values = policy(batch.input_ids[rows, :n], batch.attention[rows, :n],
-                                            with_values=algo.needs_critic)
-                logits = logits[:, :-1]
-                window = lambda t: t[rows, : n - 1]  # noqa: E731
-            mask = window(batch.mask)
-            # Vocabulary-wide work (log-softmax, entropy) only where the loss mask is on: the other positions
-            # (prompt, env replies, padding) never enter the loss. Results are scattered back to (rows, width).
-            on = mask > 0
-            logits = logits[on].float()  # (model tokens, vocab)
+                                            with_values=algo.needs_critic, at=torch.nn.functional.pad(on, (0, 1)))
+            logits = logits.float()  # (model tokens, vocab)
             logps = _scatter(on, token_logprobs(logits[None], window(batch.targets)[on][None],
                                                 temperature=temperature)[0])
             old = window(batch.old_logprobs)
