@@ -148,3 +148,45 @@ def test_finished_rows_leave_batch_and_keep_exact_cache(policy):
         prompts = [p + list(c.ids) + [rng.randrange(0, 250) for _ in range(3)] for p, c in zip(prompts, comps)]
     assert engine.stats["compactions"] > 0
     assert engine.stats["reused_tokens"] > 0
+
+
+def test_prefill_chunks_minimise_padded_tokens():
+    import itertools
+
+    from turnrl.engines.hf import prefill_chunks
+
+    def cost(lengths, chunks, c):
+        return sum((b - a) * max(lengths[a:b]) + c for a, b in chunks)
+
+    rng = random.Random(0)
+    for _ in range(30):
+        lengths = sorted(rng.randrange(1, 80) for _ in range(rng.randrange(1, 8)))
+        c = rng.choice([0, 16, 64])
+        chunks = prefill_chunks(lengths, chunk_cost=c)
+        assert chunks[0][0] == 0 and chunks[-1][1] == len(lengths)
+        assert all(x[1] == y[0] for x, y in zip(chunks, chunks[1:]))
+        splits = [[0, *cuts, len(lengths)] for k in range(len(lengths))
+                  for cuts in itertools.combinations(range(1, len(lengths)), k)]
+        brute = min(cost(lengths, list(zip(s, s[1:])), c) for s in splits)
+        assert cost(lengths, chunks, c) == brute
+    assert prefill_chunks([37] * 16 + [61] * 16) == [(0, 16), (16, 32)]
+
+
+def test_env_replies_of_different_lengths_prefilled_in_chunks_exactly(policy):
+    """A continuing turn whose env replies differ a lot in length is prefilled in chunks (short rows are not
+    padded to the longest); logprobs still equal a full forward of each whole history."""
+    engine = HFEngine(policy.lm, eos_token_id=policy.eos_token_id, pad_token_id=policy.pad_token_id,
+                      generator=torch.Generator().manual_seed(2))
+    rng = random.Random(6)
+    prompts = [[256] + [rng.randrange(0, 250) for _ in range(rng.randrange(4, 9))] for _ in range(8)]
+    keys = list(range(8))
+    params = SamplingParams(max_new_tokens=4, temperature=0.8)
+    comps = engine.generate(prompts, params, keys=keys)
+    nexts = [p + list(c.ids) + [rng.randrange(0, 250) for _ in range(2 if i % 2 else 150)]
+             for i, (p, c) in enumerate(zip(prompts, comps))]
+    chunks = engine.stats["prefill_chunks"]
+    comps = engine.generate(nexts, params, keys=keys)
+    assert engine.stats["prefill_chunks"] - chunks == 2  # the short replies, then the long ones
+    for prompt, c in zip(nexts, comps):
+        ref = full_forward_logprobs(policy, prompt, c.ids, temperature=0.8)
+        assert max(abs(x - y) for x, y in zip(ref, c.logprobs)) < 1e-4
