@@ -26,7 +26,6 @@ compaction copies the live buffer.
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Hashable
 
 import torch
@@ -48,30 +47,6 @@ def _cache_argument(lm) -> str:
     """Name of the forward argument taking the KV cache: `cache` in recent transformers, else `past_key_values`."""
     base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # a PEFT model forwards its kwargs
     return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
-
-
-# One more prefill forward costs about this many padded tokens of work (per-call overhead, smaller matmuls).
-CHUNK_COST_TOKENS = 64
-
-
-def prefill_chunks(lengths: list[int], chunk_cost: int = CHUNK_COST_TOKENS) -> list[tuple[int, int]]:
-    """Splits rows 0..n-1 into consecutive [a, b) chunks minimising the padded tokens of a chunked prefill:
-    sum over chunks of (b - a) * max(lengths[a:b]) + chunk_cost (dynamic programming over the split points)."""
-    n = len(lengths)
-    best = [0.0] + [math.inf] * n
-    cut = [0] * (n + 1)
-    for b in range(1, n + 1):
-        longest = 0
-        for a in range(b - 1, -1, -1):
-            longest = max(longest, lengths[a])
-            cost = best[a] + (b - a) * longest + chunk_cost
-            if cost < best[b]:
-                best[b], cut[b] = cost, a
-    chunks, b = [], n
-    while b > 0:
-        chunks.append((cut[b], b))
-        b = cut[b]
-    return chunks[::-1]
 
 
 class _Cached:
@@ -174,7 +149,7 @@ class HFEngine:
         self._cache: dict[Hashable, _Cached] = {}
         self._cache_arg = _cache_argument(lm)
         self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "shared_prefill_tokens": 0, "generated_tokens": 0,
-                      "compactions": 0, "prefill_chunks": 0}
+                      "compactions": 0}
 
     def release(self, keys) -> None:
         """Frees the cached state of finished episodes."""
@@ -224,46 +199,28 @@ class HFEngine:
             positions[row, width_s - len(suffix):] = torch.arange(r, r + len(suffix))
             real[row, width_c - r:width_c] = True
             real[row, width_c + width_s - len(suffix):width_c + width_s] = True
-        if width_c == 0:
-            cache = _BufferCache([_BufferLayer(capacity) for _ in range(self.lm.config.num_hidden_layers)])
-            out = self.lm(input_ids=input_ids, attention_mask=real[:, :width_s].long(), position_ids=positions,
-                          use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
-            return cache, out.logits[:, -1, :].float(), real, positions[:, -1] + 1
-        ref = next(c for c in cached if c is not None)
-        kv = []
-        for layer in range(len(ref.keys)):
-            h, _, d = ref.keys[layer].shape
-            # Positions past the prefix are written before they are read; the masked gaps must be finite.
-            k = torch.empty((batch, h, capacity, d), dtype=ref.keys[layer].dtype, device=device)
-            v = torch.empty((batch, ref.values[layer].shape[0], capacity, ref.values[layer].shape[2]),
-                            dtype=ref.values[layer].dtype, device=device)
-            k[:, :, :width_c].zero_()
-            v[:, :, :width_c].zero_()
-            for row, (c, r) in enumerate(zip(cached, reuse)):
-                if r:
-                    k[row, :, width_c - r:width_c] = c.keys[layer][:, :r]
-                    v[row, :, width_c - r:width_c] = c.values[layer][:, :r]
-            kv.append((k, v))
-        # The suffixes (a continuing turn's env replies) differ in length: consecutive rows are prefilled in
-        # chunks, each padded only to its own longest suffix (generate() sorts a batch's rows by suffix length),
-        # writing their keys/values straight into their rows of the batch buffers (views, no copy).
-        logits = []
-        attention = real[:, :width_c + width_s].long()
-        for a, b in prefill_chunks([len(s) for s in suffixes]):
-            w = max(len(s) for s in suffixes[a:b])
-            start = width_c + width_s - w  # this chunk's first fed column
+        if width_c > 0:
+            ref = next(c for c in cached if c is not None)
             layers = []
-            for k, v in kv:
-                k[a:b, :, width_c:start].zero_()  # the part of the gap this chunk does not feed stays masked
-                v[a:b, :, width_c:start].zero_()
-                layers.append(_BufferLayer(capacity, k[a:b], v[a:b], start))
-            out = self.lm(input_ids=input_ids[a:b, width_s - w:], attention_mask=attention[a:b],
-                          position_ids=positions[a:b, width_s - w:], use_cache=True, logits_to_keep=1,
-                          **{self._cache_arg: _BufferCache(layers)})
-            logits.append(out.logits[:, -1, :].float())
-        self.stats["prefill_chunks"] += len(logits)
-        cache = _BufferCache([_BufferLayer(capacity, k, v, width_c + width_s) for k, v in kv])
-        return cache, torch.cat(logits), real, positions[:, -1] + 1
+            for layer in range(len(ref.keys)):
+                h, _, d = ref.keys[layer].shape
+                # Positions past the prefix are written before they are read; the masked gaps must be finite.
+                k = torch.empty((batch, h, capacity, d), dtype=ref.keys[layer].dtype, device=device)
+                v = torch.empty((batch, ref.values[layer].shape[0], capacity, ref.values[layer].shape[2]),
+                                dtype=ref.values[layer].dtype, device=device)
+                k[:, :, :width_c].zero_()
+                v[:, :, :width_c].zero_()
+                for row, (c, r) in enumerate(zip(cached, reuse)):
+                    if r:
+                        k[row, :, width_c - r:width_c] = c.keys[layer][:, :r]
+                        v[row, :, width_c - r:width_c] = c.values[layer][:, :r]
+                layers.append(_BufferLayer(capacity, k, v, width_c))
+        else:
+            layers = [_BufferLayer(capacity) for _ in range(self.lm.config.num_hidden_layers)]
+        cache = _BufferCache(layers)
+        out = self.lm(input_ids=input_ids, attention_mask=real[:, :width_c + width_s].long(), position_ids=positions,
+                      use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
+        return cache, out.logits[:, -1, :].float(), real, positions[:, -1] + 1
 
     @torch.inference_mode()
     def _generate_batch(self, prompts: list[list[int]], params: SamplingParams,
