@@ -148,3 +148,22 @@ def test_finished_rows_leave_batch_and_keep_exact_cache(policy):
         prompts = [p + list(c.ids) + [rng.randrange(0, 250) for _ in range(3)] for p, c in zip(prompts, comps)]
     assert engine.stats["compactions"] > 0
     assert engine.stats["reused_tokens"] > 0
+
+
+def test_sample_rows_follows_the_distribution_and_never_draws_zero_probability():
+    from turnrl.engines.hf import sample_rows
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0],
+                          [1.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                          [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]])
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    draws = torch.stack([sample_rows(probs, g) for _ in range(n)])  # (n, 3)
+    counts = torch.bincount(draws[:, 0], minlength=6).double() / n
+    assert counts[[0, 2, 5]].sum() == 0
+    # Each frequency within 4 standard errors of its probability.
+    se = (probs[0].double() * (1 - probs[0].double()) / n).sqrt()
+    assert ((counts - probs[0].double()).abs() <= 4 * se + 1e-12).all(), counts
+    assert (draws[:, 1] == 0).all() and (draws[:, 2] == 5).all()
+    again = torch.stack([sample_rows(probs, torch.Generator().manual_seed(0)) for _ in range(3)])
+    assert torch.equal(again[0], again[1])

@@ -43,6 +43,21 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
+def sample_rows(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of `probs` (rows, vocab), drawn by inverse-CDF sampling: one uniform per row, located in
+    the row's cumulative sum (float64, so a 49k-entry vocabulary keeps its small probabilities). Tokens of
+    probability 0 are never drawn.
+
+    Written by hand because `torch.multinomial` draws an exponential variate for every vocabulary entry of every
+    row (the exponential-race method): 42 ms per decode step for 32 rows of SmolLM2's 49k vocabulary on 2 CPU
+    cores, about a fifth of the step; this takes ~1 ms."""
+    cdf = probs.double().cumsum(-1)
+    # u in (0, 1], so the target u * total lies in (0, total]; the first entry whose cumulative sum reaches it is a
+    # token of positive probability (a zero-probability token repeats its predecessor's sum).
+    u = 1.0 - torch.rand((probs.shape[0], 1), generator=generator, dtype=torch.float64, device=probs.device)
+    return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1)
+
+
 def _cache_argument(lm) -> str:
     """Name of the forward argument taking the KV cache: `cache` in recent transformers, else `past_key_values`."""
     base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # a PEFT model forwards its kwargs
@@ -268,7 +283,7 @@ class HFEngine:
                 scaled = logits / params.temperature
                 logp_all = torch.log_softmax(scaled, dim=-1)
                 sample_from = scaled if params.top_p >= 1.0 else _top_p_filter(scaled, params.top_p)
-                choice = torch.multinomial(torch.softmax(sample_from, dim=-1), 1, generator=self.generator).squeeze(-1)
+                choice = sample_rows(torch.softmax(sample_from, dim=-1), self.generator)
             live = ~finished
             choice = torch.where(live, choice, torch.full_like(choice, self.pad))
             out_tokens[rows, step] = choice
