@@ -96,10 +96,12 @@ def sft(policy, demos: list[Trajectory], *, steps: int, batch_size: int, lr: flo
         step_loss = 0.0
         for rows in micro_batches(batch.lengths, list(range(batch.size)), micro_batch_tokens):
             n = max(batch.lengths[r] for r in rows)
+            on = batch.mask[rows, : n - 1] > 0  # the LM head runs only where a demonstrated token is predicted
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                logits, _ = policy(batch.input_ids[rows, :n], batch.attention[rows, :n])
-            logps = token_logprobs(logits[:, :-1].float(), batch.targets[rows, : n - 1])
-            loss = -(logps * batch.mask[rows, : n - 1]).sum() / total_tokens
+                logits, _ = policy(batch.input_ids[rows, :n], batch.attention[rows, :n],
+                                   at=torch.nn.functional.pad(on, (0, 1)))
+            logps = token_logprobs(logits[None].float(), batch.targets[rows, : n - 1][on][None])
+            loss = -logps.sum() / total_tokens
             loss.backward()
             step_loss += loss.item()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)

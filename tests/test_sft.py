@@ -1,0 +1,24 @@
+import torch
+
+from turnrl.algos.losses import token_logprobs
+from turnrl.envs import make
+from turnrl.models import load_policy
+from turnrl.rollout import ChatRenderer, RolloutSettings
+from turnrl.sft import make_demonstrations, sft
+from turnrl.update import collate
+
+
+def test_sft_loss_is_the_mean_nll_of_the_demonstrated_tokens():
+    """The first step's loss (before any update) equals the mean negative log-likelihood of the model tokens of
+    the demonstrations under a plain full forward: the head running only at those positions changes nothing."""
+    policy = load_policy("tiny", seed=0)
+    env = make("frozen_lake_det")
+    renderer = ChatRenderer(policy.tokenizer, system_prompt=env.system_prompt(), response_prefix="<answer>")
+    settings = RolloutSettings(max_turns=3, max_new_tokens=16, max_context_tokens=2048, think=False)
+    demos = make_demonstrations(lambda: make("frozen_lake_det"), renderer, list(range(6)), settings, epsilon=0.3)
+    batch = collate(demos, policy.pad_token_id)
+    with torch.no_grad():
+        logits = policy.lm(input_ids=batch.input_ids, attention_mask=batch.attention).logits[:, :-1]
+        nll = -(token_logprobs(logits.float(), batch.targets) * batch.mask).sum() / batch.mask.sum()
+    losses = sft(policy, demos, steps=1, batch_size=len(demos), lr=1e-3, micro_batch_tokens=512)
+    assert batch.mask.sum() > 0 and abs(losses[0] - nll.item()) < 1e-4
