@@ -127,8 +127,9 @@ def policy_values(policy, batch: Batch, rows_groups: list[list[int]], bf16: bool
     for rows in rows_groups:
         n = max(batch.lengths[r] for r in rows)
         attn = batch.attention[rows, :n]
+        no_logits = torch.zeros_like(attn, dtype=torch.bool)
         with _autocast(bf16):
-            _, vals = policy(batch.input_ids[rows, :n], attn, with_values=True, at=torch.zeros_like(attn, dtype=torch.bool))
+            _, vals = policy(batch.input_ids[rows, :n], attn, with_values=True, at=no_logits)
         values[rows, : n - 1] = vals[:, :-1].float()
     return values
 
@@ -155,7 +156,8 @@ def prepare_targets(policy, batch: Batch, trajs: list[Trajectory], *, algo: Algo
               else compute_credit(trajs, batch.mask, old_values, algo))
     ref_logprobs = None
     if algo.kl_coef > 0:
-        ref_logprobs = reference_logprobs(ref_lm, batch, micro_batches(batch.lengths, all_rows, optim.micro_batch_tokens),
+        ref_logprobs = reference_logprobs(ref_lm, batch,
+                                          micro_batches(batch.lengths, all_rows, optim.micro_batch_tokens),
                                           temperature, optim.bf16)
     return Targets(credit, old_values, ref_logprobs)
 
