@@ -46,7 +46,7 @@ def test_value_head_shape():
 
 def test_logits_at_marked_positions_equal_the_full_logits():
     """`at` runs the LM head only at the marked positions; logits and values equal the whole LM's."""
-    from turnrl.models import lm_parts
+    from turnrl.lm_parts import lm_parts
 
     policy = load_policy("tiny", value_head=True, seed=2).eval()
     with torch.no_grad():
@@ -69,7 +69,7 @@ def test_logits_at_marked_positions_equal_the_full_logits():
 def test_model_whose_logits_are_not_the_plain_head_keeps_the_whole_lm_path():
     """A model that post-processes its logits (here: scaled, like soft-capping) is not split: `at` then selects
     from the whole LM's own logits, so nothing changes for such models."""
-    from turnrl.models import lm_parts
+    from turnrl.lm_parts import lm_parts
 
     policy = load_policy("tiny", seed=2).eval()
     real = policy.lm.forward

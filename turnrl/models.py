@@ -14,14 +14,13 @@ import json
 import os
 import sys
 import warnings
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Callable
 
 import torch
 from torch import nn
+
+from turnrl.lm_parts import lm_parts
 
 # The special tokens of the built-in tokenizer follow ChatML, so the tiny model and real chat models
 # (Qwen, SmolLM2) see the same conversation shape.
@@ -149,7 +148,7 @@ class Policy(nn.Module):
             raise ValueError("this policy has no value head; build it with value_head=True")
         parts = lm_parts(self.lm)
         out = parts.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                         output_hidden_states=with_values and not parts.split)
+                         output_hidden_states=with_values)
         hidden = out.last_hidden_state
         logits = parts.head(hidden if at is None else hidden[at])
         values = None
@@ -190,81 +189,6 @@ class Policy(nn.Module):
         """The language model with LoRA adapters folded into the base weights (an ordinary HF model).
         Folds in place: use on a policy loaded for export, not on one still being trained."""
         return self.lm.merge_and_unload() if self.is_lora else self.lm
-
-
-@dataclass(frozen=True)
-class LMParts:
-    """A causal LM cut in two: `body(**lm_kwargs)` returns an output whose `last_hidden_state` (B, T, H) feeds
-    `head`, so logits = head(body(...).last_hidden_state) and the vocabulary-sized head runs only at the positions
-    a caller needs (the update's model tokens: most positions of a multi-turn episode are prompt or env tokens).
-    `past_key_values` is the body's cache. For a model whose logits are not plainly head(last hidden state)
-    (soft-capping, logit scaling), `split` is False: body is the whole LM, its `last_hidden_state` the logits,
-    and head the identity. Both bodies accept and may ignore the LM's `logits_to_keep`."""
-
-    body: Callable
-    head: Callable
-    split: bool
-
-
-# lm -> its split parts, or False when it cannot be split. The values hold only submodules of their key (never
-# the key itself), so an entry goes away with its model.
-_SPLITS: "weakref.WeakKeyDictionary[nn.Module, LMParts | bool]" = weakref.WeakKeyDictionary()
-
-
-def lm_parts(lm: nn.Module) -> LMParts:
-    """`lm`'s LMParts, checked once per model: the split is used only when head(body(x)) reproduces the LM's
-    own logits on a short input (transformers has no generic "hidden states -> logits" contract)."""
-    parts = _SPLITS.get(lm)
-    if parts is None:
-        parts = _SPLITS[lm] = _split(lm) or False
-    return parts or LMParts(_WholeLM(lm), _identity, False)
-
-
-def _identity(x):
-    return x
-
-
-class _WholeLM:
-    def __init__(self, lm):
-        self.lm = lm
-
-    def __call__(self, **kwargs):
-        out = self.lm(**kwargs)
-        return SimpleNamespace(last_hidden_state=out.logits, past_key_values=out.past_key_values,
-                               hidden_states=out.hidden_states)
-
-
-class _Decoder:
-    def __init__(self, decoder):
-        self.decoder = decoder
-
-    def __call__(self, logits_to_keep=None, output_hidden_states=False, **kwargs):
-        return self.decoder(**kwargs)
-
-
-def _split(lm) -> LMParts | None:
-    get_decoder = getattr(lm, "get_decoder", None)
-    get_head = getattr(lm, "get_output_embeddings", None)
-    if get_decoder is None or get_head is None:
-        return None
-    decoder, head = get_decoder(), get_head()
-    if not isinstance(decoder, nn.Module) or not isinstance(head, nn.Module) or decoder is lm:
-        return None
-    device = next(lm.parameters()).device
-    ids = torch.arange(1, 6, device=device)[None] % lm.config.vocab_size
-    was_training = lm.training
-    lm.eval()
-    try:
-        with torch.no_grad(), torch.autocast(device.type, enabled=False):
-            expected = lm(input_ids=ids, use_cache=False).logits
-            got = head(decoder(input_ids=ids, use_cache=False).last_hidden_state)
-    except Exception:  # noqa: BLE001 - any model this generic cut does not fit keeps the whole-LM path
-        return None
-    finally:
-        lm.train(was_training)
-    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-4):
-        return None
-    return LMParts(_Decoder(decoder), head, True)
 
 
 class _AdaptersDisabled:

@@ -15,12 +15,14 @@ computation up to float rounding (tests/test_update_shared_prefix.py checks it).
 Only the positions that can carry loss come out: for each row, a window of last hidden states starting at
 the last prompt position (it predicts the first sampled token) and ending at the row's last position. The
 window of row r covers shifted positions [start_r, start_r + width) of the collated batch. The caller applies
-the LM head (turnrl.models.lm_parts) to the positions of the window it needs.
+the LM head (turnrl.lm_parts) to the positions of the window it needs.
 """
 
 from __future__ import annotations
 
 import torch
+
+from turnrl.lm_parts import lm_parts
 
 
 def prompt_lengths(ids: list[tuple[int, ...]], loss_masks: list[tuple[int, ...]]) -> list[int]:
@@ -104,7 +106,6 @@ def shared_prefix_hidden(lm, input_ids: torch.Tensor, lengths: list[int], rows: 
     (len(rows),) and width. Window position j of row r predicts token input_ids[r, start_r + j + 1] through
     lm_parts(lm).head (for a model that cannot be split, the "hidden states" are the logits themselves)."""
     from turnrl.engines.hf import _cache_argument
-    from turnrl.models import lm_parts
 
     body = lm_parts(lm).body
     device = input_ids.device

@@ -16,7 +16,7 @@ from turnrl.algos.losses import (aggregate, entropy_from_logits, gspo_loss, kl_p
 from turnrl.config import AlgoConfig, OptimConfig
 from turnrl.credit import Credit, compute_credit, compute_row_credit, turn_spread
 from turnrl.rollout import Trajectory
-from turnrl.models import lm_parts
+from turnrl.lm_parts import lm_parts
 from turnrl.shared_prefix import (head_length, plan_micro_batches, prompt_ids, prompt_lengths, shared_prefix_hidden,
                                   windows, worth_sharing)
 
