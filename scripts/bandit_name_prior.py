@@ -1,0 +1,66 @@
+"""Does a model prefer the risky arm of the bandit from the names alone? (docs/results.md, bandit section)
+
+For every (safe, risky) name pair of a split, in both orders, it scores the two complete answers
+`<answer>{risky}</answer>` and `<answer>{safe}</answer>` after the exact prompt turnrl's rollout gives the model
+(system prompt, observation, the `<answer>` response prefix) and prints the log-probability difference. The
+last line is the fraction of prompts where the risky answer is the more likely one: 0.5 means the model's
+answer does not follow the names' meaning (the transfer to held-out names then has nothing to start from).
+
+    .venv/bin/python scripts/bandit_name_prior.py [--model smollm2-135m-instruct | RUN_DIR/final] [--split test]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from turnrl.envs.bandit import SPLITS, BanditEnv
+from turnrl.models import load_policy
+from turnrl.rollout import ChatRenderer
+
+
+@torch.no_grad()
+def answer_logprob(policy, prompt: list[int], answer: list[int]) -> float:
+    ids = torch.tensor([prompt + answer])
+    logps = torch.log_softmax(policy.lm(input_ids=ids).logits[0, :-1].float(), dim=-1)
+    targets = ids[0, 1:]
+    return logps[torch.arange(len(targets)), targets][len(prompt) - 1:].sum().item()
+
+
+def both_orders(safe: str, risky: str) -> list[tuple[str, str, str]]:
+    """(first name shown, second name shown, observation) for both orders, as the env renders them."""
+    env, seen = BanditEnv(pairs=[(safe, risky)]), {}
+    for seed in range(100):
+        observation, info = env.reset(seed=seed)
+        seen.setdefault(tuple(info["arms"]), observation)
+        if len(seen) == 2:
+            break
+    return [(first, second, observation) for (first, second), observation in sorted(seen.items())]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="model name or directory (a run's final/)")
+    parser.add_argument("--split", choices=sorted(SPLITS), nargs="+", default=["train", "test"])
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    policy = load_policy(args.model).eval()
+    renderer = ChatRenderer(policy.tokenizer, system_prompt=BanditEnv().system_prompt(), response_prefix="<answer>")
+    for split in args.split:
+        prefers = 0
+        pairs = SPLITS[split]
+        for safe, risky in pairs:
+            for first, second, observation in both_orders(safe, risky):
+                prompt = renderer.prompt_ids(observation)
+                gap = (answer_logprob(policy, prompt, renderer.encode(f"{risky}</answer>"))
+                       - answer_logprob(policy, prompt, renderer.encode(f"{safe}</answer>")))
+                prefers += gap > 0
+                print(f"{split:5}  {first:>10} / {second:<10}  log p(risky) - log p(safe) = {gap:+.2f}")
+        print(f"{split}: the risky answer is the more likely one in {prefers} of {2 * len(pairs)} prompts "
+              f"({prefers / (2 * len(pairs)):.2f})")
+
+
+if __name__ == "__main__":
+    main()
