@@ -83,3 +83,20 @@ def test_hub_id_offline_is_a_clear_error(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, _out, err = run(["eval", "nobody-xyz/not-a-model", "--env", "bandit", "--episodes", "1"], capsys)
     assert code == 2 and "could not load model 'nobody-xyz/not-a-model'" in err
+
+
+def test_an_interrupt_leaves_a_python_callers_signal_handlers_alone(monkeypatch, capsys):
+    """Called with argv (from Python), main returns 130 on Ctrl-C and keeps the caller's handlers: only the
+    console script, which owns its process, ignores further signals while it exits."""
+    import signal
+
+    from turnrl import cli
+
+    def interrupted(_rest):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "train", interrupted)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    assert cli.main(["train"]) == 130
+    assert {s: signal.getsignal(s) for s in before} == before
+    assert "interrupted" in capsys.readouterr().err

@@ -331,6 +331,9 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "serve":
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `turnrl` command. Without `argv` (the console script, `python -m turnrl.cli`) it owns the process;
+    a Python caller passes `argv` and gets its signal handlers back unchanged, also after an interrupt."""
+    owns_process = argv is None
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
@@ -366,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         # the process by the signal instead of our exit code).
         import threading
 
-        if threading.current_thread() is threading.main_thread():
+        if owns_process and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_IGN)
         print("\nturnrl: interrupted", file=sys.stderr)
