@@ -191,7 +191,8 @@ def smollm2_bandit() -> TrainConfig:
     payout is drawn once per start state, so the members of a group share it and a group is one draw; 64
     single episodes are 64 independent draws, and the batch mean is the baseline. Measured on 2 cores
     (docs/results.md): 4 groups x 8 with Dr.GRPO swung between 0.2 and 0.97 and ended at 0.78 on the train
-    names after 60 iterations; this recipe rose steadily to 1.00 in 70 iterations (17 minutes in all)."""
+    names after 60 iterations; this recipe reached 1.00 (17 min in all) and, in a second run, 0.95 with one
+    of the seven name pairs learned backwards (18 min)."""
     return TrainConfig(
         model=ModelConfig(name="smollm2-135m-instruct", lora_rank=16, lora_alpha=32.0),
         env=EnvConfig(name="bandit", eval_name="bandit_test", system_prompt=True),
