@@ -11,7 +11,7 @@ from turnrl.algos.losses import AGG_MODES
 from turnrl.config import AlgoConfig, OptimConfig
 from turnrl.models import LoraSpec, TinyModelSpec, load_policy
 from turnrl.shared_prefix import plan_micro_batches
-from turnrl.update import collate, minibatch_backward, prepare_targets, use_shared_prefix
+from turnrl.update import collate, minibatch_backward, prepare_targets, shared_head
 from tests.test_credit import make_traj
 
 SPEC = TinyModelSpec(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
@@ -53,7 +53,7 @@ def grads_and_losses(policy, trajs, algo, optim, ref):
     policy.zero_grad(set_to_none=True)
     losses = minibatch_backward(policy, batch, targets, rows, algo=algo, optim=optim, temperature=0.8)
     grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
-    return grads, losses, use_shared_prefix(policy, batch, rows, algo=algo, optim=optim)
+    return grads, losses, shared_head(policy, batch, rows, algo=algo, optim=optim) is not None
 
 
 SETUPS = {

@@ -17,7 +17,7 @@ import torch
 from turnrl.algos.losses import token_logprobs
 from turnrl.parsing import format_reply
 from turnrl.rollout import ChatRenderer, RolloutSettings, Trajectory, TurnContext
-from turnrl.update import collate, micro_batches
+from turnrl.update import collate, micro_batches, predicting
 
 
 def demonstration(env, renderer: ChatRenderer, seed: int, settings: RolloutSettings, epsilon: float,
@@ -99,7 +99,7 @@ def sft(policy, demos: list[Trajectory], *, steps: int, batch_size: int, lr: flo
             on = batch.mask[rows, : n - 1] > 0  # the LM head runs only where a demonstrated token is predicted
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 logits, _ = policy(batch.input_ids[rows, :n], batch.attention[rows, :n],
-                                   at=torch.nn.functional.pad(on, (0, 1)))
+                                   at=predicting(on))
             logps = token_logprobs(logits[None].float(), batch.targets[rows, : n - 1][on][None])
             loss = -logps.sum() / total_tokens
             loss.backward()

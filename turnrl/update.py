@@ -209,9 +209,10 @@ def minibatch_backward(policy, batch: Batch, targets: Targets, mb_rows: list[int
         per_episode = torch.zeros(batch.num_episodes).index_add_(0, index, credit.value_mask.sum(1).float())
         seq_value_tokens = per_episode[index]
     totals: dict[str, float] = {}  # micro-batch parts of this mini-batch's losses (they add up)
-    share = use_shared_prefix(policy, batch, mb_rows, algo=algo, optim=optim)
+    head = shared_head(policy, batch, mb_rows, algo=algo, optim=optim)
+    share = head is not None
     plan = (plan_micro_batches(mb_rows, batch.lengths, batch.prompt_len, batch.prompt_id, optim.micro_batch_tokens,
-                               head=head_length(batch.input_ids, mb_rows, batch.prompt_len))
+                               head=head)
             if share else micro_batches(batch.lengths, mb_rows, optim.micro_batch_tokens))
     with _frozen(policy.lm) if critic_only else contextlib.nullcontext():
         for rows in plan:
@@ -223,23 +224,21 @@ def minibatch_backward(policy, batch: Batch, targets: Targets, mb_rows: list[int
             if share:
                 # Loss windows only: from the last prompt position (the first position that predicts a model
                 # token) to each row's end; the prompt ran once per group (turnrl.shared_prefix).
-                parts = lm_parts(policy.lm)
                 with _autocast(optim.bf16):
                     hidden, starts, width = shared_prefix_hidden(policy.lm, batch.input_ids, batch.lengths, rows,
                                                                  batch.prompt_len, batch.prompt_id)
                 ends = torch.tensor([batch.lengths[r] - 1 for r in rows])
                 window = lambda t: windows(t, rows, starts, width, ends)  # noqa: E731
-                mask = window(batch.mask)
-                on = mask > 0
-                with _autocast(optim.bf16):
-                    logits = parts.head(hidden[on])
             else:
                 window = lambda t: t[rows, : n - 1]  # noqa: E731
-                mask = window(batch.mask)
-                on = mask > 0
-                with _autocast(optim.bf16):
+            mask = window(batch.mask)
+            on = mask > 0
+            with _autocast(optim.bf16):
+                if share:
+                    logits = lm_parts(policy.lm).head(hidden[on])
+                else:
                     logits, values = policy(batch.input_ids[rows, :n], batch.attention[rows, :n],
-                                            with_values=algo.needs_critic, at=torch.nn.functional.pad(on, (0, 1)))
+                                            with_values=algo.needs_critic, at=predicting(on))
             logits = logits.float()  # (model tokens, vocab)
             logps = _scatter(on, token_logprobs(logits[None], window(batch.targets)[on][None],
                                                 temperature=temperature)[0])
@@ -287,13 +286,22 @@ def minibatch_backward(policy, batch: Batch, targets: Targets, mb_rows: list[int
     return totals
 
 
-def use_shared_prefix(policy, batch: Batch, rows: list[int], *, algo: AlgoConfig, optim: OptimConfig) -> bool:
-    """The shared-prefix forward applies when asked for, when some rows share a prompt or all prompts share a
-    head, with no critic (its values need every position's hidden state) and without gradient checkpointing
-    (which drops the KV cache)."""
-    return (optim.shared_prefix and not algo.needs_critic and batch.prompt_id is not None
-            and not any(getattr(m, "gradient_checkpointing", False) for m in policy.lm.modules())
-            and worth_sharing(rows, batch.prompt_id, head_length(batch.input_ids, rows, batch.prompt_len)))
+def shared_head(policy, batch: Batch, rows: list[int], *, algo: AlgoConfig, optim: OptimConfig) -> int | None:
+    """None when the shared-prefix forward does not apply, else the length of the head all of `rows`' first
+    prompts share (0 when only identical prompts are shared). It applies when asked for, when some rows share
+    a prompt or all prompts share a head, with no critic (its values need every position's hidden state) and
+    without gradient checkpointing (which drops the KV cache)."""
+    if (not optim.shared_prefix or algo.needs_critic or batch.prompt_id is None
+            or any(getattr(m, "gradient_checkpointing", False) for m in policy.lm.modules())):
+        return None
+    head = head_length(batch.input_ids, rows, batch.prompt_len)
+    return head if worth_sharing(rows, batch.prompt_id, head) else None
+
+
+def predicting(targets_on: torch.Tensor) -> torch.Tensor:
+    """(B, n) positions whose logits predict a marked target, from a (B, n-1) mask over the targets (position t
+    predicts target t, the token at t+1; the last position predicts nothing)."""
+    return torch.nn.functional.pad(targets_on, (0, 1))
 
 
 def ppo_update(policy, optimizer, scheduler, trajs: list[Trajectory], *, algo: AlgoConfig, optim: OptimConfig,
