@@ -15,17 +15,18 @@ import argparse
 
 import torch
 
+from turnrl.algos.losses import token_logprobs
 from turnrl.envs.bandit import SPLITS, BanditEnv
+from turnrl.evaluate import renderer_for
 from turnrl.models import load_policy
-from turnrl.rollout import ChatRenderer
+from turnrl.presets import get_preset
 
 
 @torch.no_grad()
 def answer_logprob(policy, prompt: list[int], answer: list[int]) -> float:
     ids = torch.tensor([prompt + answer])
-    logps = torch.log_softmax(policy.lm(input_ids=ids).logits[0, :-1].float(), dim=-1)
-    targets = ids[0, 1:]
-    return logps[torch.arange(len(targets)), targets][len(prompt) - 1:].sum().item()
+    logits, _ = policy(ids)
+    return token_logprobs(logits[:, :-1].float(), ids[:, 1:])[0, len(prompt) - 1:].sum().item()
 
 
 def both_orders(safe: str, risky: str) -> list[tuple[str, str, str]]:
@@ -47,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     policy = load_policy(args.model).eval()
-    renderer = ChatRenderer(policy.tokenizer, system_prompt=BanditEnv().system_prompt(), response_prefix="<answer>")
+    renderer = renderer_for(policy, get_preset("smollm2-bandit"))  # the prompt the preset's rollout builds
     for split in args.split:
         prefers = 0
         pairs = SPLITS[split]
