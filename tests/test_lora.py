@@ -1,4 +1,4 @@
-"""LoRA via PEFT: trainable adapters only, the KL reference is the model with adapters off, adapter-only
+"""LoRA via PEFT: trainable adapters only, the KL reference is the policy at the start of RL (sharing the base), adapter-only
 checkpoints that load back on their own, gradient checkpointing, and `turnrl export --merged`."""
 
 import json
@@ -48,17 +48,76 @@ def test_only_adapters_train_and_start_as_the_base():
     assert torch.allclose(logits(policy), logits(base))  # lora_B starts at zero
 
 
-def test_reference_is_the_base_with_adapters_off_without_a_copy():
+def reference_logits(ref, ids=IDS):
+    return ref(ids, at=torch.ones_like(ids, dtype=torch.bool))
+
+
+def test_reference_of_fresh_adapters_is_the_base_with_adapters_off_without_a_copy():
     base = load_policy("tiny", seed=1, tiny=SPEC)
     policy = lora_policy()
-    ref = policy.reference_lm()
+    ref = policy.reference()
     assert ref.lm is policy.lm  # the same model in memory, not a second one
     perturb_adapters(policy)
     assert not torch.allclose(logits(policy), logits(base), atol=1e-4)
-    assert torch.allclose(logits(ref), logits(base), atol=1e-6)
+    assert torch.allclose(reference_logits(ref), logits(base)[0], atol=1e-6)
     # calling the reference leaves the adapters on and trainable
     assert torch.allclose(logits(policy), logits(policy))
     assert any(p.requires_grad for p in policy.lm.parameters())
+
+
+def test_reference_after_adapter_training_is_the_policy_at_that_point():
+    """After an SFT warm start the adapters are not zero: the reference is the policy then (base + a frozen copy
+    of the adapter), not the base, and calling it leaves the live adapters, their gradients and bf16
+    autocast's weight cache alone."""
+    base = load_policy("tiny", seed=1, tiny=SPEC)
+    policy = lora_policy()
+    perturb_adapters(policy, seed=0)  # "SFT"
+    start = logits(policy)
+    ref = policy.reference()
+    assert ref.lm is policy.lm
+    perturb_adapters(policy, seed=1)  # "RL"
+    now = logits(policy)
+    assert not torch.allclose(now, start, atol=1e-4) and not torch.allclose(start, logits(base), atol=1e-4)
+    assert torch.allclose(reference_logits(ref), start[0], atol=1e-6)
+    assert torch.allclose(logits(policy), now)  # the live adapter is back
+    policy.train()
+    out, _ = policy(IDS)
+    out.float().logsumexp(-1).sum().backward()
+    assert all(p.grad is not None for p in policy.lm.parameters() if p.requires_grad)
+    # one bf16 autocast region holding policy and reference calls: each sees its own weights
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before, _ = policy(IDS)
+        got = reference_logits(ref)
+        after, _ = policy(IDS)
+    assert torch.allclose(got.float(), start[0], atol=0.1) and not torch.allclose(got.float(), now[0], atol=0.1)
+    assert torch.equal(before, after)
+
+
+def test_lora_kl_reference_after_sft_is_saved_and_read_back_on_resume(tmp_path):
+    """LoRA + SFT warm start + KL: the reference is the post-SFT policy (`reference/`, the adapter only), and a
+    resumed run reads that back rather than copying the resumed policy or using the base."""
+    from turnrl.train import reference_model
+
+    run = tmp_path / "run"
+    cfg = tiny_config(run, iterations=1)
+    cfg.model.lora_rank, cfg.model.lora_alpha = 4, 8.0
+    cfg.algo.kl_coef = 0.1
+    cfg.sft.lr = 1e-2  # so that the SFT adapter is visibly away from zero
+    train(cfg, log=lambda *_: None)
+    assert (run / "reference" / "adapter_model.safetensors").exists()
+    assert not (run / "reference" / "model.safetensors").exists()
+    after_sft = load_policy(str(run / "reference"))
+    assert torch.allclose(logits(after_sft), logits(load_policy(str(run / "checkpoints" / "ckpt-000000" / "model"))))
+    base = load_policy("tiny", seed=cfg.seed, tiny=TinyModelSpec(32, 1, 2, 64))
+    assert not torch.allclose(logits(after_sft), logits(base), atol=1e-4)
+    final = load_policy(str(run / "final"))
+    ref = reference_model(run, final, cfg, iteration=1)
+    assert torch.allclose(reference_logits(ref), logits(after_sft)[0], atol=1e-6)
+    assert not torch.allclose(logits(final), logits(after_sft), atol=1e-6)
+    cfg.iterations = 2
+    train(cfg, resume=True, log=lambda *_: None)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [0, 1] and all(r["loss/kl"] is not None for r in records)
 
 
 def test_adapter_checkpoint_roundtrip_holds_no_base_weights(tmp_path):

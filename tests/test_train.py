@@ -164,7 +164,7 @@ def test_no_reference_model_when_kl_is_off(tmp_path, monkeypatch):
     def no_reference(*_a, **_k):
         raise AssertionError("the trainer built a reference model")
 
-    monkeypatch.setattr(Policy, "reference_lm", no_reference)
+    monkeypatch.setattr(Policy, "reference", no_reference)
     cfg = tiny_config(tmp_path / "run", iterations=1)
     cfg.sft.episodes = 0
     train(cfg, log=lambda *_: None)

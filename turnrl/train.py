@@ -31,7 +31,7 @@ from turnrl.engines import SamplingParams
 from turnrl.envs import make
 from turnrl.evaluate import engine_for, evaluate, renderer_for, settings_for
 from turnrl.faults import EnvFailureError, Interrupted, StopSignals
-from turnrl.models import LoraSpec, TinyModelSpec, load_policy
+from turnrl.models import LoraSpec, Reference, TinyModelSpec, load_policy, saved_adapter_weights
 from turnrl.rollout import Trajectory, run_episodes
 from turnrl.sft import make_demonstrations, sft
 from turnrl.shaping import shape_rewards
@@ -334,7 +334,7 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
             optimizer.load_state_dict(trainer_state["optimizer"])
             scheduler.load_state_dict(trainer_state["scheduler"])
         set_rng_state(trainer_state["rng"], generators)
-    ref_lm = reference_model(run_dir, policy, cfg, state["iteration"]) if cfg.algo.kl_coef > 0 else None
+    ref_lm = reference_model(run_dir, policy, cfg, state["iteration"], log) if cfg.algo.kl_coef > 0 else None
     engine = shared if shared is not None else engine_for(policy, cfg, generators["rollout"])
     renderer, settings = renderer_for(policy, cfg), settings_for(cfg)
     params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
@@ -426,21 +426,26 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
     return evals
 
 
-def reference_model(run_dir: Path, policy, cfg: TrainConfig, iteration: int):
-    """The frozen KL reference: the policy at the start of RL, kept in `run_dir/reference`.
+def reference_model(run_dir: Path, policy, cfg: TrainConfig, iteration: int, log=print) -> Reference:
+    """The frozen KL reference: the policy at the start of RL (after any SFT warm start), kept in
+    `run_dir/reference`.
 
     It is written once when RL starts and read back on resume; a copy of the resumed policy would be
-    a different reference and the resumed run would optimise a different objective. With LoRA the
-    reference is the frozen base with adapters switched off: nothing to copy or save, the same on resume.
+    a different reference and the resumed run would optimise a different objective. A full model is saved
+    whole; a LoRA policy saves its adapter only (a few MB) and the reference shares the policy's base in memory.
     """
-    if policy.is_lora:
-        return policy.reference_lm()
     path = run_dir / "reference"
     if path.is_dir():
-        return build_policy(cfg, str(path)).lm.eval().requires_grad_(False)
+        if policy.is_lora:
+            return Reference.frozen_adapters(policy.lm, saved_adapter_weights(policy.lm, path))
+        return Reference(build_policy(cfg, str(path)).lm.eval().requires_grad_(False))
     if iteration > 0:
+        if policy.is_lora:  # a run started before LoRA references were saved: its reference was the base model
+            log(f"[resume] {path} is missing: the KL reference is the base model with adapters off, as when "
+                "this run started")
+            return Reference(policy.lm, policy.lm.disable_adapter)
         raise ConfigError(f"cannot resume {run_dir}: algo.kl_coef > 0 but the reference model {path} is missing")
-    ref = policy.reference_lm()  # the policy is still the RL starting point
+    ref = policy.reference()  # the policy is still the RL starting point
     save_model_atomic(policy, path)
     return ref
 

@@ -17,6 +17,7 @@ from turnrl.config import AlgoConfig, OptimConfig
 from turnrl.credit import Credit, compute_credit, compute_row_credit, turn_spread
 from turnrl.rollout import Trajectory
 from turnrl.lm_parts import lm_parts
+from turnrl.models import Reference
 from turnrl.shared_prefix import (head_length, plan_micro_batches, prompt_ids, prompt_lengths, shared_prefix_hidden,
                                   windows, worth_sharing)
 
@@ -105,16 +106,18 @@ def _autocast(enabled: bool):
 
 
 @torch.no_grad()
-def reference_logprobs(lm, batch: Batch, rows_groups: list[list[int]], temperature: float,
+def reference_logprobs(ref, batch: Batch, rows_groups: list[list[int]], temperature: float,
                        bf16: bool) -> torch.Tensor:
-    """(B, L-1) logprobs of the batch's targets under `lm` (a reference model) at model-token positions, 0 elsewhere."""
+    """(B, L-1) logprobs of the batch's targets under `ref` (a `turnrl.models.Reference`, or a causal LM, which is
+    wrapped in one) at model-token positions, 0 elsewhere. The LM head runs only at those positions."""
+    if not isinstance(ref, Reference):
+        ref = Reference(ref)
     logps = torch.zeros_like(batch.old_logprobs)
     for rows in rows_groups:
         n = max(batch.lengths[r] for r in rows)
         on = batch.mask[rows, : n - 1] > 0
         with _autocast(bf16):
-            logits = lm(input_ids=batch.input_ids[rows, :n], attention_mask=batch.attention[rows, :n],
-                        use_cache=False).logits[:, :-1][on]
+            logits = ref(batch.input_ids[rows, :n], batch.attention[rows, :n], at=predicting(on))
         logps[rows, : n - 1] = _scatter(on, token_logprobs(logits[None].float(), batch.targets[rows, : n - 1][on][None],
                                                            temperature=temperature)[0])
     return logps
