@@ -58,6 +58,30 @@ def test_same_generator_seed_same_samples(policy):
     assert outs[0] == outs[1]
 
 
+def test_seeded_prompts_do_not_depend_on_their_batch(policy):
+    """With `seeds`, a prompt's completion is the same alone, in a larger call, in another order and under another
+    batch size: each prompt has its own random stream."""
+    rng = random.Random(3)
+    prompts = [[rng.randrange(0, 250) for _ in range(rng.randrange(2, 12))] for _ in range(6)]
+    seeds = [11, 12, 13, 14, 15, 16]
+    params = SamplingParams(max_new_tokens=8, temperature=1.5)
+
+    def run(batch_size, order):
+        engine = HFEngine(policy.lm, eos_token_id=policy.eos_token_id, pad_token_id=policy.pad_token_id,
+                          batch_size=batch_size, generator=torch.Generator().manual_seed(batch_size))
+        comps = engine.generate([prompts[i] for i in order], params, seeds=[seeds[i] for i in order])
+        return {i: c.ids for i, c in zip(order, comps)}
+
+    full = run(6, list(range(6)))
+    assert run(2, [5, 3, 1, 0, 2, 4]) == full
+    assert run(1, [4])[4] == full[4]
+    assert len({full[i] for i in range(6)}) > 1
+    other = HFEngine(policy.lm, eos_token_id=policy.eos_token_id, pad_token_id=policy.pad_token_id)
+    assert [c.ids for c in other.generate(prompts, params, seeds=[s + 100 for s in seeds])] != list(full.values())
+    with pytest.raises(ValueError, match="seeds must have one entry per prompt"):
+        other.generate(prompts, params, seeds=seeds[:2])
+
+
 def test_stops_at_eos_and_reports_reason(policy):
     engine = HFEngine(policy.lm, eos_token_id=policy.eos_token_id, pad_token_id=policy.pad_token_id,
                       generator=torch.Generator().manual_seed(0))
@@ -167,3 +191,21 @@ def test_sample_rows_follows_the_distribution_and_never_draws_zero_probability()
     assert (draws[:, 1] == 0).all() and (draws[:, 2] == 5).all()
     again = torch.stack([sample_rows(probs, torch.Generator().manual_seed(0)) for _ in range(3)])
     assert torch.equal(again[0], again[1])
+
+
+def test_evaluation_does_not_depend_on_the_generation_batch_size(tmp_path):
+    """rollout.gen_batch_size is a speed setting: every episode samples from its own stream, so the sampled
+    evaluation plays the same episodes whatever the engine's batches are."""
+    from test_train import tiny_config
+    from turnrl.evaluate import evaluate
+    from turnrl.train import build_policy
+
+    cfg = tiny_config(tmp_path / "run", eval__episodes=6, eval__k=2)
+    policy = build_policy(cfg)
+    runs = []
+    for size in (3, 64):
+        cfg.rollout.gen_batch_size = size
+        _, trajs = evaluate(policy, cfg, greedy=False)
+        runs.append([t.ids for t in trajs])
+    assert runs[0] == runs[1]
+    assert len(set(runs[0])) > 1

@@ -22,10 +22,14 @@ so the trainer sees the very ids the engine produced.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import re
 from dataclasses import dataclass, field, replace
 from typing import Callable
+
+import numpy as np
+import torch
 
 from turnrl.engines.base import Completion, Engine, SamplingParams
 from turnrl.faults import format_error, time_limit
@@ -383,13 +387,15 @@ def run_episodes(engine: Engine, renderer: ChatRenderer, make_env: Callable[[], 
     # Keys are unique per call so an engine's per-episode cache never outlives this rollout (the
     # weights change after it).
     call = next(_CALLS)
+    base = stream_base(engine)
     try:
         for turn in range(settings.max_turns):
             active = [i for i, e in enumerate(episodes) if not e.done]
             if not active:
                 break
+            seeds = {} if base is None else {"seeds": [stream_seed(base, i, turn) for i in active]}
             completions: list[Completion] = engine.generate([episodes[i].ctx.prompt for i in active], params,
-                                                            keys=[(call, i) for i in active])
+                                                            keys=[(call, i) for i in active], **seeds)
             for i, completion in zip(active, completions):
                 _advance(episodes[i], completion, renderer, settings, last_turn=turn == settings.max_turns - 1,
                          env_name=env_name)
@@ -414,6 +420,21 @@ def run_episodes(engine: Engine, renderer: ChatRenderer, make_env: Callable[[], 
             valid_turns=ep.valid_turns, end_reason=ep.end_reason, transcript=tuple(b.transcript), error=ep.error,
             row_starts=(None if ep.ctx is None or ep.ctx.row_starts is None else tuple(ep.ctx.row_starts))))
     return trajectories
+
+
+def stream_base(engine) -> int | None:
+    """One draw from the engine's generator per rollout, the base of every episode's own sampling stream, so an
+    episode's replies do not depend on which episodes share an engine batch (`rollout.gen_batch_size` is a speed
+    setting only). None when the engine has no generator or its `generate` takes no `seeds`."""
+    generator = getattr(engine, "generator", None)
+    if generator is None or "seeds" not in inspect.signature(engine.generate).parameters:
+        return None
+    return int(torch.randint(0, 2**62, (1,), generator=generator))
+
+
+def stream_seed(base: int, episode: int, turn: int) -> int:
+    """The sampling seed of one episode's turn: a well-mixed function of (rollout base, episode index, turn)."""
+    return int(np.random.SeedSequence([base, episode, turn]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 def _advance(ep: _Episode, completion: Completion, renderer: ChatRenderer, settings: RolloutSettings,

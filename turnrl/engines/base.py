@@ -37,17 +37,21 @@ class Completion:
 class Engine(Protocol):
     """Generation backend. `keys` name the episode of each prompt: an engine may keep per-episode
     state (a KV cache) between calls for the same key until `release(keys)`; it must return the same
-    distribution as if it had prefilled the whole prompt."""
+    distribution as if it had prefilled the whole prompt. `seeds` (one per prompt) give each prompt its own
+    random stream: its completion must not depend on which other prompts share the call or how the engine
+    batches them (the rollout passes them when `generate` accepts the argument)."""
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
-                 keys: list[Hashable] | None = None) -> list[Completion]: ...
+                 keys: list[Hashable] | None = None, seeds: list[int] | None = None) -> list[Completion]: ...
 
     def release(self, keys: list[Hashable]) -> None: ...
 
 
-def check_prompts(prompts: list[list[int]], keys: list[Hashable] | None) -> None:
+def check_prompts(prompts: list[list[int]], keys: list[Hashable] | None, seeds: list[int] | None = None) -> None:
     """The input checks every engine makes before generating (one message for every backend)."""
     if keys is not None and len(keys) != len(prompts):
         raise ValueError("keys must have one entry per prompt")
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError("seeds must have one entry per prompt")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")

@@ -43,8 +43,10 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
-def sample_rows(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row of `probs` (rows, vocab), drawn by inverse-CDF sampling: one uniform per row, located in
+def sample_rows(probs: torch.Tensor, generator: torch.Generator | None = None,
+                generators: list[torch.Generator] | None = None) -> torch.Tensor:
+    """One token per row of `probs` (rows, vocab), drawn by inverse-CDF sampling: one uniform per row (from
+    `generator`, or from the row's own entry of `generators`), located in
     the row's cumulative sum (float64, so a 49k-entry vocabulary keeps its small probabilities). Tokens of
     probability 0 are never drawn.
 
@@ -54,7 +56,11 @@ def sample_rows(probs: torch.Tensor, generator: torch.Generator | None = None) -
     cdf = probs.double().cumsum(-1)
     # u in (0, 1], so the target u * total lies in (0, total]; the first entry whose cumulative sum reaches it is a
     # token of positive probability (a zero-probability token repeats its predecessor's sum).
-    u = 1.0 - torch.rand((probs.shape[0], 1), generator=generator, dtype=torch.float64, device=probs.device)
+    # `generators` (one per row) gives every row its own stream, so a row's draw does not depend on its neighbours.
+    if generators is not None:
+        u = 1.0 - torch.cat([torch.rand((1, 1), generator=g, dtype=torch.float64) for g in generators]).to(probs.device)
+    else:
+        u = 1.0 - torch.rand((probs.shape[0], 1), generator=generator, dtype=torch.float64, device=probs.device)
     return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1)
 
 
@@ -175,10 +181,10 @@ class HFEngine:
         self._cache.clear()
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
-                 keys: list[Hashable] | None = None) -> list[Completion]:
+                 keys: list[Hashable] | None = None, seeds: list[int] | None = None) -> list[Completion]:
         if not prompts:
             return []
-        check_prompts(prompts, keys)
+        check_prompts(prompts, keys, seeds)
         # Sort by the number of tokens to prefill so each batch wastes little padding (identical
         # prompts end up side by side, so a group's members share one batch and one prefill).
         def new_tokens(i: int) -> int:
@@ -192,7 +198,9 @@ class HFEngine:
             for start in range(0, len(order), self.batch_size):
                 idx = order[start:start + self.batch_size]
                 batch_keys = [keys[i] for i in idx] if keys is not None else None
-                for i, completion in zip(idx, self._generate_batch([prompts[i] for i in idx], params, batch_keys)):
+                streams = [torch.Generator().manual_seed(seeds[i]) for i in idx] if seeds is not None else None
+                for i, completion in zip(idx, self._generate_batch([prompts[i] for i in idx], params, batch_keys,
+                                                                   streams)):
                     results[i] = completion
         finally:
             if was_training:
@@ -238,8 +246,8 @@ class HFEngine:
         return cache, out.logits[:, -1, :].float(), real, positions[:, -1] + 1
 
     @torch.inference_mode()
-    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams,
-                        keys: list[Hashable] | None) -> list[Completion]:
+    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, keys: list[Hashable] | None,
+                        streams: list[torch.Generator] | None = None) -> list[Completion]:
         device = next(self.lm.parameters()).device
         batch = len(prompts)
         cached = [self._cache.get(k) if keys is not None else None for k in (keys or [None] * batch)]
@@ -283,7 +291,8 @@ class HFEngine:
                 scaled = logits / params.temperature
                 logp_all = torch.log_softmax(scaled, dim=-1)
                 sample_from = scaled if params.top_p >= 1.0 else _top_p_filter(scaled, params.top_p)
-                choice = sample_rows(torch.softmax(sample_from, dim=-1), self.generator)
+                choice = sample_rows(torch.softmax(sample_from, dim=-1), self.generator,
+                                     None if streams is None else [streams[r] for r in rows.tolist()])
             live = ~finished
             choice = torch.where(live, choice, torch.full_like(choice, self.pad))
             out_tokens[rows, step] = choice

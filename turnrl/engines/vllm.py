@@ -208,10 +208,10 @@ class VLLMEngine:
         """No per-episode state: vLLM's prefix cache reuses episode histories by itself."""
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
-                 keys: list[Hashable] | None = None) -> list[Completion]:
+                 keys: list[Hashable] | None = None, seeds: list[int] | None = None) -> list[Completion]:
         if not prompts:
             return []
-        check_prompts(prompts, keys)
+        check_prompts(prompts, keys, seeds)
         if not params.greedy and params.top_p < 1.0:
             raise ValueError("the vllm engine reports logprobs under the top-p truncated distribution, which the "
                              "trainer does not recompute: use top_p=1.0 with the vllm engine")
@@ -223,7 +223,8 @@ class VLLMEngine:
         if params.greedy:
             sampling = [vllm.SamplingParams(temperature=0.0, **common)] * len(prompts)
         else:
-            seeds = torch.randint(0, 2**31 - 1, (len(prompts),), generator=self.generator).tolist()
+            if seeds is None:
+                seeds = torch.randint(0, 2**31 - 1, (len(prompts),), generator=self.generator).tolist()
             sampling = [vllm.SamplingParams(temperature=params.temperature, top_p=1.0, seed=s, **common)
                         for s in seeds]
         inputs = [{"prompt_token_ids": list(p)} for p in prompts]
