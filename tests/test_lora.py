@@ -136,6 +136,18 @@ def test_adapter_checkpoint_roundtrip_holds_no_base_weights(tmp_path):
     assert any(p.requires_grad for p in again.lm.parameters())  # loaded trainable, so a resume keeps learning
 
 
+def test_checkpoint_size_estimate_counts_the_adapter_not_the_base(tmp_path):
+    """The disk check before a run sizes a LoRA checkpoint by what `save` writes (the adapter), not the base."""
+    from turnrl.checkpoint import checkpoint_bytes
+
+    policy = lora_policy(value_head=True)
+    full = load_policy("tiny", seed=1, tiny=SPEC, value_head=True)
+    policy.save(tmp_path / "m")
+    weights = sum(f.stat().st_size for f in (tmp_path / "m").iterdir() if f.suffix in (".safetensors", ".pt"))
+    estimate = checkpoint_bytes(policy, optimizer=False)
+    assert weights <= 1.1 * estimate + 4096 and estimate < checkpoint_bytes(full, optimizer=False) / 2
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     grads = []
     for gc in (False, True):

@@ -78,10 +78,10 @@ def save_model_atomic(policy, directory: Path) -> Path:
 
 
 def checkpoint_bytes(policy, *, optimizer: bool = True) -> int:
-    """Estimated size of one checkpoint: the weights as stored, plus AdamW's two moments per trainable
-    parameter (fp32) when the optimizer is saved. Tokenizer and JSON files are small and covered by the
-    margin the caller adds."""
-    params = list(policy.parameters())
+    """Estimated size of one checkpoint: the weights as stored (a LoRA policy stores only its trainable
+    adapter and value head, not the base), plus AdamW's two moments per trainable parameter (fp32) when the
+    optimizer is saved. Tokenizer and JSON files are small and covered by the margin the caller adds."""
+    params = [p for p in policy.parameters() if p.requires_grad or not getattr(policy, "is_lora", False)]
     total = sum(p.numel() * p.element_size() for p in params)
     if optimizer:
         total += sum(2 * p.numel() * 4 for p in params if p.requires_grad)
