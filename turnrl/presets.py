@@ -194,7 +194,8 @@ def smollm2_bandit() -> TrainConfig:
     names after 60 iterations. With lr 2e-4 and 90 iterations one run reached 1.00 and another 0.95 with one of
     the seven name pairs learned backwards early (a few zero payouts of the risky arm, then never tried again);
     with lr 1e-4 the rollouts passed 0.95 within 30 iterations and the run ended at 1.00 on every pair (18 min
-    49 s in all, 120 iterations)."""
+    49 s in all, 120 iterations). Not robust across seeds: with --seed 1 several pairs lock on the safe arm within
+    ten iterations and the rollouts stall near 0.6 (at lr 5e-5: 0.92 after 120 iterations)."""
     return TrainConfig(
         model=ModelConfig(name="smollm2-135m-instruct", lora_rank=16, lora_alpha=32.0),
         env=EnvConfig(name="bandit", eval_name="bandit_test", system_prompt=True),
