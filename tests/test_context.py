@@ -14,6 +14,7 @@ from turnrl.config import AlgoConfig, OptimConfig
 from turnrl.engines import HFEngine, SamplingParams
 from turnrl.envs import make
 from turnrl.models import TinyModelSpec, load_policy
+from turnrl.reference import Reference
 from turnrl.rollout import SUMMARY_INSTRUCTION, ChatRenderer, RolloutSettings, as_turn_rows, run_episodes
 from turnrl.update import collate, minibatch_backward, prepare_targets
 
@@ -217,7 +218,7 @@ def test_full_history_as_turn_rows_gives_the_single_sequence_loss(setup, agg):
     results = []
     for form in (trajs, [as_turn_rows(t) for t in trajs]):
         batch = collate(form, policy.pad_token_id)
-        targets = prepare_targets(policy, batch, form, algo=algo, optim=optim, temperature=1.0, ref_lm=ref)
+        targets = prepare_targets(policy, batch, form, algo=algo, optim=optim, temperature=1.0, ref_lm=Reference(ref))
         policy.train()
         policy.zero_grad(set_to_none=True)
         # two episodes' rows out of the 8, as in a mini-batch

@@ -13,6 +13,7 @@ from turnrl.algos.losses import AGG_MODES
 from turnrl.config import AlgoConfig, OptimConfig
 from turnrl.credit import compute_credit, turn_layout
 from turnrl.models import TinyModelSpec, load_policy
+from turnrl.reference import Reference
 from turnrl.rollout import Trajectory
 from turnrl.update import collate, micro_batches, minibatch_backward, ppo_update, prepare_targets
 
@@ -293,7 +294,7 @@ def test_gradient_does_not_depend_on_micro_batch_size(setup, agg):
     for budget in (64, 1_000_000):
         optim = OptimConfig(micro_batch_tokens=budget)
         assert len(micro_batches(batch.lengths, rows, budget)) == (8 if budget == 64 else 1)
-        targets = prepare_targets(policy, batch, trajs, algo=algo, optim=optim, temperature=1.0, ref_lm=ref)
+        targets = prepare_targets(policy, batch, trajs, algo=algo, optim=optim, temperature=1.0, ref_lm=Reference(ref))
         policy.train()
         policy.zero_grad(set_to_none=True)
         losses.append(minibatch_backward(policy, batch, targets, rows, algo=algo, optim=optim, temperature=1.0))

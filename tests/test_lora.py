@@ -11,6 +11,7 @@ pytest.importorskip("peft")
 from turnrl.cli import main  # noqa: E402
 from turnrl.config import ConfigError, ModelConfig  # noqa: E402
 from turnrl.models import LoraSpec, ModelLoadError, TinyModelSpec, load_policy  # noqa: E402
+from turnrl.reference import reference_of  # noqa: E402
 from turnrl.train import train  # noqa: E402
 from test_train import tiny_config  # noqa: E402
 
@@ -55,7 +56,7 @@ def reference_logits(ref, ids=IDS):
 def test_reference_of_fresh_adapters_is_the_base_with_adapters_off_without_a_copy():
     base = load_policy("tiny", seed=1, tiny=SPEC)
     policy = lora_policy()
-    ref = policy.reference()
+    ref = reference_of(policy)
     assert ref.lm is policy.lm  # the same model in memory, not a second one
     perturb_adapters(policy)
     assert not torch.allclose(logits(policy), logits(base), atol=1e-4)
@@ -73,7 +74,7 @@ def test_reference_after_adapter_training_is_the_policy_at_that_point():
     policy = lora_policy()
     perturb_adapters(policy, seed=0)  # "SFT"
     start = logits(policy)
-    ref = policy.reference()
+    ref = reference_of(policy)
     assert ref.lm is policy.lm
     perturb_adapters(policy, seed=1)  # "RL"
     now = logits(policy)

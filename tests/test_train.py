@@ -171,8 +171,8 @@ def test_unknown_env_fails_early(tmp_path):
 
 def test_no_reference_model_when_kl_is_off(tmp_path, monkeypatch):
     """KL off: the trainer never builds a reference model and never runs a reference forward pass."""
+    import turnrl.train as trainer
     import turnrl.update as update
-    from turnrl.models import Policy
 
     calls = []
     for name in ("reference_logprobs", "policy_values"):
@@ -181,7 +181,7 @@ def test_no_reference_model_when_kl_is_off(tmp_path, monkeypatch):
     def no_reference(*_a, **_k):
         raise AssertionError("the trainer built a reference model")
 
-    monkeypatch.setattr(Policy, "reference", no_reference)
+    monkeypatch.setattr(trainer, "reference_of", no_reference)
     cfg = tiny_config(tmp_path / "run", iterations=1)
     cfg.sft.episodes = 0
     train(cfg, log=lambda *_: None)

@@ -10,6 +10,7 @@ import torch
 from turnrl.algos.losses import AGG_MODES
 from turnrl.config import AlgoConfig, OptimConfig
 from turnrl.models import LoraSpec, TinyModelSpec, load_policy
+from turnrl.reference import Reference
 from turnrl.shared_prefix import plan_micro_batches
 from turnrl.update import collate, minibatch_backward, prepare_targets, shared_head
 from tests.test_credit import make_traj
@@ -48,7 +49,7 @@ def grouped_batch(policy, seed: int, groups: int = 3, members: int = 4, head: in
 def grads_and_losses(policy, trajs, algo, optim, ref):
     batch = collate(trajs, policy.pad_token_id)
     rows = list(range(batch.size))
-    targets = prepare_targets(policy, batch, trajs, algo=algo, optim=optim, temperature=0.8, ref_lm=ref)
+    targets = prepare_targets(policy, batch, trajs, algo=algo, optim=optim, temperature=0.8, ref_lm=Reference(ref))
     policy.train()
     policy.zero_grad(set_to_none=True)
     losses = minibatch_backward(policy, batch, targets, rows, algo=algo, optim=optim, temperature=0.8)

@@ -41,6 +41,17 @@ def lm_parts(lm: nn.Module) -> LMParts:
     return parts or LMParts(_WholeLM(lm), _identity, False)
 
 
+def logits_at(lm: nn.Module, input_ids, attention_mask=None, at: torch.Tensor | None = None,
+              output_hidden_states: bool = False):
+    """(logits, the body's output): logits (B, T, V), or with `at` (a (B, T) bool mask) only those of the marked
+    positions, (at.sum(), V), so the vocabulary-sized head runs only there."""
+    parts = lm_parts(lm)
+    out = parts.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                     output_hidden_states=output_hidden_states)
+    hidden = out.last_hidden_state
+    return parts.head(hidden if at is None else hidden[at]), out
+
+
 def _identity(x):
     return x
 

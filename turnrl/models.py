@@ -8,7 +8,6 @@ model in memory).
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import os
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from turnrl.lm_parts import lm_parts
+from turnrl.lm_parts import lm_parts, logits_at
 
 # The special tokens of the built-in tokenizer follow ChatML, so the tiny model and real chat models
 # (Qwen, SmolLM2) see the same conversation shape.
@@ -146,14 +145,10 @@ class Policy(nn.Module):
         the logits of the marked positions, (at.sum(), V): the vocabulary-sized head then runs only there."""
         if with_values and self.value_head is None:
             raise ValueError("this policy has no value head; build it with value_head=True")
-        parts = lm_parts(self.lm)
-        out = parts.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                         output_hidden_states=with_values)
-        hidden = out.last_hidden_state
-        logits = parts.head(hidden if at is None else hidden[at])
+        logits, out = logits_at(self.lm, input_ids, attention_mask, at, output_hidden_states=with_values)
         values = None
         if with_values:
-            trunk = hidden if parts.split else out.hidden_states[-1]
+            trunk = out.last_hidden_state if lm_parts(self.lm).split else out.hidden_states[-1]
             values = self.value_head(trunk).squeeze(-1).float()
         return logits, values
 
@@ -178,85 +173,10 @@ class Policy(nn.Module):
         if self.value_head is not None:
             torch.save(self.value_head.state_dict(), directory / "value_head.pt")
 
-    def reference(self) -> "Reference":
-        """A frozen reference policy for the KL term: the policy as it is now (the start of RL). A full model is
-        deep-copied; a LoRA model shares its base in memory: with fresh adapters (every lora_B zero) the
-        reference is the base with adapters switched off, otherwise (after an SFT warm start, or a LoRA
-        checkpoint as the starting model) the base plus a frozen copy of the adapter weights."""
-        if not self.is_lora:
-            return Reference(copy.deepcopy(self.lm).eval().requires_grad_(False))
-        return Reference.frozen_adapters(self.lm, adapter_weights(self.lm))
-
     def merged_lm(self) -> nn.Module:
         """The language model with LoRA adapters folded into the base weights (an ordinary HF model).
         Folds in place: use on a policy loaded for export, not on one still being trained."""
         return self.lm.merge_and_unload() if self.is_lora else self.lm
-
-
-def adapter_weights(lm: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of the trainable (adapter) parameters of a LoRA model, by parameter name."""
-    return {name: p.detach().clone() for name, p in lm.named_parameters() if p.requires_grad}
-
-
-def saved_adapter_weights(lm: nn.Module, directory: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The adapter weights saved in `directory` (a LoRA policy's `save`), by `lm`'s parameter names. PEFT saves
-    them under names without the adapter's name; its own state-dict function says which live tensor each
-    saved name is, so the mapping follows whatever renaming the installed PEFT does."""
-    from peft import get_peft_model_state_dict, load_peft_weights
-
-    by_storage = {p.data_ptr(): name for name, p in lm.named_parameters() if p.requires_grad}
-    names = {key: by_storage.get(t.data_ptr()) for key, t in get_peft_model_state_dict(lm).items()}
-    saved = load_peft_weights(str(directory), device="cpu")
-    if set(saved) != set(names) or None in names.values():
-        raise ModelLoadError(f"the adapter in {str(directory)!r} does not match this model's adapters")
-    device = next(lm.parameters()).device
-    return {names[key]: t.to(device) for key, t in saved.items()}
-
-
-class Reference:
-    """The frozen KL reference, called as `ref(input_ids, attention_mask, at=mask)` -> the logits of the marked
-    positions, (at.sum(), V) (like `Policy.forward(..., at=)`: the vocabulary-sized head runs only there).
-
-    For LoRA it shares the policy's model: `frozen_adapters` runs it with the adapter weights swapped for frozen
-    copies (or with adapters off when every lora_B copy is zero, the same function without the adapter
-    matmuls). Not an nn.Module, so `.eval()` / `.requires_grad_(False)` can never reach the trained adapters."""
-
-    def __init__(self, lm: nn.Module, context=contextlib.nullcontext):
-        self.lm, self.context = lm, context
-
-    @classmethod
-    def frozen_adapters(cls, lm: nn.Module, weights: dict[str, torch.Tensor]) -> "Reference":
-        if all(not t.any() for name, t in weights.items() if "lora_B" in name):
-            return cls(lm, lm.disable_adapter)
-        params = dict(lm.named_parameters())
-        missing = sorted(set(weights) - set(params))
-        if missing:
-            raise ModelLoadError(f"reference adapter weights name no parameter of this model: {missing[:3]}")
-        swaps = [(params[name], w) for name, w in weights.items()]
-
-        @contextlib.contextmanager
-        def swapped():
-            live = [p.data for p, _ in swaps]
-            # autocast caches its bf16 copy of each trainable weight per autocast region: clear it on both
-            # sides, so neither model ever sees the other's cast weights.
-            torch.clear_autocast_cache()
-            for p, w in swaps:
-                p.data = w
-            try:
-                yield
-            finally:
-                for (p, _), data in zip(swaps, live):
-                    p.data = data
-                torch.clear_autocast_cache()
-
-        return cls(lm, swapped)
-
-    @torch.no_grad()
-    def __call__(self, input_ids, attention_mask=None, *, at: torch.Tensor) -> torch.Tensor:
-        with self.context():
-            parts = lm_parts(self.lm)
-            hidden = parts.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-            return parts.head(hidden[at])
 
 
 def export_merged(policy: Policy, out: str | os.PathLike) -> Path:

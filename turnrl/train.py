@@ -31,7 +31,8 @@ from turnrl.engines import SamplingParams
 from turnrl.envs import make
 from turnrl.evaluate import engine_for, evaluate, renderer_for, settings_for
 from turnrl.faults import EnvFailureError, Interrupted, StopSignals
-from turnrl.models import LoraSpec, Reference, TinyModelSpec, load_policy, saved_adapter_weights
+from turnrl.models import LoraSpec, TinyModelSpec, load_policy
+from turnrl.reference import Reference, reference_of, saved_adapter_weights
 from turnrl.rollout import Trajectory, run_episodes
 from turnrl.sft import make_demonstrations, sft
 from turnrl.shaping import shape_rewards
@@ -447,7 +448,7 @@ def reference_model(run_dir: Path, policy, cfg: TrainConfig, iteration: int, log
                 "this run started")
             return Reference(policy.lm, policy.lm.disable_adapter)
         raise ConfigError(f"cannot resume {run_dir}: algo.kl_coef > 0 but the reference model {path} is missing")
-    ref = policy.reference()  # the policy is still the RL starting point
+    ref = reference_of(policy)  # the policy is still the RL starting point
     save_model_atomic(policy, path)
     return ref
 

@@ -17,7 +17,6 @@ from turnrl.config import AlgoConfig, OptimConfig
 from turnrl.credit import Credit, compute_credit, compute_row_credit, turn_spread
 from turnrl.rollout import Trajectory
 from turnrl.lm_parts import lm_parts
-from turnrl.models import Reference
 from turnrl.shared_prefix import (head_length, plan_micro_batches, prompt_ids, prompt_lengths, shared_prefix_hidden,
                                   windows, worth_sharing)
 
@@ -108,10 +107,8 @@ def _autocast(enabled: bool):
 @torch.no_grad()
 def reference_logprobs(ref, batch: Batch, rows_groups: list[list[int]], temperature: float,
                        bf16: bool) -> torch.Tensor:
-    """(B, L-1) logprobs of the batch's targets under `ref` (a `turnrl.models.Reference`, or a causal LM, which is
-    wrapped in one) at model-token positions, 0 elsewhere. The LM head runs only at those positions."""
-    if not isinstance(ref, Reference):
-        ref = Reference(ref)
+    """(B, L-1) logprobs of the batch's targets under `ref` (a `turnrl.reference.Reference`) at model-token
+    positions, 0 elsewhere. The LM head runs only at those positions."""
     logps = torch.zeros_like(batch.old_logprobs)
     for rows in rows_groups:
         n = max(batch.lengths[r] for r in rows)
