@@ -9,7 +9,16 @@ Heavy modules (torch, transformers) are imported on first use, not at `import tu
 
 from __future__ import annotations
 
+import os
+
 __version__ = "0.1.0"
+
+# Intel MKL (torch's CPU BLAS) may pick kernels by the memory alignment of each tensor, so the same float32
+# matmul can round differently from one call to the next; a resumed run then differs from an uninterrupted one
+# in the last bits (measured on an AMD EPYC VM, 2026-12-04: tests/test_resume_exact.py failed without this and
+# passed with it). MKL's own switch (Conditional Numerical Reproducibility) makes results independent of
+# alignment while keeping the fastest instruction set. Set before MKL's first call; a user's setting wins.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 _LAZY = {
     "train": ("turnrl.train", "train"),
