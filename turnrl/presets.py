@@ -197,8 +197,8 @@ def smollm2_bandit() -> TrainConfig:
     49 s in all, 120 iterations). Without a learning-rate warm-up it was not robust across seeds: with --seed 1
     several pairs locked on the safe arm within ten iterations (a fresh Adam moves every LoRA weight by about
     the full learning rate in its first steps) and the rollouts stalled near 0.6. With a 20-step linear warm-up
-    seeds 0, 1 and 2 reach 1.00 on the training names;
-    seed 3 learned one pair (Banker/Gambler) backwards and ended at 0.89."""
+    seeds 0, 1 and 2 reach 1.00 on the training names; seed 3 learned one pair (Banker/Gambler) backwards and
+    ended at 0.89."""
     return TrainConfig(
         model=ModelConfig(name="smollm2-135m-instruct", lora_rank=16, lora_alpha=32.0),
         env=EnvConfig(name="bandit", eval_name="bandit_test", system_prompt=True),
