@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from scripted import ScriptedEngine
@@ -106,3 +108,58 @@ def test_free_text_env_gets_the_whole_answer(tiny_tokenizer):
     t = run_episodes(engine, renderer(tiny_tokenizer), lambda: make("countdown"), [2], 1, settings,
                      SamplingParams(max_new_tokens=64))[0]
     assert t.success and t.total_reward == pytest.approx(1.0)
+
+
+class LiveKeys:
+    """Passes calls through to an engine and records the most per-episode cache keys alive at once."""
+
+    def __init__(self, engine):
+        self.engine, self.alive, self.most = engine, set(), 0
+        self.generator = engine.generator
+
+    def generate(self, prompts, params, keys=None, seeds=None):
+        self.alive.update(keys)
+        self.most = max(self.most, len(self.alive))
+        return self.engine.generate(prompts, params, keys=keys, seeds=seeds)
+
+    def release(self, keys):
+        self.alive.difference_update(keys)
+        self.engine.release(keys)
+
+
+def test_max_live_bounds_the_episodes_alive_and_keeps_the_draws():
+    """rollout.max_live_episodes is a memory setting: whole groups start as others end, at most max_live
+    episodes hold an env and an engine cache at once, and every episode samples from its own stream, so the
+    trajectories are those of a rollout that plays every episode at once."""
+    import torch
+
+    from faulty_envs import ChattyLake
+    from turnrl.engines import HFEngine
+    from turnrl.models import TinyModelSpec, load_policy
+
+    class UnevenLake(ChattyLake):  # a longer first observation for larger seeds: episodes end at different turns
+        def reset(self, *, seed=None, options=None):
+            self.first = 40 * (seed % 3)
+            return super().reset(seed=seed, options=options)
+
+    policy = load_policy("tiny", seed=3, tiny=TinyModelSpec(hidden_size=32, num_layers=2, num_heads=2,
+                                                            intermediate_size=64))
+    settings = RolloutSettings(max_turns=4, max_new_tokens=8, max_context_tokens=400, think=False)
+    runs = {}
+    for max_live in (0, 2, 5):
+        engine = LiveKeys(HFEngine(policy.lm, eos_token_id=policy.eos_token_id, pad_token_id=policy.pad_token_id,
+                                   generator=torch.Generator().manual_seed(0)))
+        trajs = run_episodes(engine, renderer(policy.tokenizer), lambda: UnevenLake(growth=30), list(range(6)), 2,
+                             dataclasses.replace(settings, max_live=max_live), SamplingParams(max_new_tokens=8))
+        runs[max_live] = trajs
+        assert engine.most == {0: 12, 2: 2, 5: 4}[max_live] and not engine.alive  # whole groups of 2
+    assert len({t.num_turns for t in runs[0]}) > 1  # the test needs episodes that end at different turns
+    for max_live in (2, 5):
+        assert len(runs[max_live]) == 12
+        for a, b in zip(runs[0], runs[max_live]):
+            assert (a.ids, a.turn_rewards, a.end_reason, a.seed, a.group_id) == \
+                   (b.ids, b.turn_rewards, b.end_reason, b.seed, b.group_id)
+            # batched matmuls round differently in other batches (docs/engines.md)
+            assert b.logprobs == pytest.approx(a.logprobs, abs=1e-5)
+    with pytest.raises(ValueError, match="max_live must be >= 0"):
+        RolloutSettings(max_live=-1)

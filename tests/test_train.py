@@ -115,8 +115,9 @@ def test_resume_refuses_a_different_config(tmp_path):
 
 
 def test_resume_may_change_the_generation_batch_size_and_learns_the_same(tmp_path):
-    """rollout.gen_batch_size is a speed/memory setting (every episode samples from its own stream): a run resumed
-    with another one is accepted and logs the same iterations as a run that never changed it."""
+    """rollout.gen_batch_size and rollout.max_live_episodes are speed/memory settings (every episode samples from
+    its own stream): a run resumed with others is accepted and logs the same iterations as a run that never
+    changed them."""
     def records(run):
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         return [{k: v for k, v in r.items() if not k.startswith(("perf/", "time/"))} for r in rows]
@@ -125,7 +126,7 @@ def test_resume_may_change_the_generation_batch_size_and_learns_the_same(tmp_pat
     train(straight, log=lambda *_: None)
     cfg = tiny_config(tmp_path / "b", iterations=1, rollout__gen_batch_size=8)
     train(cfg, log=lambda *_: None)
-    cfg.iterations, cfg.rollout.gen_batch_size = 2, 3
+    cfg.iterations, cfg.rollout.gen_batch_size, cfg.rollout.max_live_episodes = 2, 3, 4
     train(cfg, resume=True, log=lambda *_: None)
     assert records(tmp_path / "b") == records(tmp_path / "a")
     assert len(records(tmp_path / "a")) == 2

@@ -24,6 +24,7 @@ def run(args, capsys):
     (["--optim.lr", "-1"], ["optim.lr must be > 0"]),                                   # out of range
     (["--rollout.max-env-error-rate", "1.5"], ["rollout.max_env_error_rate must be in [0, 1)"]),
     (["--rollout.env-timeout", "-2"], ["rollout.env_timeout must be >= 0"]),
+    (["--rollout.max-live-episodes", "-1"], ["rollout.max_live_episodes must be >= 0"]),
     (["--optim.max-bad-updates", "0"], ["optim.max_bad_updates must be >= 1"]),
     (["--keep-checkpoints", "0"], ["keep_checkpoints must be >= 1"]),
     (["--algo.kl-estimator", "k1"], ["algo.kl_estimator is only used when algo.kl_coef > 0"]),  # no-op combination

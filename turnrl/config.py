@@ -40,7 +40,7 @@ class ModelConfig:
     tiny_layers: int = 4  # tiny model: number of layers
     tiny_heads: int = 4  # tiny model: attention heads
     tiny_ff: int = 512  # tiny model: MLP width
-    lora_rank: int = 0  # LoRA adapter rank (PEFT); 0 = full fine-tuning. With LoRA the KL reference is the base model (adapters off)
+    lora_rank: int = 0  # LoRA adapter rank (PEFT); 0 = full fine-tuning. With LoRA the KL reference (the policy at the start of RL) shares the base: adapters off, or a frozen copy of SFT-trained ones
     lora_alpha: float = 32.0  # LoRA scaling numerator (the update is scaled by alpha / rank)
     lora_dropout: float = 0.0  # dropout on the LoRA input
     lora_targets: tuple[str, ...] = LORA_TARGETS  # module names that get adapters (Llama/Qwen/SmolLM2 names by default)
@@ -83,6 +83,7 @@ class RolloutConfig:
     think: bool = True  # reply format '<think>..</think><answer>..</answer>'; False: '<answer>..</answer>' only
     format_penalty: float = -0.1  # added to a turn whose reply does not parse or holds an invalid action
     gen_batch_size: int = 128  # episodes per generation batch
+    max_live_episodes: int = 0  # episodes played at once (their envs and KV caches; bounds rollout/eval memory): whole groups start as others end; 0 = all. Not the draws: every episode samples from its own stream
     # -- context policy (turnrl/rollout.py) --
     context: Literal["full", "window", "summary"] = "full"  # full: whole history (RAGEN/UFO); window: last k turns (VAGEN); summary: own last reflection + newest observation (ERA)
     context_window: int = 2  # context=window: completed turns (observation + reply) kept in the prompt
@@ -97,6 +98,8 @@ class RolloutConfig:
                f"rollout.max_env_error_rate must be in [0, 1), got {self.max_env_error_rate}")
         for name in ("n_groups", "group_size", "max_turns", "max_actions_per_turn", "max_new_tokens", "gen_batch_size"):
             _check(getattr(self, name) >= 1, f"rollout.{name} must be >= 1, got {getattr(self, name)}")
+        _check(self.max_live_episodes >= 0,
+               f"rollout.max_live_episodes must be >= 0 (0 = all episodes at once), got {self.max_live_episodes}")
         _check(self.temperature > 0, f"rollout.temperature must be > 0, got {self.temperature}")
         _check(0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}")
         _check(self.max_context_tokens > self.max_new_tokens,

@@ -229,12 +229,15 @@ class RolloutSettings:
     context: str = "full"     # context policy: full | window | summary (module docstring)
     context_window: int = 2   # window: completed turns kept in the prompt
     turn_rows: bool = False   # one training row per turn (required by window and summary)
+    max_live: int = 0         # episodes alive at once (envs + engine caches); 0 = all (run_episodes)
 
     def __post_init__(self):
         if self.context not in CONTEXTS:
             raise ValueError(f"context must be one of {CONTEXTS}, got {self.context!r}")
         if self.context_window < 1:
             raise ValueError(f"context_window must be >= 1, got {self.context_window}")
+        if self.max_live < 0:
+            raise ValueError(f"max_live must be >= 0 (0 = all episodes at once), got {self.max_live}")
         if self.context != "full" and not self.turn_rows:
             raise ValueError(f"context {self.context!r} needs turn_rows=True: its prompts are not prefixes of one sequence")
         if self.context == "summary" and not self.think:
@@ -318,6 +321,7 @@ class _Episode:
     valid_turns: int = 0
     end_reason: str = ""
     error: str = ""
+    turns: int = 0  # replies generated so far
 
     def fail(self, err: BaseException, env_name: str, during: str) -> None:
         self.done, self.end_reason = True, "env_error"
@@ -362,56 +366,56 @@ def run_episodes(engine: Engine, renderer: ChatRenderer, make_env: Callable[[], 
     """Plays `group_size` episodes per seed (a group shares its seed, hence its start state).
 
     All active episodes of a turn are generated in one engine call; an episode leaves the batch as
-    soon as it ends (env done, turn budget, or context budget). An env whose reset, step or close raises,
+    soon as it ends (env done, turn budget, or context budget), and its env is closed and its engine cache
+    freed then. `settings.max_live` > 0 bounds the episodes alive at once (their envs and the engine's
+    per-episode KV caches): whole groups start as earlier episodes end, and their first turns share engine
+    calls with later turns of others. Every episode samples from its own stream (rollout base, episode index,
+    its own turn), so the trajectories do not depend on `max_live`. An env whose reset, step or close raises,
     or takes longer than `settings.env_timeout`, loses only its own episode: it ends with end_reason
     "env_error" and the traceback in `error` (Trajectory.failed), and the others play on.
+    Trajectories come back in episode order (group by group).
     """
-    episodes: list[_Episode] = []
-    for group_id, seed in enumerate(seeds):
-        for _ in range(group_size):
-            ep = _Episode(None, None, seed, group_id)
-            episodes.append(ep)
-            try:
-                with time_limit(settings.env_timeout):
-                    ep.env = make_env()
-                    obs, _info = ep.env.reset(seed=seed)
-                    _check_observation(obs)
-            except Exception as err:  # the env is user code: whatever it raises loses only this episode
-                ep.fail(err, env_name, "reset")
-                continue
-            ep.ctx = TurnContext(renderer, settings, obs)
-            if len(ep.ctx.prompt) + settings.max_new_tokens > settings.max_context_tokens:
-                # the first observation alone leaves no room for a reply: no turn is played
-                ep.done, ep.truncated, ep.end_reason = True, True, "context_budget"
-
+    episodes = [_Episode(None, None, seed, group_id) for group_id, seed in enumerate(seeds) for _ in range(group_size)]
     # Keys are unique per call so an engine's per-episode cache never outlives this rollout (the
     # weights change after it).
     call = next(_CALLS)
     base = stream_base(engine)
+    live: list[int] = []
+    started = 0  # episodes[:started] have been reset
     try:
-        for turn in range(settings.max_turns):
-            active = [i for i, e in enumerate(episodes) if not e.done]
-            if not active:
+        while True:
+            # Start whole groups while there is room (always one group when nothing is alive).
+            while started < len(episodes) and (settings.max_live <= 0 or not live
+                                               or len(live) + group_size <= settings.max_live):
+                for i in range(started, started + group_size):
+                    _start(episodes[i], make_env, renderer, settings, env_name)
+                    if episodes[i].done:
+                        _close(episodes[i], settings, env_name)
+                    else:
+                        live.append(i)
+                started += group_size
+            if not live:
                 break
-            seeds = {} if base is None else {"seeds": [stream_seed(base, i, turn) for i in active]}
-            completions: list[Completion] = engine.generate([episodes[i].ctx.prompt for i in active], params,
-                                                            keys=[(call, i) for i in active], **seeds)
-            for i, completion in zip(active, completions):
-                _advance(episodes[i], completion, renderer, settings, last_turn=turn == settings.max_turns - 1,
+            streams = {} if base is None else {"seeds": [stream_seed(base, i, episodes[i].turns) for i in live]}
+            completions: list[Completion] = engine.generate([episodes[i].ctx.prompt for i in live], params,
+                                                            keys=[(call, i) for i in live], **streams)
+            for i, completion in zip(live, completions):
+                ep = episodes[i]
+                _advance(ep, completion, renderer, settings, last_turn=ep.turns == settings.max_turns - 1,
                          env_name=env_name)
-            engine.release([(call, i) for i in active if episodes[i].done])
+                ep.turns += 1
+            ended = [i for i in live if episodes[i].done]
+            engine.release([(call, i) for i in ended])
+            for i in ended:
+                _close(episodes[i], settings, env_name)
+            live = [i for i in live if not episodes[i].done]
     finally:
         engine.release([(call, i) for i in range(len(episodes))])
+        for ep in episodes:
+            _close(ep, settings, env_name)
 
     trajectories = []
     for ep in episodes:
-        try:
-            with time_limit(settings.env_timeout):
-                if ep.env is not None:
-                    ep.env.close()
-        except Exception as err:  # user code, as above
-            if not ep.error:
-                ep.fail(err, env_name, "close")
         b = ep.builder
         trajectories.append(Trajectory(
             ids=tuple(b.ids), loss_mask=tuple(b.mask), logprobs=tuple(b.logprobs), turn_spans=tuple(b.spans),
@@ -420,6 +424,36 @@ def run_episodes(engine: Engine, renderer: ChatRenderer, make_env: Callable[[], 
             valid_turns=ep.valid_turns, end_reason=ep.end_reason, transcript=tuple(b.transcript), error=ep.error,
             row_starts=(None if ep.ctx is None or ep.ctx.row_starts is None else tuple(ep.ctx.row_starts))))
     return trajectories
+
+
+def _start(ep: _Episode, make_env: Callable[[], object], renderer: ChatRenderer, settings: RolloutSettings,
+           env_name: str) -> None:
+    """Makes and resets the episode's env and renders its first prompt (or ends it: env error, no room)."""
+    try:
+        with time_limit(settings.env_timeout):
+            ep.env = make_env()
+            obs, _info = ep.env.reset(seed=ep.seed)
+            _check_observation(obs)
+    except Exception as err:  # the env is user code: whatever it raises loses only this episode
+        ep.fail(err, env_name, "reset")
+        return
+    ep.ctx = TurnContext(renderer, settings, obs)
+    if len(ep.ctx.prompt) + settings.max_new_tokens > settings.max_context_tokens:
+        # the first observation alone leaves no room for a reply: no turn is played
+        ep.done, ep.truncated, ep.end_reason = True, True, "context_budget"
+
+
+def _close(ep: _Episode, settings: RolloutSettings, env_name: str) -> None:
+    """Closes the episode's env once (an error while closing fails an episode that had none)."""
+    env, ep.env = ep.env, None
+    if env is None:
+        return
+    try:
+        with time_limit(settings.env_timeout):
+            env.close()
+    except Exception as err:  # user code, as above
+        if not ep.error:
+            ep.fail(err, env_name, "close")
 
 
 def stream_base(engine) -> int | None:

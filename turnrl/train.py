@@ -38,9 +38,10 @@ from turnrl.sft import make_demonstrations, sft
 from turnrl.shaping import shape_rewards
 from turnrl.update import ppo_update
 
-# Config fields that may change when a run is resumed (they do not shape what is learned). gen_batch_size and the
-# vLLM memory settings only size the engine's batches and caches: every episode samples from its own stream.
-RESUMABLE_CHANGES = ("iterations", "progress", "threads", "out", "rollout.gen_batch_size",
+# Config fields that may change when a run is resumed (they do not shape what is learned). gen_batch_size,
+# max_live_episodes and the vLLM memory settings only size the engine's batches and caches: every episode samples
+# from its own stream.
+RESUMABLE_CHANGES = ("iterations", "progress", "threads", "out", "rollout.gen_batch_size", "rollout.max_live_episodes",
                      "engine.vllm_gpu_memory_utilization", "engine.vllm_cpu_kv_cache_gib")
 
 
