@@ -150,3 +150,28 @@ def test_plan_keeps_groups_together_within_budget():
         assert cost <= 80 or len(mb) == 1
     # a group that fits stays in one micro-batch
     assert any({0, 1, 2} <= set(mb) for mb in plan)
+
+
+def test_reference_logprobs_share_the_prompt_head_and_equal_the_per_row_ones(monkeypatch):
+    """The KL reference's forward runs the prompts like the update does (common head once, each distinct prompt
+    once), with the same logprobs as the per-row forward at every model token and 0 elsewhere."""
+    policy = load_policy("tiny", seed=4, tiny=SPEC)
+    trajs = grouped_batch(policy, seed=9, groups=4, members=3, head=12)
+    ref = copy.deepcopy(policy.lm)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    calls = []
+    decoder = ref.get_decoder()
+    real = decoder.forward
+    monkeypatch.setattr(decoder, "forward", lambda *a, **k: calls.append(k["input_ids"].shape) or real(*a, **k))
+    algo = AlgoConfig(filter="none", kl_coef=0.1)
+    batch = collate(trajs, policy.pad_token_id)
+    out = {}
+    for shared in (True, False):
+        calls.clear()
+        out[shared] = prepare_targets(policy, batch, trajs, algo=algo, optim=OptimConfig(shared_prefix=shared),
+                                      temperature=0.8, ref_lm=Reference(ref)).ref_logprobs
+        assert ((1, 12) in calls) == shared  # the common head, once
+    assert (out[True][batch.mask == 0] == 0).all() and (out[True][batch.mask > 0] != 0).all()
+    torch.testing.assert_close(out[True], out[False], atol=1e-5, rtol=1e-5)

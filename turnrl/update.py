@@ -16,7 +16,7 @@ from turnrl.algos.losses import (aggregate, entropy_from_logits, gspo_loss, kl_p
 from turnrl.config import AlgoConfig, OptimConfig
 from turnrl.credit import Credit, compute_credit, compute_row_credit, turn_spread
 from turnrl.rollout import Trajectory
-from turnrl.lm_parts import lm_parts
+from turnrl.lm_parts import lm_parts, logits_at
 from turnrl.shared_prefix import (head_length, plan_micro_batches, prompt_ids, prompt_lengths, shared_prefix_hidden,
                                   windows, worth_sharing)
 
@@ -106,17 +106,33 @@ def _autocast(enabled: bool):
 
 @torch.no_grad()
 def reference_logprobs(ref, batch: Batch, rows_groups: list[list[int]], temperature: float,
-                       bf16: bool) -> torch.Tensor:
+                       bf16: bool, share: bool = False) -> torch.Tensor:
     """(B, L-1) logprobs of the batch's targets under `ref` (a `turnrl.reference.Reference`) at model-token
-    positions, 0 elsewhere. The LM head runs only at those positions."""
+    positions, 0 elsewhere. The LM head runs only at those positions. With `share` (micro-batches planned by
+    `plan_micro_batches`), the prompts run as in the update: their common head once per micro-batch and each
+    distinct first prompt once (turnrl.shared_prefix), then every row's continuation."""
     logps = torch.zeros_like(batch.old_logprobs)
     for rows in rows_groups:
-        n = max(batch.lengths[r] for r in rows)
-        on = batch.mask[rows, : n - 1] > 0
-        with _autocast(bf16):
-            logits = ref(batch.input_ids[rows, :n], batch.attention[rows, :n], at=predicting(on))
-        logps[rows, : n - 1] = _scatter(on, token_logprobs(logits[None].float(), batch.targets[rows, : n - 1][on][None],
-                                                           temperature=temperature)[0])
+        with ref.context(), _autocast(bf16):
+            if share:
+                hidden, starts, width = shared_prefix_hidden(ref.lm, batch.input_ids, batch.lengths, rows,
+                                                             batch.prompt_len, batch.prompt_id)
+                ends = torch.tensor([batch.lengths[r] - 1 for r in rows])
+                on = windows(batch.mask, rows, starts, width, ends) > 0
+                targets = windows(batch.targets, rows, starts, width, ends)[on]
+                logits = lm_parts(ref.lm).head(hidden[on])
+            else:
+                n = max(batch.lengths[r] for r in rows)
+                on = batch.mask[rows, : n - 1] > 0
+                targets = batch.targets[rows, : n - 1][on]
+                logits = logits_at(ref.lm, batch.input_ids[rows, :n], batch.attention[rows, :n], predicting(on))[0]
+        values = _scatter(on, token_logprobs(logits[None].float(), targets[None], temperature=temperature)[0])
+        if share:  # window column j of row i is position starts[i] + j
+            for i, r in enumerate(rows):
+                k = int(ends[i] - starts[i])
+                logps[r, int(starts[i]): int(ends[i])] = values[i, :k]
+        else:
+            logps[rows, : values.shape[1]] = values
     return logps
 
 
@@ -156,9 +172,11 @@ def prepare_targets(policy, batch: Batch, trajs: list[Trajectory], *, algo: Algo
               else compute_credit(trajs, batch.mask, old_values, algo))
     ref_logprobs = None
     if algo.kl_coef > 0:
-        ref_logprobs = reference_logprobs(ref_lm, batch,
-                                          micro_batches(batch.lengths, all_rows, optim.micro_batch_tokens),
-                                          temperature, optim.bf16)
+        head = shared_head(policy, batch, all_rows, algo=algo, optim=optim, values=False)
+        plan = (plan_micro_batches(all_rows, batch.lengths, batch.prompt_len, batch.prompt_id,
+                                   optim.micro_batch_tokens, head=head)
+                if head is not None else micro_batches(batch.lengths, all_rows, optim.micro_batch_tokens))
+        ref_logprobs = reference_logprobs(ref_lm, batch, plan, temperature, optim.bf16, share=head is not None)
     return Targets(credit, old_values, ref_logprobs)
 
 
@@ -286,12 +304,15 @@ def minibatch_backward(policy, batch: Batch, targets: Targets, mb_rows: list[int
     return totals
 
 
-def shared_head(policy, batch: Batch, rows: list[int], *, algo: AlgoConfig, optim: OptimConfig) -> int | None:
+def shared_head(policy, batch: Batch, rows: list[int], *, algo: AlgoConfig, optim: OptimConfig,
+                values: bool | None = None) -> int | None:
     """None when the shared-prefix forward does not apply, else the length of the head all of `rows`' first
     prompts share (0 when only identical prompts are shared). It applies when asked for, when some rows share
-    a prompt or all prompts share a head, with no critic (its values need every position's hidden state) and
-    without gradient checkpointing (which drops the KV cache)."""
-    if (not optim.shared_prefix or algo.needs_critic or batch.prompt_id is None
+    a prompt or all prompts share a head, with no critic (its values need every position's hidden state; pass
+    `values=False` for a forward that computes none, such as the KL reference's) and without gradient
+    checkpointing (which drops the KV cache)."""
+    values = algo.needs_critic if values is None else values
+    if (not optim.shared_prefix or values or batch.prompt_id is None
             or any(getattr(m, "gradient_checkpointing", False) for m in policy.lm.modules())):
         return None
     head = head_length(batch.input_ids, rows, batch.prompt_len)
