@@ -27,6 +27,17 @@ def test_malformed_replies():
         assert r.actions == ()
 
 
+def test_strict_rejects_text_after_the_answer_only():
+    for text in ["<answer>Up</answer> and then some", "<answer>Up</answer></answer>", "<answer>Up</answer>.",
+                 "<think>x</think><answer>Up</answer>Right"]:
+        think = text.startswith("<think>")
+        assert parse_reply(text, think=think).ok, text  # RAGEN's parser: trailing text ignored
+        strict = parse_reply(text, think=think, strict=True)
+        assert not strict.ok and strict.actions == (), text
+    for text in ["<answer>Up</answer>", "  <answer>Up</answer> \n\t"]:
+        assert parse_reply(text, think=False, strict=True).actions == ("Up",), text
+
+
 def test_format_reply_roundtrip():
     text = format_reply(["Up", "Left"], think=True)
     assert parse_reply(text, think=True, max_actions=2).actions == ("Up", "Left")

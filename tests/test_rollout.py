@@ -58,6 +58,19 @@ def test_format_penalty_and_invalid_feedback(tiny_tokenizer):
     assert "Invalid answer format" in t.transcript[2][1]
 
 
+@pytest.mark.parametrize("strict", [False, True])
+def test_strict_format_penalises_text_after_the_answer(tiny_tokenizer, strict):
+    engine = ScriptedEngine(tiny_tokenizer, ["Up</answer> ok?<|im_end|>"])
+    settings = RolloutSettings(max_turns=2, max_actions_per_turn=1, max_new_tokens=16, think=False,
+                               format_penalty=-0.1, strict_format=strict)
+    t = run_episodes(engine, renderer(tiny_tokenizer), lambda: make("sokoban"), [3], 1, settings,
+                     SamplingParams(max_new_tokens=16))[0]
+    assert t.valid_turns == (0 if strict else 2)
+    assert t.num_actions == (0 if strict else 2)
+    if strict:
+        assert t.turn_rewards == pytest.approx((-0.1, -0.1))  # not stepped: penalty only
+
+
 def test_think_mode_and_multiple_actions(tiny_tokenizer):
     engine = ScriptedEngine(tiny_tokenizer, ["plan</think><answer>Up || Left || Down</answer><|im_end|>"])
     settings = RolloutSettings(max_turns=1, max_actions_per_turn=2, max_new_tokens=32, think=True)

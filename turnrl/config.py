@@ -81,6 +81,7 @@ class RolloutConfig:
     temperature: float = 1.0  # sampling temperature during training rollouts
     top_p: float = 1.0  # nucleus sampling during rollouts
     think: bool = True  # reply format '<think>..</think><answer>..</answer>'; False: '<answer>..</answer>' only
+    strict_format: bool = False  # text after '</answer>' makes the reply invalid (format penalty); default: ignored, as in RAGEN
     format_penalty: float = -0.1  # added to a turn whose reply does not parse or holds an invalid action
     gen_batch_size: int = 128  # episodes per generation batch
     max_live_episodes: int = 0  # episodes played at once (their envs and KV caches; bounds rollout/eval memory): whole groups start as others end; 0 = all. Not the draws: every episode samples from its own stream

@@ -22,12 +22,14 @@ class ParsedReply:
     dropped: int              # actions beyond max_actions that were ignored
 
 
-def parse_reply(text: str, *, think: bool = True, max_actions: int = 1, split: bool = True) -> ParsedReply:
+def parse_reply(text: str, *, think: bool = True, max_actions: int = 1, split: bool = True,
+                strict: bool = False) -> ParsedReply:
     """Extracts the actions of a reply.
 
     With `think=True` the reply must open with `<think>…</think>` followed by `<answer>…</answer>`
     (RAGEN's format); with `think=False` it must open with `<answer>…</answer>`. The first match wins;
-    text after the answer is ignored. The answer is split on "||" and the first `max_actions` non-empty
+    text after the answer is ignored, or with `strict` makes the reply invalid (only whitespace may
+    follow `</answer>`: RAGEN's prompt asks for "no extra text" but its parser ignores it). The answer is split on "||" and the first `max_actions` non-empty
     actions are kept. With `split=False` (free-text envs: expressions, math answers) the whole answer
     is one action.
     """
@@ -36,6 +38,8 @@ def parse_reply(text: str, *, think: bool = True, max_actions: int = 1, split: b
         return ParsedReply(False, (), "", 0)
     reasoning = match.group(1) if think else ""
     answer = match.group(2) if think else match.group(1)
+    if strict and text[match.end():].strip():
+        return ParsedReply(False, (), reasoning, 0)
     if "<answer>" in answer or "<think>" in answer:  # nested tags: not a well-formed answer
         return ParsedReply(False, (), reasoning, 0)
     if not split:

@@ -224,6 +224,7 @@ class RolloutSettings:
     max_new_tokens: int = 64
     max_context_tokens: int = 2048  # limit of every prompt + reply the engine is given
     think: bool = True
+    strict_format: bool = False  # text after </answer> makes the reply invalid (parse_reply's strict)
     format_penalty: float = -0.1
     env_timeout: float = 0.0  # seconds per env reset/step before the episode fails; 0 = no limit
     context: str = "full"     # context policy: full | window | summary (module docstring)
@@ -478,7 +479,7 @@ def _advance(ep: _Episode, completion: Completion, renderer: ChatRenderer, setti
     text = renderer.tokenizer.decode(list(completion.ids), skip_special_tokens=True)
     ctx.add_reply(completion.ids, completion.logprobs, renderer.prefix + text)
     reply = parse_reply(renderer.prefix + text, think=settings.think, max_actions=settings.max_actions_per_turn,
-                        split=not ep.env.free_text)
+                        split=not ep.env.free_text, strict=settings.strict_format)
     try:
         with time_limit(settings.env_timeout):
             obs, reward, terminated, truncated, success, n_valid, all_valid = act(ep.env, reply.actions, reply.ok)

@@ -86,7 +86,7 @@ def run_chat_episodes(engine: OpenAIEngine, make_env: Callable[[], object], seed
                 break
             for ep, reply in zip(active, engine.chat([context_messages(e.messages, r) for e in active], params)):
                 parsed = parse_reply(reply.text, think=r.think, max_actions=r.max_actions_per_turn,
-                                     split=not ep.env.free_text)
+                                     split=not ep.env.free_text, strict=r.strict_format)
                 obs, reward, terminated, truncated, success, _n_valid, all_valid = act(ep.env, parsed.actions, parsed.ok)
                 valid = parsed.ok and all_valid
                 ep.valid_turns += int(valid)
