@@ -176,3 +176,13 @@ def test_max_live_bounds_the_episodes_alive_and_keeps_the_draws():
             assert b.logprobs == pytest.approx(a.logprobs, abs=1e-5)
     with pytest.raises(ValueError, match="max_live must be >= 0"):
         RolloutSettings(max_live=-1)
+
+
+def test_rollout_config_reaches_the_rollout_settings():
+    from turnrl.config import RolloutConfig, TrainConfig
+    from turnrl.evaluate import settings_for
+
+    s = settings_for(TrainConfig(rollout=RolloutConfig(strict_format=True, max_live_episodes=3, think=False)))
+    assert (s.strict_format, s.max_live, s.think) == (True, 3, False)
+    s = settings_for(TrainConfig())
+    assert (s.strict_format, s.max_live) == (False, 0)

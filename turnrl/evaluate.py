@@ -49,9 +49,9 @@ def settings_for(cfg: TrainConfig) -> RolloutSettings:
     r = cfg.rollout
     return RolloutSettings(max_turns=r.max_turns, max_actions_per_turn=r.max_actions_per_turn,
                            max_new_tokens=r.max_new_tokens, max_context_tokens=r.max_context_tokens,
-                           think=r.think, strict_format=r.strict_format, format_penalty=r.format_penalty, env_timeout=r.env_timeout,
-                           context=r.context, context_window=r.context_window, turn_rows=r.turn_rows,
-                           max_live=r.max_live_episodes)
+                           think=r.think, strict_format=r.strict_format, format_penalty=r.format_penalty,
+                           env_timeout=r.env_timeout, context=r.context, context_window=r.context_window,
+                           turn_rows=r.turn_rows, max_live=r.max_live_episodes)
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,8 @@ def parse_reply(text: str, *, think: bool = True, max_actions: int = 1, split: b
     With `think=True` the reply must open with `<think>…</think>` followed by `<answer>…</answer>`
     (RAGEN's format); with `think=False` it must open with `<answer>…</answer>`. The first match wins;
     text after the answer is ignored, or with `strict` makes the reply invalid (only whitespace may
-    follow `</answer>`: RAGEN's prompt asks for "no extra text" but its parser ignores it). The answer is split on "||" and the first `max_actions` non-empty
-    actions are kept. With `split=False` (free-text envs: expressions, math answers) the whole answer
+    follow `</answer>`: RAGEN's prompt asks for "no extra text" but its parser ignores it). The answer
+    is split on "||" and the first `max_actions` non-empty actions are kept. With `split=False` (free-text envs: expressions, math answers) the whole answer
     is one action.
     """
     match = (_THINK_ANSWER if think else _ANSWER).match(text)
