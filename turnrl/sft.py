@@ -17,7 +17,7 @@ import torch
 from turnrl.algos.losses import token_logprobs
 from turnrl.parsing import format_reply
 from turnrl.rollout import ChatRenderer, RolloutSettings, Trajectory, TurnContext
-from turnrl.update import collate, micro_batches, predicting
+from turnrl.update import collate, model_token_logits, plan, sharable_head
 
 
 def demonstration(env, renderer: ChatRenderer, seed: int, settings: RolloutSettings, epsilon: float,
@@ -64,10 +64,12 @@ def make_demonstrations(make_env: Callable[[], object], renderer: ChatRenderer, 
 
 
 def sft(policy, demos: list[Trajectory], *, steps: int, batch_size: int, lr: float, micro_batch_tokens: int,
-        seed: int = 0, bf16: bool = False, on_step: Callable[[int, float], None] | None = None) -> list[float]:
+        seed: int = 0, bf16: bool = False, shared_prefix: bool = True,
+        on_step: Callable[[int, float], None] | None = None) -> list[float]:
     """Cross-entropy on the model tokens of `demos` (AdamW, 10-step warm-up, cosine decay to 10%).
 
-    Returns the per-step losses. The loss of a batch is the mean over its model tokens.
+    Returns the per-step losses. The loss of a batch is the mean over its model tokens. With `shared_prefix`
+    the demonstrations' common prompt head runs once per micro-batch, as in the RL update (turnrl.shared_prefix).
     """
     if not demos:
         raise ValueError("SFT needs at least one demonstration")
@@ -94,13 +96,12 @@ def sft(policy, demos: list[Trajectory], *, steps: int, batch_size: int, lr: flo
         batch = collate([demos[i] for i in chosen], policy.pad_token_id)
         total_tokens = batch.mask.sum().clamp(min=1)
         step_loss = 0.0
-        for rows in micro_batches(batch.lengths, list(range(batch.size)), micro_batch_tokens):
-            n = max(batch.lengths[r] for r in rows)
-            on = batch.mask[rows, : n - 1] > 0  # the LM head runs only where a demonstrated token is predicted
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                logits, _ = policy(batch.input_ids[rows, :n], batch.attention[rows, :n],
-                                   at=predicting(on))
-            logps = token_logprobs(logits[None].float(), batch.targets[rows, : n - 1][on][None])
+        rows = list(range(batch.size))
+        head = sharable_head(policy.lm, batch, rows, enabled=shared_prefix)
+        for mb in plan(batch, rows, micro_batch_tokens, head):
+            # the LM head runs only where a demonstrated token is predicted
+            logits, targets, _, _ = model_token_logits(policy.lm, batch, mb, share=head is not None, bf16=bf16)
+            logps = token_logprobs(logits[None].float(), targets[None])
             loss = -logps.sum() / total_tokens
             loss.backward()
             step_loss += loss.item()

@@ -485,7 +485,8 @@ def run_sft(policy, cfg: TrainConfig, log) -> list[float]:
             bar.set_postfix(loss=f"{loss:.3f}")
 
     losses = sft(policy, demos, steps=cfg.sft.steps, batch_size=cfg.sft.batch_size, lr=cfg.sft.lr,
-                 micro_batch_tokens=cfg.optim.micro_batch_tokens, seed=cfg.seed, bf16=cfg.sft.bf16, on_step=on_step)
+                 micro_batch_tokens=cfg.optim.micro_batch_tokens, seed=cfg.seed, bf16=cfg.sft.bf16,
+                 shared_prefix=cfg.optim.shared_prefix, on_step=on_step)
     bar.close()
     log(f"[sft] {cfg.sft.steps} steps, final loss {sum(losses[-10:]) / len(losses[-10:]):.4f}")
     if not all(math.isfinite(x) for x in losses):

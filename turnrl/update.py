@@ -104,35 +104,39 @@ def _autocast(enabled: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
+def model_token_logits(lm, batch: Batch, rows: list[int], *, share: bool, bf16: bool):
+    """Logits at the positions of `rows` that predict a model token: (logits (N, V), their targets (N,), batch
+    rows (N,), columns (N,) in the (B, L-1) target layout). The vocabulary-sized head runs only there. With
+    `share` (rows planned by `plan`), the prompts run as in the update: their common head once and each
+    distinct first prompt once (turnrl.shared_prefix), then every row's continuation."""
+    with _autocast(bf16):
+        if share:
+            hidden, starts, width = shared_prefix_hidden(lm, batch.input_ids, batch.lengths, rows, batch.prompt_len,
+                                                         batch.prompt_id)
+            ends = torch.tensor([batch.lengths[r] - 1 for r in rows])
+            on = windows(batch.mask, rows, starts, width, ends) > 0
+            logits = lm_parts(lm).head(hidden[on])
+            i, j = on.nonzero(as_tuple=True)
+            cols = starts[i] + j  # window column j of row i is position starts[i] + j
+        else:
+            n = max(batch.lengths[r] for r in rows)
+            on = batch.mask[rows, : n - 1] > 0
+            logits = logits_at(lm, batch.input_ids[rows, :n], batch.attention[rows, :n], predicting(on))[0]
+            i, cols = on.nonzero(as_tuple=True)
+    index = torch.tensor(rows)[i]
+    return logits, batch.targets[index, cols], index, cols
+
+
 @torch.no_grad()
 def reference_logprobs(ref, batch: Batch, rows_groups: list[list[int]], temperature: float,
                        bf16: bool, share: bool = False) -> torch.Tensor:
     """(B, L-1) logprobs of the batch's targets under `ref` (a `turnrl.reference.Reference`) at model-token
-    positions, 0 elsewhere. The LM head runs only at those positions. With `share` (micro-batches planned by
-    `plan_micro_batches`), the prompts run as in the update: their common head once per micro-batch and each
-    distinct first prompt once (turnrl.shared_prefix), then every row's continuation."""
+    positions, 0 elsewhere (`model_token_logits`; `share` as there)."""
     logps = torch.zeros_like(batch.old_logprobs)
     for rows in rows_groups:
-        with ref.context(), _autocast(bf16):
-            if share:
-                hidden, starts, width = shared_prefix_hidden(ref.lm, batch.input_ids, batch.lengths, rows,
-                                                             batch.prompt_len, batch.prompt_id)
-                ends = torch.tensor([batch.lengths[r] - 1 for r in rows])
-                on = windows(batch.mask, rows, starts, width, ends) > 0
-                targets = windows(batch.targets, rows, starts, width, ends)[on]
-                logits = lm_parts(ref.lm).head(hidden[on])
-            else:
-                n = max(batch.lengths[r] for r in rows)
-                on = batch.mask[rows, : n - 1] > 0
-                targets = batch.targets[rows, : n - 1][on]
-                logits = logits_at(ref.lm, batch.input_ids[rows, :n], batch.attention[rows, :n], predicting(on))[0]
-        values = _scatter(on, token_logprobs(logits[None].float(), targets[None], temperature=temperature)[0])
-        if share:  # window column j of row i is position starts[i] + j
-            for i, r in enumerate(rows):
-                k = int(ends[i] - starts[i])
-                logps[r, int(starts[i]): int(ends[i])] = values[i, :k]
-        else:
-            logps[rows, : values.shape[1]] = values
+        with ref.context():
+            logits, targets, index, cols = model_token_logits(ref.lm, batch, rows, share=share, bf16=bf16)
+        logps[index, cols] = token_logprobs(logits[None].float(), targets[None], temperature=temperature)[0]
     return logps
 
 
@@ -173,10 +177,8 @@ def prepare_targets(policy, batch: Batch, trajs: list[Trajectory], *, algo: Algo
     ref_logprobs = None
     if algo.kl_coef > 0:
         head = shared_head(policy, batch, all_rows, algo=algo, optim=optim, values=False)
-        plan = (plan_micro_batches(all_rows, batch.lengths, batch.prompt_len, batch.prompt_id,
-                                   optim.micro_batch_tokens, head=head)
-                if head is not None else micro_batches(batch.lengths, all_rows, optim.micro_batch_tokens))
-        ref_logprobs = reference_logprobs(ref_lm, batch, plan, temperature, optim.bf16, share=head is not None)
+        ref_logprobs = reference_logprobs(ref_lm, batch, plan(batch, all_rows, optim.micro_batch_tokens, head),
+                                          temperature, optim.bf16, share=head is not None)
     return Targets(credit, old_values, ref_logprobs)
 
 
@@ -229,11 +231,8 @@ def minibatch_backward(policy, batch: Batch, targets: Targets, mb_rows: list[int
     totals: dict[str, float] = {}  # micro-batch parts of this mini-batch's losses (they add up)
     head = shared_head(policy, batch, mb_rows, algo=algo, optim=optim)
     share = head is not None
-    plan = (plan_micro_batches(mb_rows, batch.lengths, batch.prompt_len, batch.prompt_id, optim.micro_batch_tokens,
-                               head=head)
-            if share else micro_batches(batch.lengths, mb_rows, optim.micro_batch_tokens))
     with _frozen(policy.lm) if critic_only else contextlib.nullcontext():
-        for rows in plan:
+        for rows in plan(batch, mb_rows, optim.micro_batch_tokens, head):
             n = max(batch.lengths[r] for r in rows)
             values = None
             # The LM head and the vocabulary-wide work (log-softmax, entropy) run only where the loss mask is on:
@@ -312,11 +311,25 @@ def shared_head(policy, batch: Batch, rows: list[int], *, algo: AlgoConfig, opti
     `values=False` for a forward that computes none, such as the KL reference's) and without gradient
     checkpointing (which drops the KV cache)."""
     values = algo.needs_critic if values is None else values
-    if (not optim.shared_prefix or values or batch.prompt_id is None
-            or any(getattr(m, "gradient_checkpointing", False) for m in policy.lm.modules())):
+    return None if values else sharable_head(policy.lm, batch, rows, enabled=optim.shared_prefix)
+
+
+def sharable_head(lm, batch: Batch, rows: list[int], *, enabled: bool = True) -> int | None:
+    """`shared_head` for a forward without values: None when `rows` cannot or need not share their prompts (not
+    `enabled`, no prompt ids, gradient checkpointing, nothing in common), else the common head's length."""
+    if (not enabled or batch.prompt_id is None
+            or any(getattr(m, "gradient_checkpointing", False) for m in lm.modules())):
         return None
     head = head_length(batch.input_ids, rows, batch.prompt_len)
     return head if worth_sharing(rows, batch.prompt_id, head) else None
+
+
+def plan(batch: Batch, rows: list[int], token_budget: int, head: int | None) -> list[list[int]]:
+    """Micro-batches of `rows`: packed group by group around the shared prompts when `head` is not None
+    (`plan_micro_batches`), else length-sorted (`micro_batches`)."""
+    if head is None:
+        return micro_batches(batch.lengths, rows, token_budget)
+    return plan_micro_batches(rows, batch.lengths, batch.prompt_len, batch.prompt_id, token_budget, head=head)
 
 
 def predicting(targets_on: torch.Tensor) -> torch.Tensor:
