@@ -176,7 +176,7 @@ def prepare_targets(policy, batch: Batch, trajs: list[Trajectory], *, algo: Algo
               else compute_credit(trajs, batch.mask, old_values, algo))
     ref_logprobs = None
     if algo.kl_coef > 0:
-        head = shared_head(policy, batch, all_rows, algo=algo, optim=optim, values=False)
+        head = sharable_head(policy.lm, batch, all_rows, enabled=optim.shared_prefix)  # the reference has no values
         ref_logprobs = reference_logprobs(ref_lm, batch, plan(batch, all_rows, optim.micro_batch_tokens, head),
                                           temperature, optim.bf16, share=head is not None)
     return Targets(credit, old_values, ref_logprobs)
@@ -303,20 +303,16 @@ def minibatch_backward(policy, batch: Batch, targets: Targets, mb_rows: list[int
     return totals
 
 
-def shared_head(policy, batch: Batch, rows: list[int], *, algo: AlgoConfig, optim: OptimConfig,
-                values: bool | None = None) -> int | None:
-    """None when the shared-prefix forward does not apply, else the length of the head all of `rows`' first
-    prompts share (0 when only identical prompts are shared). It applies when asked for, when some rows share
-    a prompt or all prompts share a head, with no critic (its values need every position's hidden state; pass
-    `values=False` for a forward that computes none, such as the KL reference's) and without gradient
-    checkpointing (which drops the KV cache)."""
-    values = algo.needs_critic if values is None else values
-    return None if values else sharable_head(policy.lm, batch, rows, enabled=optim.shared_prefix)
+def shared_head(policy, batch: Batch, rows: list[int], *, algo: AlgoConfig, optim: OptimConfig) -> int | None:
+    """`sharable_head` for the update's forward, which shares nothing with a critic (its values need every
+    position's hidden state)."""
+    return None if algo.needs_critic else sharable_head(policy.lm, batch, rows, enabled=optim.shared_prefix)
 
 
 def sharable_head(lm, batch: Batch, rows: list[int], *, enabled: bool = True) -> int | None:
-    """`shared_head` for a forward without values: None when `rows` cannot or need not share their prompts (not
-    `enabled`, no prompt ids, gradient checkpointing, nothing in common), else the common head's length."""
+    """None when the shared-prefix forward does not apply to `rows`, else the length of the head all their first
+    prompts share (0 when only identical prompts are shared). It applies when `enabled`, when some rows share a
+    prompt or all prompts share a head, and without gradient checkpointing (which drops the KV cache)."""
     if (not enabled or batch.prompt_id is None
             or any(getattr(m, "gradient_checkpointing", False) for m in lm.modules())):
         return None
