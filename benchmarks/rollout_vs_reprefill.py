@@ -25,11 +25,12 @@ import time
 
 import torch
 
+from turnrl.context import ChatRenderer
 from turnrl.engines import HFEngine, SamplingParams
 from turnrl.envs import make
 from turnrl.models import load_policy
 from turnrl.parsing import parse_reply
-from turnrl.rollout import ChatRenderer, RolloutSettings, act, run_episodes
+from turnrl.rollout import RolloutSettings, act, run_episodes
 
 ENV, ENV_KWARGS = "sokoban", {"dim": 6, "num_boxes": 1}
 

@@ -28,8 +28,8 @@ import warnings
 
 import numpy as np
 
-from turnrl.envs.solvers import sokoban_solve
 from turnrl.envs.sokoban import SokobanEnv
+from turnrl.envs.solvers import sokoban_solve
 
 GYM_ACTION = {"Up": 1, "Down": 2, "Left": 3, "Right": 4}  # gym-sokoban's push actions
 SYMBOLS = np.array(list("#_O√XP"))  # room_state codes 0..5: wall, floor, target, box on target, box, player

@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from turnrl.config import AlgoConfig, OptimConfig
 from turnrl.models import LoraSpec, load_policy
-from turnrl.rollout import Trajectory
+from turnrl.trajectory import Trajectory
 from turnrl.update import ppo_update
 
 

@@ -13,9 +13,9 @@ import time
 import torch
 
 torch.set_num_threads(2)
-from turnrl.models import load_policy
 from turnrl.engines import HFEngine, SamplingParams
 from turnrl.engines.vllm import VLLMEngine
+from turnrl.models import load_policy
 pol = load_policy("smollm2-135m-instruct"); lm = pol.lm.eval(); tok = pol.tokenizer
 q = "You are playing FrozenLake on a 4x4 grid. The goal G is two cells to your right and one down. Holes O must be avoided. Which single action do you take first: Left, Right, Up or Down? Explain briefly."
 base = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)

@@ -1,4 +1,4 @@
-"""Context policies (full / window / summary) and turn-as-sample training rows (turnrl/rollout.py)."""
+"""Context policies (full / window / summary) and turn-as-sample training rows (turnrl/context.py, turnrl/trajectory.py)."""
 
 import copy
 import dataclasses
@@ -11,11 +11,13 @@ from test_credit import SETUPS, random_batch
 from turnrl.algos.losses import AGG_MODES, token_logprobs
 from turnrl.cli import main
 from turnrl.config import AlgoConfig, OptimConfig
+from turnrl.context import SUMMARY_INSTRUCTION, ChatRenderer
 from turnrl.engines import HFEngine, SamplingParams
 from turnrl.envs import make
 from turnrl.models import TinyModelSpec, load_policy
 from turnrl.reference import Reference
-from turnrl.rollout import SUMMARY_INSTRUCTION, ChatRenderer, RolloutSettings, as_turn_rows, run_episodes
+from turnrl.rollout import RolloutSettings, run_episodes
+from turnrl.trajectory import as_turn_rows
 from turnrl.update import collate, minibatch_backward, prepare_targets
 
 SYSTEM = "rules"

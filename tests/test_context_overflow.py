@@ -8,8 +8,9 @@ import turnrl.train as train_module
 from faulty_envs import ChattyLake
 from scripted import ScriptedEngine
 from test_train import tiny_config
+from turnrl.context import ChatRenderer
 from turnrl.engines import SamplingParams
-from turnrl.rollout import ChatRenderer, RolloutSettings, run_episodes
+from turnrl.rollout import RolloutSettings, run_episodes
 
 
 def play(tok, env, max_context=300, max_new=16):

@@ -14,7 +14,7 @@ from turnrl.config import AlgoConfig, OptimConfig
 from turnrl.credit import compute_credit, turn_layout
 from turnrl.models import TinyModelSpec, load_policy
 from turnrl.reference import Reference
-from turnrl.rollout import Trajectory
+from turnrl.trajectory import Trajectory
 from turnrl.update import collate, micro_batches, minibatch_backward, ppo_update, prepare_targets
 
 

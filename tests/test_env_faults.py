@@ -9,10 +9,11 @@ import turnrl.train as train_module
 from faulty_envs import FlakyLake
 from scripted import ScriptedEngine
 from test_train import tiny_config
+from turnrl.context import ChatRenderer
 from turnrl.engines import SamplingParams
 from turnrl.evaluate import summarize
 from turnrl.faults import EnvFailureError
-from turnrl.rollout import ChatRenderer, RolloutSettings, run_episodes
+from turnrl.rollout import RolloutSettings, run_episodes
 
 
 def play(tok, mode, *, timeout=0.0, every=3, groups=3, group_size=2):

@@ -13,12 +13,13 @@ from hypothesis import strategies as st  # noqa: E402
 from scripted import ScriptedEngine  # noqa: E402
 from test_train import tiny_config  # noqa: E402
 from turnrl.checkpoint import MetricsLog  # noqa: E402
+from turnrl.context import ChatRenderer  # noqa: E402
 from turnrl.engines.base import Completion, SamplingParams  # noqa: E402
 from turnrl.envs import make  # noqa: E402
-from turnrl.models import build_tiny_tokenizer  # noqa: E402
 from turnrl.evaluate import summarize  # noqa: E402
+from turnrl.models import build_tiny_tokenizer  # noqa: E402
 from turnrl.parsing import parse_reply  # noqa: E402
-from turnrl.rollout import ChatRenderer, RolloutSettings, run_episodes  # noqa: E402
+from turnrl.rollout import RolloutSettings, run_episodes  # noqa: E402
 from turnrl.shaping import shape_rewards  # noqa: E402
 from turnrl.train import rollout_metrics  # noqa: E402
 

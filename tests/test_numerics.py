@@ -11,10 +11,11 @@ import turnrl.update as update
 from scripted import ScriptedEngine
 from test_train import tiny_config, weights
 from turnrl.config import AlgoConfig, OptimConfig, TrainConfig
+from turnrl.context import ChatRenderer
 from turnrl.engines import SamplingParams
 from turnrl.envs import make
 from turnrl.models import TinyModelSpec, load_policy
-from turnrl.rollout import ChatRenderer, RolloutSettings, run_episodes
+from turnrl.rollout import RolloutSettings, run_episodes
 from turnrl.train import rl_optimizer, train
 
 

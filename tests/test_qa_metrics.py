@@ -70,7 +70,7 @@ def test_unique_answer_ratio():
 
 
 def _episode(replies: list[str], success: bool, seed: int = 0):
-    from turnrl.rollout import Trajectory
+    from turnrl.trajectory import Trajectory
 
     transcript = [("user", "question")]
     for r in replies:

@@ -48,8 +48,8 @@ def test_hub_cache_wins_when_present(monkeypatch):
 
 
 def _greedy_reply(policy, question: str, max_new_tokens: int = 16) -> str:
+    from turnrl.context import ChatRenderer
     from turnrl.engines import HFEngine, SamplingParams
-    from turnrl.rollout import ChatRenderer
 
     renderer = ChatRenderer(policy.tokenizer, system_prompt=None)
     engine = HFEngine(policy.lm, eos_token_id=policy.eos_token_id, pad_token_id=policy.pad_token_id)

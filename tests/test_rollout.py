@@ -3,9 +3,10 @@ import dataclasses
 import pytest
 
 from scripted import ScriptedEngine
+from turnrl.context import ChatRenderer
 from turnrl.engines import SamplingParams
 from turnrl.envs import make
-from turnrl.rollout import ChatRenderer, RolloutSettings, run_episodes
+from turnrl.rollout import RolloutSettings, run_episodes
 
 
 def renderer(tok, think=False, system="rules"):

@@ -1,10 +1,11 @@
 import torch
 
 from turnrl.algos.losses import token_logprobs
+from turnrl.context import ChatRenderer
 from turnrl.envs import make
 from turnrl.lm_parts import lm_parts
 from turnrl.models import load_policy
-from turnrl.rollout import ChatRenderer, RolloutSettings
+from turnrl.rollout import RolloutSettings
 from turnrl.sft import make_demonstrations, sft
 from turnrl.update import collate
 

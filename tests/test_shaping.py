@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 
 from turnrl.config import ConfigError, RewardConfig
-from turnrl.rollout import Trajectory
 from turnrl.shaping import normalized_answer, repetition_fraction, shape_rewards
+from turnrl.trajectory import Trajectory
 
 
 def episode(rewards, replies=None, success=False) -> Trajectory:

@@ -9,8 +9,8 @@ import torch
 from test_train import tiny_config, weights
 
 from turnrl.config import EVAL_SEED_LIMIT, AlgoConfig, ConfigError, RewardConfig, RolloutConfig, TrainConfig
-from turnrl.rollout import Trajectory
 from turnrl.train import iteration_seeds, rollout_and_filter, train
+from turnrl.trajectory import Trajectory
 
 
 def records(run):

@@ -20,7 +20,7 @@ from torch import Tensor
 from turnrl.algos.advantages import (bi_level_gae, gae, gigpo_advantages, grpo_advantages, rebn_advantages,
                                      reinforce_pp_advantages, rloo_advantages, turn_gae)
 from turnrl.config import AlgoConfig
-from turnrl.rollout import Trajectory
+from turnrl.trajectory import Trajectory
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,13 @@ from dataclasses import dataclass
 import torch
 
 from turnrl.config import EVAL_SEED_LIMIT, TrainConfig
+from turnrl.context import SUMMARY_INSTRUCTION, ChatRenderer
 from turnrl.engines import HFEngine, SamplingParams
 from turnrl.envs import make
 from turnrl.parsing import parse_reply
 from turnrl.qa_metrics import mean_turns_to_success, mean_unique_answer_ratio, succ_at_k
-from turnrl.rollout import SUMMARY_INSTRUCTION, ChatRenderer, RolloutSettings, Trajectory, run_episodes
+from turnrl.rollout import RolloutSettings, run_episodes
+from turnrl.trajectory import Trajectory
 
 
 def renderer_for(policy, cfg: TrainConfig) -> ChatRenderer:

@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from turnrl.config import TrainConfig
+from turnrl.context import SUMMARY_INSTRUCTION, reflection_of, summary_message
 from turnrl.engines.base import SamplingParams
 from turnrl.engines.openai import OpenAIEngine
 from turnrl.envs import make
 from turnrl.evaluate import EvalResult, eval_arguments, summarize
 from turnrl.parsing import parse_reply
-from turnrl.rollout import SUMMARY_INSTRUCTION, act, reflection_of, summary_message
+from turnrl.rollout import act
 
 
 @dataclass
@@ -52,7 +53,7 @@ class ChatEpisode:
 
 def context_messages(messages: list[dict], r) -> list[dict]:
     """The messages sent for the next reply under the run's context policy (`rollout.context`, see
-    turnrl.rollout): the whole conversation (full), the system message plus the last
+    turnrl.context): the whole conversation (full), the system message plus the last
     `rollout.context_window` exchanges and the newest observation (window), or the system message plus
     one user message with the previous reply's reflection and answer and the newest observation (summary)."""
     head = messages[:1] if messages and messages[0]["role"] == "system" else []

@@ -15,8 +15,10 @@ from typing import Callable
 import torch
 
 from turnrl.algos.losses import token_logprobs
+from turnrl.context import ChatRenderer, TurnContext
 from turnrl.parsing import format_reply
-from turnrl.rollout import ChatRenderer, RolloutSettings, Trajectory, TurnContext
+from turnrl.rollout import RolloutSettings
+from turnrl.trajectory import Trajectory
 from turnrl.update import collate, model_token_logits, plan, sharable_head
 
 

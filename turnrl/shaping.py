@@ -12,7 +12,7 @@ import dataclasses
 import re
 
 from turnrl.config import RewardConfig
-from turnrl.rollout import Trajectory
+from turnrl.trajectory import Trajectory
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -15,10 +16,10 @@ from turnrl.algos.losses import (aggregate, entropy_from_logits, gspo_loss, kl_p
                                  value_loss)
 from turnrl.config import AlgoConfig, OptimConfig
 from turnrl.credit import Credit, compute_credit, compute_row_credit, turn_spread
-from turnrl.rollout import Trajectory
 from turnrl.lm_parts import lm_parts, logits_at
 from turnrl.shared_prefix import (head_length, plan_micro_batches, prompt_ids, prompt_lengths, shared_prefix_hidden,
                                   windows, worth_sharing)
+from turnrl.trajectory import Trajectory
 
 
 @dataclass
@@ -104,27 +105,55 @@ def _autocast(enabled: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
-def model_token_logits(lm, batch: Batch, rows: list[int], *, share: bool, bf16: bool):
-    """Logits at the positions of `rows` that predict a model token: (logits (N, V), their targets (N,), batch
-    rows (N,), columns (N,) in the (B, L-1) target layout). The vocabulary-sized head runs only there. With
-    `share` (rows planned by `plan`), the prompts run as in the update: their common head once and each
-    distinct first prompt once (turnrl.shared_prefix), then every row's continuation."""
+@dataclass
+class ModelTokens:
+    """The forward of some rows of a batch at the positions that predict a model token (`model_token_forward`)."""
+
+    logits: torch.Tensor  # (N, V), N = on.sum(), in row-major order of `on`
+    on: torch.Tensor  # (R, W) bool: the model-token positions in the rows' window layout
+    window: Callable[[torch.Tensor], torch.Tensor]  # a (B, L-1) batch tensor -> its (R, W) window over the rows
+    values: torch.Tensor | None  # (R, W + 1) value-head outputs (with `values_of`; never with `share`)
+
+
+def model_token_forward(lm, batch: Batch, rows: list[int], *, share: bool, bf16: bool,
+                        values_of=None) -> ModelTokens:
+    """The forward of `rows` for a loss on their model tokens: the vocabulary-sized head runs only where a model
+    token is predicted (the prompt, env replies and padding never enter a loss). With `share` (rows planned by
+    `plan`), the prompts run as in the update: their common head once and each distinct first prompt once
+    (turnrl.shared_prefix), then every row's continuation; the window of a row then runs from its last prompt
+    position to its end. Without it the window is the rows' first L-1 columns. `values_of`: a policy whose value
+    head runs too (it needs every position's hidden state, so it cannot share)."""
+    if share and values_of is not None:
+        raise ValueError("a value head needs every position: the shared-prompt forward cannot give values")
     with _autocast(bf16):
         if share:
             hidden, starts, width = shared_prefix_hidden(lm, batch.input_ids, batch.lengths, rows, batch.prompt_len,
                                                          batch.prompt_id)
             ends = torch.tensor([batch.lengths[r] - 1 for r in rows])
-            on = windows(batch.mask, rows, starts, width, ends) > 0
-            logits = lm_parts(lm).head(hidden[on])
-            i, j = on.nonzero(as_tuple=True)
-            cols = starts[i] + j  # window column j of row i is position starts[i] + j
+            window = lambda t: windows(t, rows, starts, width, ends)  # noqa: E731
         else:
             n = max(batch.lengths[r] for r in rows)
-            on = batch.mask[rows, : n - 1] > 0
+            window = lambda t: t[rows, : n - 1]  # noqa: E731
+        on = window(batch.mask) > 0
+        values = None
+        if share:
+            logits = lm_parts(lm).head(hidden[on])
+        elif values_of is not None:
+            logits, values = values_of(batch.input_ids[rows, :n], batch.attention[rows, :n], with_values=True,
+                                       at=predicting(on))
+        else:
             logits = logits_at(lm, batch.input_ids[rows, :n], batch.attention[rows, :n], predicting(on))[0]
-            i, cols = on.nonzero(as_tuple=True)
-    index = torch.tensor(rows)[i]
-    return logits, batch.targets[index, cols], index, cols
+    return ModelTokens(logits, on, window, values)
+
+
+def model_token_logits(lm, batch: Batch, rows: list[int], *, share: bool, bf16: bool):
+    """Logits at the positions of `rows` that predict a model token (`model_token_forward`), flat: (logits (N, V),
+    their targets (N,), batch rows (N,), columns (N,) in the (B, L-1) target layout)."""
+    f = model_token_forward(lm, batch, rows, share=share, bf16=bf16)
+    b, w = batch.mask.shape
+    index = f.window(torch.arange(b)[:, None].expand(b, w))[f.on]
+    cols = f.window(torch.arange(w)[None].expand(b, w))[f.on]
+    return f.logits, f.window(batch.targets)[f.on], index, cols
 
 
 @torch.no_grad()
@@ -233,30 +262,12 @@ def minibatch_backward(policy, batch: Batch, targets: Targets, mb_rows: list[int
     share = head is not None
     with _frozen(policy.lm) if critic_only else contextlib.nullcontext():
         for rows in plan(batch, mb_rows, optim.micro_batch_tokens, head):
-            n = max(batch.lengths[r] for r in rows)
-            values = None
-            # The LM head and the vocabulary-wide work (log-softmax, entropy) run only where the loss mask is on:
-            # the other positions (prompt, env replies, padding) never enter the loss. Results are scattered
-            # back to (rows, width).
-            if share:
-                # Loss windows only: from the last prompt position (the first position that predicts a model
-                # token) to each row's end; the prompt ran once per group (turnrl.shared_prefix).
-                with _autocast(optim.bf16):
-                    hidden, starts, width = shared_prefix_hidden(policy.lm, batch.input_ids, batch.lengths, rows,
-                                                                 batch.prompt_len, batch.prompt_id)
-                ends = torch.tensor([batch.lengths[r] - 1 for r in rows])
-                window = lambda t: windows(t, rows, starts, width, ends)  # noqa: E731
-            else:
-                window = lambda t: t[rows, : n - 1]  # noqa: E731
+            # Losses are taken in the rows' window layout (rows, width); logits exist at model-token positions only.
+            f = model_token_forward(policy.lm, batch, rows, share=share, bf16=optim.bf16,
+                                    values_of=policy if algo.needs_critic else None)
+            window, on, values = f.window, f.on, f.values
             mask = window(batch.mask)
-            on = mask > 0
-            with _autocast(optim.bf16):
-                if share:
-                    logits = lm_parts(policy.lm).head(hidden[on])
-                else:
-                    logits, values = policy(batch.input_ids[rows, :n], batch.attention[rows, :n],
-                                            with_values=algo.needs_critic, at=predicting(on))
-            logits = logits.float()  # (model tokens, vocab)
+            logits = f.logits.float()  # (model tokens, vocab)
             logps = _scatter(on, token_logprobs(logits[None], window(batch.targets)[on][None],
                                                 temperature=temperature)[0])
             old = window(batch.old_logprobs)
@@ -285,9 +296,9 @@ def minibatch_backward(policy, batch: Batch, targets: Targets, mb_rows: list[int
             if critic_only:
                 loss = torch.zeros((), device=logits.device)  # the policy terms above are logged, not optimised
             if algo.needs_critic:
-                vmask = credit.value_mask[rows, : n - 1]
-                vl = value_loss(values[:, :-1].float(), targets.old_values[rows, : n - 1],
-                                credit.returns[rows, : n - 1], vmask, clip=algo.value_clip)
+                vmask = window(credit.value_mask)
+                vl = value_loss(values[:, :-1].float(), window(targets.old_values), window(credit.returns), vmask,
+                                clip=algo.value_clip)
                 vl = aggregate(vl, vmask, algo.loss_agg, num_seqs=num_seqs, num_tokens=num_value_tokens,
                                seq_tokens=None if seq_value_tokens is None else seq_value_tokens[rows])
                 loss = loss + algo.vf_coef * vl
