@@ -6,7 +6,13 @@ For every (safe, risky) name pair of a split, in both orders, it scores the two 
 last line is the fraction of prompts where the risky answer is the more likely one: 0.5 means the model's
 answer does not follow the names' meaning (the transfer to held-out names then has nothing to start from).
 
-    .venv/bin/python scripts/bandit_name_prior.py [--model smollm2-135m-instruct | RUN_DIR/final] [--split test]
+With `--ask` it measures the model's knowledge instead of its bandit answer: it asks, as a plain chat question,
+"Which one is more dangerous: A or B?" and "Which one is more safe: A or B?" and compares the log-probability gap
+(risky answer minus safe answer) between the two questions. A model that knows which name is the dangerous one
+answers the two questions differently (positive contrast); word frequency and order move both gaps alike and
+cancel out.
+
+    .venv/bin/python scripts/bandit_name_prior.py [--model smollm2-135m-instruct | RUN_DIR/final] [--split test] [--ask]
 """
 
 from __future__ import annotations
@@ -40,11 +46,30 @@ def both_orders(safe: str, risky: str) -> list[tuple[str, str, str]]:
     return [(first, second, observation) for (first, second), observation in sorted(seen.items())]
 
 
+def question_ids(tokenizer, question: str) -> list[int]:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def ask_contrast(policy, first: str, second: str, safe: str, risky: str) -> float:
+    """(gap when asked for the more dangerous name) - (gap when asked for the safer one), gap = log p(risky) -
+    log p(safe) as the answer."""
+    tok = policy.tokenizer
+    answer = {name: tok(name, add_special_tokens=False)["input_ids"] for name in (safe, risky)}
+    gaps = []
+    for quality in ("dangerous", "safe"):
+        prompt = question_ids(tok, f"Which one is more {quality}: {first} or {second}? Answer with one word.")
+        gaps.append(answer_logprob(policy, prompt, answer[risky]) - answer_logprob(policy, prompt, answer[safe]))
+    return gaps[0] - gaps[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct", help="model name or directory (a run's final/)")
     parser.add_argument("--split", choices=sorted(SPLITS), nargs="+", default=["train", "test"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ask", action="store_true", help="ask which name is more dangerous / safe (module doc)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     policy = load_policy(args.model).eval()
@@ -54,13 +79,18 @@ def main() -> None:
         pairs = SPLITS[split]
         for safe, risky in pairs:
             for first, second, observation in both_orders(safe, risky):
+                if args.ask:
+                    contrast = ask_contrast(policy, first, second, safe, risky)
+                    prefers += contrast > 0
+                    print(f"{split:5}  {first:>10} / {second:<10}  danger gap - safety gap = {contrast:+.2f}")
+                    continue
                 prompt = renderer.prompt_ids(observation)
                 gap = (answer_logprob(policy, prompt, renderer.encode(f"{risky}</answer>"))
                        - answer_logprob(policy, prompt, renderer.encode(f"{safe}</answer>")))
                 prefers += gap > 0
                 print(f"{split:5}  {first:>10} / {second:<10}  log p(risky) - log p(safe) = {gap:+.2f}")
-        print(f"{split}: the risky answer is the more likely one in {prefers} of {2 * len(pairs)} prompts "
-              f"({prefers / (2 * len(pairs)):.2f})")
+        what = "asked for the dangerous name, the risky one gains" if args.ask else "the risky answer is the more likely one"
+        print(f"{split}: {what} in {prefers} of {2 * len(pairs)} prompts ({prefers / (2 * len(pairs)):.2f})")
 
 
 if __name__ == "__main__":

@@ -26,12 +26,12 @@ from turnrl.envs import (
     make,
     register,
 )
-from turnrl.envs.bandit import TEST_PAIRS, TRAIN_PAIRS, BanditEnv
+from turnrl.envs.bandit import FORMAT_PAIRS, TEST_PAIRS, TRAIN_PAIRS, BanditEnv
 from turnrl.envs.frozen_lake import FrozenLakeEnv
 from turnrl.envs.sokoban import SokobanEnv
 from turnrl.envs.solvers import solve
 
-BUILTINS = ["bandit", "bandit_test", "frozen_lake", "frozen_lake_det", "sokoban"]
+BUILTINS = ["bandit", "bandit_test", "bandit_format", "frozen_lake", "frozen_lake_det", "sokoban"]
 
 
 class MyTinyEnv(Env):
@@ -224,6 +224,12 @@ def test_bandit_splits_and_order():
         assert set(env.available_actions()) <= train and set(env_test.available_actions()) <= test
         firsts.add(env.available_actions()[0] == env.expert_action())
     assert firsts == {True, False}
+    # the format split (warm starts) shares no name with either split, in any case, and has many pairs
+    fmt = {n.lower() for pair in FORMAT_PAIRS for n in pair}
+    assert len(FORMAT_PAIRS) >= 40 and len(fmt) == 2 * len(FORMAT_PAIRS)
+    assert not fmt & {n.lower() for n in train | test}
+    env_fmt = make("bandit_format")
+    assert {tuple(sorted(env_fmt.reset(seed=s)[1]["arms"])) for s in range(200)} >= {tuple(sorted(FORMAT_PAIRS[0]))}
     custom = BanditEnv(pairs=[("Calm", "Wild")])
     obs, _ = custom.reset(seed=0)
     assert "Calm" in obs and "Wild" in obs and custom.expert_action() == "Wild"
@@ -294,7 +300,7 @@ def test_frozen_lake_hole_goal_and_border():
 def test_registry_typo_suggestion():
     with pytest.raises(UnknownEnvError, match="did you mean 'sokoban'") as err:
         make("sokobn")
-    assert isinstance(err.value, ValueError) and "(known: bandit, bandit_test" in str(err.value)
+    assert isinstance(err.value, ValueError) and "(known: bandit, bandit_format, bandit_test" in str(err.value)
     with pytest.raises(UnknownEnvError) as err:
         make("qqqqqqqq")
     assert "did you mean" not in str(err.value)

@@ -170,6 +170,30 @@ def test_unknown_env_fails_early(tmp_path):
         train(cfg, log=lambda *_: None)
 
 
+def test_sft_env_plays_the_demonstrations_in_another_env(tmp_path, monkeypatch):
+    """sft.env: the warm start's demonstrations come from that env (without the training env's kwargs); RL and
+    evaluation stay on env.name. An unknown sft.env fails before anything runs."""
+    import turnrl.train as train_module
+
+    made = []
+    real = train_module.make_demonstrations
+
+    def spy(make_env, *args, **kwargs):
+        demos = real(make_env, *args, **kwargs)
+        made.append(make_env())
+        return demos
+
+    monkeypatch.setattr(train_module, "make_demonstrations", spy)
+    cfg = tiny_config(tmp_path / "run", env=EnvConfig(name="bandit", system_prompt=False), rollout__max_turns=1,
+                      sft=SFTConfig(episodes=8, epsilon=1.0, steps=1, batch_size=4, env="bandit_format"),
+                      iterations=1)
+    train(cfg, log=lambda *_: None)
+    assert len(made) == 1 and made[0].split == "format"
+    cfg = tiny_config(tmp_path / "bad", sft=SFTConfig(episodes=8, steps=1, env="bandit_formt"))
+    with pytest.raises(ConfigError, match="did you mean 'bandit_format'"):
+        train(cfg, log=lambda *_: None)
+
+
 def test_no_reference_model_when_kl_is_off(tmp_path, monkeypatch):
     """KL off: the trainer never builds a reference model and never runs a reference forward pass."""
     import turnrl.train as trainer

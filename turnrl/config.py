@@ -85,7 +85,7 @@ class RolloutConfig:
     format_penalty: float = -0.1  # added to a turn whose reply does not parse or holds an invalid action
     gen_batch_size: int = 128  # episodes per generation batch
     max_live_episodes: int = 0  # episodes played at once (their envs and KV caches; bounds rollout/eval memory): whole groups start as others end; 0 = all. Not the draws: every episode samples from its own stream
-    # -- context policy (turnrl/rollout.py) --
+    # -- context policy (turnrl/context.py) --
     context: Literal["full", "window", "summary"] = "full"  # full: whole history (RAGEN/UFO); window: last k turns (VAGEN); summary: own last reflection + newest observation (ERA)
     context_window: int = 2  # context=window: completed turns (observation + reply) kept in the prompt
     samples: Literal["auto", "episode", "turn"] = "auto"  # training samples: one per episode, or one per turn (ERA/SkyRL); auto: episode for full, turn otherwise
@@ -250,6 +250,7 @@ class OptimConfig:
 @dataclass
 class SFTConfig:
     episodes: int = 0  # solver demonstration episodes for the warm start; 0 = no SFT
+    env: str | None = None  # env of the demonstrations (default: env.name, with env.kwargs), e.g. bandit_format
     epsilon: float = 0.0  # probability of a random action in a demonstration (noisy demos)
     steps: int = 500  # SFT optimizer steps
     batch_size: int = 64  # demonstrations per SFT step

@@ -33,9 +33,10 @@ from turnrl.evaluate import engine_for, evaluate, renderer_for, settings_for
 from turnrl.faults import EnvFailureError, Interrupted, StopSignals
 from turnrl.models import LoraSpec, TinyModelSpec, load_policy
 from turnrl.reference import Reference, reference_of, saved_adapter_weights
-from turnrl.rollout import Trajectory, run_episodes
+from turnrl.rollout import run_episodes
 from turnrl.sft import make_demonstrations, sft
 from turnrl.shaping import shape_rewards
+from turnrl.trajectory import Trajectory
 from turnrl.update import ppo_update
 
 # Config fields that may change when a run is resumed (they do not shape what is learned). gen_batch_size,
@@ -86,9 +87,12 @@ def check_engine(cfg: TrainConfig) -> None:
 
 def check_env_config(cfg: TrainConfig) -> None:
     """Fails early (ConfigError) on an unknown env or bad env arguments."""
-    for name in {cfg.env.name, cfg.env.eval_name or cfg.env.name}:
+    envs = {(cfg.env.name, True), (cfg.env.eval_name or cfg.env.name, True)}
+    if cfg.sft.env and cfg.sft.episodes > 0:
+        envs.add((cfg.sft.env, False))
+    for name, with_kwargs in envs:
         try:
-            make(name, **cfg.env.kwargs).close()
+            make(name, **(cfg.env.kwargs if with_kwargs else {})).close()
         except (ValueError, TypeError) as err:
             raise ConfigError(str(err)) from err
 
@@ -472,10 +476,12 @@ def run_sft(policy, cfg: TrainConfig, log) -> list[float]:
     renderer, settings = renderer_for(policy, cfg), settings_for(cfg)
     seeds = [SFT_SEED_BASE + cfg.seed * 10_000_000 + i for i in range(cfg.sft.episodes)]
     t0 = time.perf_counter()
-    demos = make_demonstrations(lambda: make(cfg.env.name, **cfg.env.kwargs), renderer, seeds, settings,
-                                cfg.sft.epsilon, seed=cfg.seed)
+    # A separate demonstration env (sft.env) gets no env.kwargs: they are the training env's constructor arguments.
+    env_name, kwargs = (cfg.sft.env, {}) if cfg.sft.env else (cfg.env.name, cfg.env.kwargs)
+    demos = make_demonstrations(lambda: make(env_name, **kwargs), renderer, seeds, settings, cfg.sft.epsilon,
+                                seed=cfg.seed)
     solved = sum(d.success for d in demos) / len(demos)
-    log(f"[sft] {len(demos)} demonstrations (epsilon {cfg.sft.epsilon}, {solved:.2f} solved) in "
+    log(f"[sft] {len(demos)} demonstrations on {env_name} (epsilon {cfg.sft.epsilon}, {solved:.2f} solved) in "
         f"{time.perf_counter() - t0:.1f}s")
     bar = tqdm(total=cfg.sft.steps, desc="SFT", disable=not cfg.progress, dynamic_ncols=True)
 

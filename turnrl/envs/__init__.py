@@ -18,6 +18,7 @@ from .toy_text import GymBlackjackEnv, GymCliffWalkingEnv, GymFrozenLakeEnv, Gym
 
 register("bandit", BanditEnv)
 register("bandit_test", BanditEnv, split="test")
+register("bandit_format", BanditEnv, split="format")
 register("frozen_lake", FrozenLakeEnv, slippery=True)
 register("frozen_lake_det", FrozenLakeEnv, slippery=False)
 register("sokoban", SokobanEnv)

@@ -25,7 +25,21 @@ TEST_PAIRS: tuple[tuple[str, str], ...] = (
     ("Savings", "Lottery"),
     ("Lighthouse", "Whirlpool"),
 )
-SPLITS = {"train": TRAIN_PAIRS, "test": TEST_PAIRS}
+# Format-only names for a warm start that teaches answering with one of the two shown names, whatever
+# they are: ordinary nouns and made-up words, disjoint from both splits and with no safe/risky meaning
+# (the pairing is arbitrary, so use it with random demonstrations, `sft.epsilon 1`). Demonstrations on
+# the seven training pairs alone teach the model those names: on held-out names it then invents names.
+_FORMAT_NAMES = (
+    "Apple Bridge Cotton Garden Pencil Window Marble Ladder Basket Mirror Violin Carpet Meadow Kettle "
+    "Button Feather Lantern Saddle Pillow Orchard Compass Thimble Harvest Pebble Chimney Ribbon Teapot "
+    "Blossom Walnut Cabinet Quartz Falcon Cedar Velvet Anchor Glacier Copper Raven Bamboo Magnet Prairie "
+    "Otter Granite Canyon Maple Beacon Sparrow Lemon Hammock Tulip Willow Badger Pepper Cobalt Juniper "
+    "Parrot Biscuit Ember Thistle Cricket Tundra Oyster Sapphire Almond Heron Olive Puzzle Garnet Walrus "
+    "Nutmeg Crystal Dolphin Saffron Coral Lynx Zorvan Kelmira Taviq Brondel Quillon Mirabo Sennet Yarrow "
+    "Dunmore Felsk Ombrin Paxley Rudwin Talloway Vessik Wrenfield Ixora Caldus Norrin Pellam Quenby Astrel"
+).split()
+FORMAT_PAIRS: tuple[tuple[str, str], ...] = tuple(zip(_FORMAT_NAMES[0::2], _FORMAT_NAMES[1::2]))
+SPLITS = {"train": TRAIN_PAIRS, "test": TEST_PAIRS, "format": FORMAT_PAIRS}
 
 
 class BanditEnv(Env):
@@ -49,7 +63,9 @@ class BanditEnv(Env):
     Episode end:
         Terminated after the first valid pull; the observation becomes "{arm}: {reward} points".
     Arguments:
-        split: "train" or "test" (disjoint name pairs). lo_reward, hi_reward, hi_prob: payouts.
+        split: "train" or "test" (disjoint name pairs), or "format": many neutral pairs (ordinary nouns and
+            made-up words, arbitrary safe/risky roles) for format-only warm starts. lo_reward, hi_reward,
+            hi_prob: payouts.
         pairs: optional list of (safe_name, risky_name) tuples replacing the split's list.
     """
 

@@ -39,7 +39,8 @@ NAMESPACE = "turnrl"
 
 # Gymnasium ids of the built-in envs; other registered names are CamelCased (my_env -> MyEnv).
 GYM_NAMES = {
-    "bandit": "Bandit", "bandit_test": "BanditTest", "frozen_lake": "FrozenLake", "frozen_lake_det": "FrozenLakeDet",
+    "bandit": "Bandit", "bandit_test": "BanditTest", "bandit_format": "BanditFormat",
+    "frozen_lake": "FrozenLake", "frozen_lake_det": "FrozenLakeDet",
     "sokoban": "Sokoban", "sokoban_8x8": "Sokoban8x8", "sokoban_alt_vocab": "SokobanAltVocab",
     "countdown": "Countdown", "math_qa": "MathQA", "math_qa_jsonl": "MathQAJsonl",
     "sudoku_4x4": "Sudoku4x4", "sudoku_9x9": "Sudoku9x9",
