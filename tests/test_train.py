@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from turnrl.config import (AlgoConfig, ConfigError, EnvConfig, EvalConfig, ModelConfig, OptimConfig, RewardConfig,
-                           RolloutConfig, SFTConfig, TrainConfig)
+from turnrl.config import (AlgoConfig, ConfigError, DiagConfig, EnvConfig, EvalConfig, ModelConfig, OptimConfig,
+                           RewardConfig, RolloutConfig, SFTConfig, TrainConfig)
 from turnrl.models import load_policy
 from turnrl.train import train
 
@@ -64,8 +64,8 @@ def test_two_iterations_write_everything_and_change_parameters(tmp_path):
 
 
 @pytest.mark.parametrize("algo, reward, iterations, expected", [
-    # gae + KL logs loss/value and loss/kl
-    (dict(estimator="gae", filter="none", kl_coef=0.01), {}, 1, {"loss/value", "loss/kl"}),
+    # gae + KL logs loss/value and loss/kl; the collapse diagnostics run in every case
+    (dict(estimator="gae", filter="none", kl_coef=0.01), {}, 1, {"loss/value", "loss/kl", "collapse/mi"}),
     # turn-level critic with warm-up, dynamic sampling and every reward-shaping option
     (dict(estimator="turn_gae", gamma=0.9, filter="dynamic", critic_warmup=1),
      dict(turn_decay=0.5, repetition_penalty=0.1, dense_until=1), 2,
@@ -78,6 +78,7 @@ def test_every_metric_key_is_documented(tmp_path, algo, reward, iterations, expe
     cfg = tiny_config(tmp_path / "run", iterations=iterations)
     cfg.algo = AlgoConfig(**algo)
     cfg.reward = RewardConfig(**reward)
+    cfg.diag = DiagConfig(mi_every=1)
     cfg.sft.episodes = 0
     train(cfg, log=lambda *_: None)
     documented = set(re.findall(r"^\| `([^`]+)` \|", DOCS.read_text(), flags=re.M))

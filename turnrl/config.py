@@ -264,6 +264,18 @@ class SFTConfig:
 
 
 @dataclass
+class DiagConfig:
+    # template-collapse diagnostics (turnrl/diagnostics.py, RAGEN-2): every N iterations, score each sampled first
+    # reply under every first prompt of the batch and log the collapse/* metrics; 0 = off
+    mi_every: int = 0
+    mi_replies: int = 32  # replies scored (round-robin over the prompts); the cost is replies x prompts scorings
+
+    def __post_init__(self):
+        _check(self.mi_every >= 0, f"diag.mi_every must be >= 0 (0 = off), got {self.mi_every}")
+        _check(self.mi_replies >= 2, f"diag.mi_replies must be >= 2, got {self.mi_replies}")
+
+
+@dataclass
 class EvalConfig:
     episodes: int = 128  # held-out start states per evaluation
     k: int = 4  # samples per start state (pass@k)
@@ -316,6 +328,7 @@ class TrainConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    diag: DiagConfig = field(default_factory=DiagConfig)
     iterations: int = 200  # RL iterations
     seed: int = 0  # seed of model init, sampling and the RL seed stream
     out: str = "runs/latest"  # run directory (config.json, metrics.jsonl, eval.json, checkpoints/, final/)
@@ -365,7 +378,7 @@ class TrainConfig:
         """Builds a config from JSON data (a run's config.json), checking every field's name and type."""
         nested = {"model": ModelConfig, "env": EnvConfig, "rollout": RolloutConfig, "algo": AlgoConfig,
                   "reward": RewardConfig, "optim": OptimConfig, "sft": SFTConfig, "eval": EvalConfig,
-                  "engine": EngineConfig}
+                  "engine": EngineConfig, "diag": DiagConfig}
         kwargs = {}
         for key, value in _typed_fields(cls, data, "").items():
             if key in nested:

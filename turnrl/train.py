@@ -27,6 +27,7 @@ from turnrl.checkpoint import (MetricsLog, check_free_space, checkpoint_bytes, l
                                save_checkpoint, save_model_atomic, set_rng_state)
 from turnrl.config import (DYNAMIC_SEED_OFFSET, SFT_SEED_BASE, TRAIN_SEED_BASE, ConfigError, TrainConfig,
                            diff_configs)
+from turnrl.diagnostics import collapse_metrics
 from turnrl.engines import SamplingParams
 from turnrl.envs import make
 from turnrl.evaluate import engine_for, evaluate, renderer_for, settings_for
@@ -43,7 +44,8 @@ from turnrl.update import ppo_update
 # max_live_episodes and the vLLM memory settings only size the engine's batches and caches: every episode samples
 # from its own stream.
 RESUMABLE_CHANGES = ("iterations", "progress", "threads", "out", "rollout.gen_batch_size", "rollout.max_live_episodes",
-                     "engine.vllm_gpu_memory_utilization", "engine.vllm_cpu_kv_cache_gib")
+                     "engine.vllm_gpu_memory_utilization", "engine.vllm_cpu_kv_cache_gib", "diag.mi_every",
+                     "diag.mi_replies")
 
 
 def check_output_dir(out: str) -> Path:
@@ -370,6 +372,11 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
                 trajs, kept, filter_stats = rollout_and_filter(cfg, iteration, play)
                 t_rollout = time.perf_counter() - t0
                 record = {"iteration": iteration, **rollout_metrics(trajs, cfg), **filter_stats}
+                if cfg.diag.mi_every and iteration % cfg.diag.mi_every == 0:  # under the policy that sampled
+                    record.update(collapse_metrics(policy, trajs, max_replies=cfg.diag.mi_replies,
+                                                   micro_batch_tokens=cfg.optim.micro_batch_tokens, bf16=cfg.optim.bf16,
+                                                   temperature=cfg.rollout.temperature,
+                                                   shared_prefix=cfg.optim.shared_prefix))
 
                 # advantages + PPO update; during critic warm-up (ERA) only the value head learns
                 critic_only = iteration < cfg.algo.critic_warmup
