@@ -22,6 +22,7 @@ import argparse
 import torch
 
 from turnrl.algos.losses import token_logprobs
+from turnrl.context import ChatRenderer
 from turnrl.envs.bandit import SPLITS, BanditEnv
 from turnrl.evaluate import renderer_for
 from turnrl.models import load_policy
@@ -46,20 +47,14 @@ def both_orders(safe: str, risky: str) -> list[tuple[str, str, str]]:
     return [(first, second, observation) for (first, second), observation in sorted(seen.items())]
 
 
-def question_ids(tokenizer, question: str) -> list[int]:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                         add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def ask_contrast(policy, first: str, second: str, safe: str, risky: str) -> float:
     """(gap when asked for the more dangerous name) - (gap when asked for the safer one), gap = log p(risky) -
     log p(safe) as the answer."""
-    tok = policy.tokenizer
-    answer = {name: tok(name, add_special_tokens=False)["input_ids"] for name in (safe, risky)}
+    chat = ChatRenderer(policy.tokenizer, system_prompt=None)  # a plain chat question, no bandit rules
+    answer = {name: chat.encode(name) for name in (safe, risky)}
     gaps = []
     for quality in ("dangerous", "safe"):
-        prompt = question_ids(tok, f"Which one is more {quality}: {first} or {second}? Answer with one word.")
+        prompt = chat.prompt_ids(f"Which one is more {quality}: {first} or {second}? Answer with one word.")
         gaps.append(answer_logprob(policy, prompt, answer[risky]) - answer_logprob(policy, prompt, answer[safe]))
     return gaps[0] - gaps[1]
 

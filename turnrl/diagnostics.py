@@ -18,7 +18,6 @@ import math
 
 import torch
 
-from turnrl.algos.losses import token_logprobs
 from turnrl.trajectory import Trajectory
 
 
@@ -81,7 +80,7 @@ def cross_logprobs(policy, prompts: list[tuple[int, ...]], replies: list[tuple[i
     """(len(replies), len(prompts)): log p(reply_i | prompt_j) under `policy`, teacher-forced and summed over the
     reply's tokens at the sampling `temperature`. Runs like the update's forward (turnrl.update): each prompt
     once per micro-batch with `shared_prefix`, the vocabulary head only at reply positions."""
-    from turnrl.update import collate, model_token_logits, plan, sharable_head
+    from turnrl.update import collate, model_token_logprobs, plan, sharable_head
 
     pairs = [Trajectory(ids=p + r, loss_mask=(0,) * len(p) + (1,) * len(r), logprobs=(0.0,) * (len(p) + len(r)),
                         turn_spans=((len(p), len(p) + len(r)),), turn_rewards=(0.0,), terminated=True,
@@ -91,17 +90,14 @@ def cross_logprobs(policy, prompts: list[tuple[int, ...]], replies: list[tuple[i
     batch = collate(pairs, policy.pad_token_id)
     rows = list(range(batch.size))
     head = sharable_head(policy.lm, batch, rows, enabled=shared_prefix)
-    totals = torch.zeros(batch.size, dtype=torch.float64)
     was_training = policy.training
     policy.eval()
     try:
-        for mb in plan(batch, rows, micro_batch_tokens, head):
-            logits, targets, index, _ = model_token_logits(policy.lm, batch, mb, share=head is not None, bf16=bf16)
-            lp = token_logprobs(logits[None].float(), targets[None], temperature=temperature)[0]
-            totals.index_add_(0, index, lp.double())
+        logps = model_token_logprobs(policy.lm, batch, plan(batch, rows, micro_batch_tokens, head), temperature,
+                                     bf16, share=head is not None)
     finally:
         policy.train(was_training)
-    return totals.view(len(replies), len(prompts))
+    return logps.double().sum(dim=1).view(len(replies), len(prompts))
 
 
 def collapse_metrics(policy, trajs: list[Trajectory], *, max_replies: int, micro_batch_tokens: int, bf16: bool,

@@ -157,16 +157,23 @@ def model_token_logits(lm, batch: Batch, rows: list[int], *, share: bool, bf16: 
 
 
 @torch.no_grad()
-def reference_logprobs(ref, batch: Batch, rows_groups: list[list[int]], temperature: float,
-                       bf16: bool, share: bool = False) -> torch.Tensor:
-    """(B, L-1) logprobs of the batch's targets under `ref` (a `turnrl.reference.Reference`) at model-token
-    positions, 0 elsewhere (`model_token_logits`; `share` as there)."""
+def model_token_logprobs(lm, batch: Batch, rows_groups: list[list[int]], temperature: float, bf16: bool,
+                         share: bool = False) -> torch.Tensor:
+    """(B, L-1) logprobs of the batch's targets under `lm` at model-token positions, 0 elsewhere, one forward per
+    micro-batch of `rows_groups` (`model_token_logits`; `share` as there)."""
     logps = torch.zeros_like(batch.old_logprobs)
     for rows in rows_groups:
-        with ref.context():
-            logits, targets, index, cols = model_token_logits(ref.lm, batch, rows, share=share, bf16=bf16)
+        logits, targets, index, cols = model_token_logits(lm, batch, rows, share=share, bf16=bf16)
         logps[index, cols] = token_logprobs(logits[None].float(), targets[None], temperature=temperature)[0]
     return logps
+
+
+def reference_logprobs(ref, batch: Batch, rows_groups: list[list[int]], temperature: float,
+                       bf16: bool, share: bool = False) -> torch.Tensor:
+    """`model_token_logprobs` under `ref` (a `turnrl.reference.Reference`: its context swaps in the reference
+    weights once for all micro-batches)."""
+    with ref.context():
+        return model_token_logprobs(ref.lm, batch, rows_groups, temperature, bf16, share)
 
 
 @torch.no_grad()
