@@ -14,8 +14,10 @@ from turnrl.algos.losses import (
     kl_penalty,
     ppo_clip_loss,
     token_logprobs,
+    token_logprobs_entropy,
     value_loss,
 )
+import turnrl.algos.losses as losses_module
 
 T = torch.tensor
 
@@ -146,6 +148,54 @@ def test_token_logprobs_hand_computed():
     out = token_logprobs(logits.detach().bfloat16(), tgt)
     assert out.dtype == torch.float32
     close(out, [[math.log(1 / 3), math.log(0.6)]], tol=2e-2)
+
+
+@pytest.mark.parametrize("block", [1 << 19, 7])  # one block, and blocks of 7 // V rows (here: 1 row)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_entropy_matches_the_reference_functions(monkeypatch, block, temperature):
+    """The fused pass gives token_logprobs and entropy_from_logits, and their gradients (any weighting of the
+    two outputs), including logits of -inf (p = 0) and blocks that split the rows."""
+    monkeypatch.setattr(losses_module, "_BLOCK_ELEMENTS", block)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(13, 6, generator=gen, dtype=torch.float64) * 3
+    x[3, 4] = -math.inf
+    x[5, :4] = -math.inf
+    tgt = torch.randint(0, 6, (13,), generator=gen)
+    tgt[3], tgt[5] = 0, 5  # finite targets (a -inf target has logprob -inf in both)
+    w_lp, w_h = torch.randn(13, generator=gen, dtype=torch.float64), torch.randn(13, generator=gen, dtype=torch.float64)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    lp, h = token_logprobs_entropy(a, tgt, temperature=temperature)
+    ref_lp = token_logprobs(b[None], tgt[None], temperature=temperature)[0]
+    ref_h = entropy_from_logits(b / temperature)
+    torch.testing.assert_close(lp, ref_lp)
+    torch.testing.assert_close(h, ref_h)
+    (lp * w_lp + h * w_h).sum().backward()
+    (ref_lp * w_lp + ref_h * w_h).sum().backward()
+    assert torch.isfinite(a.grad).all()
+    torch.testing.assert_close(a.grad, b.grad)
+    # only the logprob in the loss (the entropy output unused), and entropy=False
+    for entropy in (True, False):
+        a.grad = b.grad = None
+        lp, h = token_logprobs_entropy(a, tgt, temperature=temperature, entropy=entropy)
+        assert (h is None) == (not entropy)
+        (lp * w_lp).sum().backward()
+        (token_logprobs(b[None], tgt[None], temperature=temperature)[0] * w_lp).sum().backward()
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_token_logprobs_entropy_half_inputs_and_errors():
+    logits = T([[0.0, 0.0, 0.0], [0.0, math.log(3.0), 0.0]]).bfloat16().requires_grad_()
+    lp, h = token_logprobs_entropy(logits, T([2, 1]))
+    assert lp.dtype == h.dtype == torch.float32
+    close(lp, [math.log(1 / 3), math.log(0.6)], tol=2e-2)  # bf16 logits: ln 3 is stored as 1.1016
+    close(h, [math.log(3), -(0.2 * math.log(0.2) * 2 + 0.6 * math.log(0.6))], tol=2e-2)
+    lp.sum().backward()
+    assert logits.grad.dtype == torch.bfloat16
+    close(logits.grad.float(), [[-1 / 3, -1 / 3, 2 / 3], [-0.2, 0.4, -0.2]], tol=1e-2)
+    with pytest.raises(ValueError, match="expected logits"):
+        token_logprobs_entropy(logits[None], T([[2, 1]]))
+    with pytest.raises(ValueError, match="temperature"):
+        token_logprobs_entropy(logits, T([2, 1]), temperature=0.0)
 
 
 # ----------------------------------------------------------------------------- value loss

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from turnrl.algos.losses import token_logprobs
+from turnrl.algos.losses import token_logprobs_entropy
 from turnrl.context import ChatRenderer, TurnContext
 from turnrl.parsing import format_reply
 from turnrl.rollout import RolloutSettings
@@ -103,7 +103,7 @@ def sft(policy, demos: list[Trajectory], *, steps: int, batch_size: int, lr: flo
         for mb in plan(batch, rows, micro_batch_tokens, head):
             # the LM head runs only where a demonstrated token is predicted
             logits, targets, _, _ = model_token_logits(policy.lm, batch, mb, share=head is not None, bf16=bf16)
-            logps = token_logprobs(logits[None].float(), targets[None])
+            logps = token_logprobs_entropy(logits, targets, entropy=False)[0]
             loss = -logps.sum() / total_tokens
             loss.backward()
             step_loss += loss.item()

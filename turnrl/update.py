@@ -12,8 +12,7 @@ from typing import Callable
 
 import torch
 
-from turnrl.algos.losses import (aggregate, entropy_from_logits, gspo_loss, kl_penalty, ppo_clip_loss, token_logprobs,
-                                 value_loss)
+from turnrl.algos.losses import aggregate, gspo_loss, kl_penalty, ppo_clip_loss, token_logprobs_entropy, value_loss
 from turnrl.config import AlgoConfig, OptimConfig
 from turnrl.credit import Credit, compute_credit, compute_row_credit, turn_spread
 from turnrl.lm_parts import lm_parts, logits_at
@@ -164,7 +163,7 @@ def model_token_logprobs(lm, batch: Batch, rows_groups: list[list[int]], tempera
     logps = torch.zeros_like(batch.old_logprobs)
     for rows in rows_groups:
         logits, targets, index, cols = model_token_logits(lm, batch, rows, share=share, bf16=bf16)
-        logps[index, cols] = token_logprobs(logits[None].float(), targets[None], temperature=temperature)[0]
+        logps[index, cols] = token_logprobs_entropy(logits, targets, temperature=temperature, entropy=False)[0]
     return logps
 
 
@@ -274,9 +273,10 @@ def minibatch_backward(policy, batch: Batch, targets: Targets, mb_rows: list[int
                                     values_of=policy if algo.needs_critic else None)
             window, on, values = f.window, f.on, f.values
             mask = window(batch.mask)
-            logits = f.logits.float()  # (model tokens, vocab)
-            logps = _scatter(on, token_logprobs(logits[None], window(batch.targets)[on][None],
-                                                temperature=temperature)[0])
+            # (model tokens,) logprobs and entropies in one pass over the (model tokens, vocab) logits
+            token_logps, token_ent = token_logprobs_entropy(f.logits, window(batch.targets)[on],
+                                                            temperature=temperature)
+            logps = _scatter(on, token_logps)
             old = window(batch.old_logprobs)
             if algo.loss == "gspo":
                 pg, pg_stats = gspo_loss(logps, old, credit.seq_advantages[rows], mask,
@@ -290,8 +290,9 @@ def minibatch_backward(policy, batch: Batch, targets: Targets, mb_rows: list[int
             loss = aggregate(pg, mask, algo.loss_agg, **agg)
             _add(totals, "loss/policy", loss.item())
             # Entropy is always logged; it is differentiated only when it enters the loss.
-            with torch.set_grad_enabled(algo.entropy_coef > 0 and not critic_only):
-                ent = aggregate(_scatter(on, entropy_from_logits(logits / temperature)), mask, algo.loss_agg, **agg)
+            if not (algo.entropy_coef > 0 and not critic_only):
+                token_ent = token_ent.detach()
+            ent = aggregate(_scatter(on, token_ent), mask, algo.loss_agg, **agg)
             if algo.entropy_coef > 0:
                 loss = loss - algo.entropy_coef * ent
             _add(totals, "loss/entropy", ent.item())
@@ -301,7 +302,7 @@ def minibatch_backward(policy, batch: Batch, targets: Targets, mb_rows: list[int
                 loss = loss + algo.kl_coef * kl
                 _add(totals, "loss/kl", kl.item())
             if critic_only:
-                loss = torch.zeros((), device=logits.device)  # the policy terms above are logged, not optimised
+                loss = torch.zeros((), device=token_logps.device)  # the policy terms above are logged, not optimised
             if algo.needs_critic:
                 vmask = window(credit.value_mask)
                 vl = value_loss(values[:, :-1].float(), window(targets.old_values), window(credit.returns), vmask,
