@@ -10,8 +10,8 @@ observation after every step (what an LLM agent sees).
   `room_state`. It has no solver: the solution comes from turnrl's BFS solver, and that time is NOT
   counted for the peer (in its favour).
 
-Each side runs `--repeats` times and keeps its fastest run. Prints episodes and env steps per second
-for each, and last the ratio peer seconds per episode / turnrl seconds per episode.
+Each side runs `--repeats` times, the two sides in turn, and keeps its fastest run. Prints episodes and env
+steps per second for each, and last the ratio peer seconds per episode / turnrl seconds per episode.
 
     pip install 'turnrl[bench]'   # gym-sokoban needs setuptools<81 (pkg_resources)
     python benchmarks/sokoban_vs_gym_sokoban.py [--episodes 300]
@@ -88,8 +88,11 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     turnrl_episodes(10)  # warm-up
-    ours_steps, ours_s = min((turnrl_episodes(args.episodes) for _ in range(args.repeats)), key=lambda x: x[1])
-    peer_steps, peer_s = min((gym_episodes(args.episodes) for _ in range(args.repeats)), key=lambda x: x[1])
+    ours, peer = [], []
+    for _ in range(args.repeats):  # interleaved, so that a slow spell of the machine hits both sides alike
+        ours.append(turnrl_episodes(args.episodes))
+        peer.append(gym_episodes(args.episodes))
+    (ours_steps, ours_s), (peer_steps, peer_s) = min(ours, key=lambda x: x[1]), min(peer, key=lambda x: x[1])
     print(f"turnrl: {args.episodes} episodes, {ours_steps} steps in {ours_s:.2f} s = "
           f"{args.episodes / ours_s:.0f} episodes/s, {(ours_steps + args.episodes) / ours_s:.0f} resets+steps/s")
     print(f"gym-sokoban: {args.episodes} episodes, {peer_steps} steps in {peer_s:.2f} s = "

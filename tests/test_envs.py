@@ -140,6 +140,18 @@ def test_sokoban_bigger_room_expert():
         assert env.step("Up")[4]["success"] is True
 
 
+@pytest.mark.parametrize("dim, num_boxes, max_len", [(6, 1, 10), (6, 1, 100), (8, 2, 30)])
+def test_sokoban_generated_solution_is_the_solvers(dim, num_boxes, max_len):
+    """generate_room reads its solution off the reverse search instead of searching again: it is exactly the
+    shortest solution sokoban_solve finds, for every room."""
+    from turnrl.envs.sokoban import generate_room
+    from turnrl.envs.solvers import sokoban_solve
+    for seed in range(150 if dim == 6 else 40):
+        walls, targets, boxes, player, solution = generate_room(dim, num_boxes, max_len, random.Random(seed))
+        assert 1 <= len(solution) <= max_len
+        assert solution == sokoban_solve(walls, dim, player, boxes, targets), seed
+
+
 def test_frozen_lake_det_expert_reaches_goal():
     env = make("frozen_lake_det")
     for seed in range(100):

@@ -68,7 +68,7 @@ def _carve_floor(dim: int, rng: random.Random) -> set[int]:
     return floor
 
 
-def _displacement(boxes: frozenset, targets: tuple[int, ...], width: int) -> int:
+def _displacement(boxes, targets: tuple[int, ...], width: int) -> int:
     """Manhattan distance of the boxes from the targets under the best box-target matching."""
     def dist(a: int, b: int) -> int:
         return abs(a // width - b // width) + abs(a % width - b % width)
@@ -81,15 +81,18 @@ def _displacement(boxes: frozenset, targets: tuple[int, ...], width: int) -> int
     return sum(min(dist(b, t) for t in targets) for b in boxes)  # cheap bound for many boxes
 
 
-def _reverse_search(floor: set[int], targets: frozenset, width: int, max_depth: int) -> dict[State, int]:
+def _reverse_search(floor: set[int], targets: frozenset, width: int, max_depth: int) -> dict[tuple[int, int], int]:
     """BFS over reverse moves (the player walks back or pulls a box) from every solved state.
 
     Starting from all player positions with the boxes on the targets makes the BFS depth of
     a state exactly its optimal forward solution length, so capping the depth bounds the
-    puzzle's difficulty without a separate solver call per candidate.
+    puzzle's difficulty without a separate solver call per candidate. States are (player cell,
+    box bitmask): bit c is set when a box is on cell c (two ints hash much faster than a frozenset,
+    and this search is the largest part of generating a room).
     """
     deltas = (-width, width, -1, 1)
-    depth: dict[State, int] = {(p, targets): 0 for p in sorted(floor) if p not in targets}
+    goal = _mask(targets)
+    depth = {(p, goal): 0 for p in sorted(floor) if p not in targets}
     queue = deque(depth)
     while queue:
         state = queue.popleft()
@@ -99,17 +102,65 @@ def _reverse_search(floor: set[int], targets: frozenset, width: int, max_depth: 
         player, boxes = state
         for delta in deltas:
             step = player + delta
-            if step not in floor or step in boxes:
+            if step not in floor or boxes >> step & 1:
                 continue
-            successors = [(step, boxes)]
+            new = (step, boxes)
+            if new not in depth:
+                depth[new] = d + 1
+                queue.append(new)
             pulled = player - delta
-            if pulled in boxes:  # the box behind the player follows it
-                successors.append((step, (boxes - {pulled}) | {player}))
-            for new in successors:
+            if boxes >> pulled & 1:  # the box behind the player follows it
+                new = (step, boxes ^ (1 << pulled) | (1 << player))
                 if new not in depth:
                     depth[new] = d + 1
                     queue.append(new)
     return depth
+
+
+def _mask(cells) -> int:
+    mask = 0
+    for c in cells:
+        mask |= 1 << c
+    return mask
+
+
+def _cells(mask: int) -> list[int]:
+    cells = []
+    while mask:
+        low = mask & -mask
+        cells.append(low.bit_length() - 1)
+        mask ^= low
+    return cells
+
+
+def _replay_solution(depths: dict[tuple[int, int], int], floor: set[int], width: int,
+                     state: tuple[int, int]) -> list[str]:
+    """The optimal solution from `state`, read off the reverse search's depths: at each step the first action (in
+    SOKOBAN_ACTIONS order) whose forward move (walk or push) reaches a state one move closer to solved. That is
+    the solution `sokoban_solve` returns (its BFS meets the lexicographically first shortest one first), without
+    searching again."""
+    deltas = tuple(zip(SOKOBAN_ACTIONS, (-width, width, -1, 1)))  # Up, Down, Left, Right
+    player, boxes = state
+    d, plan = depths[state], []
+    while d > 0:
+        for name, delta in deltas:
+            nxt = player + delta
+            if nxt not in floor:
+                continue
+            if boxes >> nxt & 1:
+                beyond = nxt + delta
+                if beyond not in floor or boxes >> beyond & 1:
+                    continue
+                new = (nxt, boxes ^ (1 << nxt) | (1 << beyond))
+            else:
+                new = (nxt, boxes)
+            if depths.get(new) == d - 1:
+                break
+        else:  # cannot happen: a state at depth d has a successor at depth d - 1
+            raise AssertionError(f"no move from depth {d} toward the solved room")
+        plan.append(name)
+        (player, boxes), d = new, d - 1
+    return plan
 
 
 def generate_room(dim: int, num_boxes: int, max_solution_len: int, rng: random.Random):
@@ -122,15 +173,13 @@ def generate_room(dim: int, num_boxes: int, max_solution_len: int, rng: random.R
         targets = frozenset(sub.sample(sorted(floor), num_boxes))
         depths = _reverse_search(floor, targets, dim, max_solution_len)
         target_order = tuple(sorted(targets))
-        scored = [(s, _displacement(s[1], target_order, dim)) for s, d in depths.items() if d >= 1]
+        scored = [(s, _displacement(_cells(s[1]), target_order, dim)) for s, d in depths.items() if d >= 1]
         if not scored:
             continue  # e.g. targets where no box can be pulled away
         best = max(score for _, score in scored)
-        player, boxes = sub.choice([s for s, score in scored if score == best])
+        state = sub.choice([s for s, score in scored if score == best])
         walls = frozenset(range(dim * dim)) - floor
-        solution = sokoban_solve(walls, dim, player, boxes, targets)
-        if solution is not None and 1 <= len(solution) <= max_solution_len:
-            return walls, targets, boxes, player, solution
+        return walls, targets, frozenset(_cells(state[1])), state[0], _replay_solution(depths, floor, dim, state)
     raise RuntimeError(f"could not generate a {dim}x{dim} room with {num_boxes} box(es); try a larger dim")
 
 
@@ -294,16 +343,20 @@ class SokobanEnv(Env):
     def _grid(self) -> str:
         v = self.symbols
         key = (self._walls, self._targets, self._width, self._height, v)
+        w = self._width
         if getattr(self, "_grid_key", None) != key:  # the static cells, rebuilt only when the room changes
             self._grid_key = key
+            # one entry per cell and a newline after every row but the last: cell c sits at c + c // w
             self._grid_base = [v.wall if c in self._walls else v.target if c in self._targets else v.floor
-                               for c in range(self._width * self._height)]
+                               for c in range(w * self._height)]
+            for r in range(self._height - 1, 0, -1):
+                self._grid_base.insert(r * w, "\n")
         cells = self._grid_base.copy()
         for b in self._boxes:
-            cells[b] = v.box_on_target if b in self._targets else v.box
-        cells[self._player] = v.player_on_target if self._player in self._targets else v.player
-        w = self._width
-        return "\n".join("".join(cells[r * w:(r + 1) * w]) for r in range(self._height))
+            cells[b + b // w] = v.box_on_target if b in self._targets else v.box
+        p = self._player
+        cells[p + p // w] = v.player_on_target if p in self._targets else v.player
+        return "".join(cells)
 
     def _coords(self) -> str:
         def listed(cells) -> str:
