@@ -164,6 +164,33 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5), name
 
 
+def test_lora_layers_skip_the_input_cast_with_the_same_logits_and_gradients(tmp_path):
+    """peft's cast of each LoRA input to the adapter's fp32 is switched off (fresh adapters and loaded ones): under
+    bf16 autocast it is an exact bf16 -> fp32 -> bf16 round trip, so logits and gradients are bit-identical."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    policy = lora_policy()
+    perturb_adapters(policy)
+    policy.save(tmp_path / "m")
+    for p in (policy, load_policy(str(tmp_path / "m"))):
+        layers = [m for m in p.lm.modules() if isinstance(m, BaseTunerLayer)]
+        assert layers and all(m.cast_input_dtype_enabled is False for m in layers)
+    results = []
+    for cast in (True, False):
+        for m in policy.lm.modules():
+            if isinstance(m, BaseTunerLayer):
+                m.cast_input_dtype_enabled = cast
+        policy.lm.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = policy(IDS)
+        out.float().logsumexp(-1).sum().backward()
+        results.append((out, {n: p.grad.clone() for n, p in policy.lm.named_parameters() if p.requires_grad}))
+    (a, grads_a), (b, grads_b) = results
+    assert torch.equal(a, b)
+    assert grads_a.keys() == grads_b.keys()
+    assert all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
+
+
 def test_unknown_target_module_is_a_clear_error():
     with pytest.raises(ModelLoadError, match="not module names"):
         load_policy("tiny", tiny=SPEC, lora=LoraSpec(rank=4, targets=("qkv",)))
