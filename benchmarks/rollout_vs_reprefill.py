@@ -13,12 +13,13 @@ The measure is generated tokens per second (model tokens only). Untrained models
 invalid replies, so both sides play the full number of turns. The last line is the ratio
 peer seconds per generated token / turnrl seconds per generated token (the smallest over the models run).
 
-    python benchmarks/rollout_vs_reprefill.py [--models tiny smollm2-135m-instruct] [--threads 2]
+    python benchmarks/rollout_vs_reprefill.py [--models tiny smollm2-135m-instruct] [--threads 2] [--dtype bfloat16]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -27,6 +28,7 @@ import torch
 
 from turnrl.context import ChatRenderer
 from turnrl.engines import HFEngine, SamplingParams
+from turnrl.engines.hf import bf16_weights
 from turnrl.envs import make
 from turnrl.models import load_policy
 from turnrl.parsing import parse_reply
@@ -35,9 +37,15 @@ from turnrl.rollout import RolloutSettings, act, run_episodes
 ENV, ENV_KWARGS = "sokoban", {"dim": 6, "num_boxes": 1}
 
 
+def precision(lm, dtype: str):
+    """The peer computes in the precision turnrl's engine uses (HFEngine's bf16: autocast with bf16 weights)."""
+    return bf16_weights(lm) if dtype == "bfloat16" else contextlib.nullcontext()
+
+
 def turnrl_rollout(policy, renderer, seeds, args) -> tuple[int, float]:
     engine = HFEngine(policy.lm, eos_token_id=policy.eos_token_id, pad_token_id=policy.pad_token_id,
-                      batch_size=len(seeds) * args.group_size, generator=torch.Generator().manual_seed(0))
+                      batch_size=len(seeds) * args.group_size, generator=torch.Generator().manual_seed(0),
+                      dtype=args.dtype)
     settings = RolloutSettings(max_turns=args.turns, max_new_tokens=args.max_new_tokens, max_context_tokens=4096,
                                think=False)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
@@ -73,7 +81,7 @@ def reprefill_rollout(policy, renderer, seeds, args) -> tuple[int, float]:
         for i, r in enumerate(rows):
             ids[i, width - len(r):] = torch.tensor(r)
             attn[i, width - len(r):] = 1
-        with torch.inference_mode():
+        with torch.inference_mode(), precision(lm, args.dtype):
             out = lm.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=args.temperature,
                               top_k=0, top_p=1.0, max_new_tokens=args.max_new_tokens,
                               eos_token_id=policy.eos_token_id, pad_token_id=policy.pad_token_id)
@@ -97,6 +105,8 @@ def main() -> int:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="both sides: fp32, or bf16 autocast with bf16 weights (turnrl's engine.hf_dtype)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     ratios = {}
@@ -110,7 +120,8 @@ def main() -> int:
         peer_tokens, peer_s = reprefill_rollout(policy, renderer, seeds, args)
         ours, peer = ours_tokens / ours_s, peer_tokens / peer_s
         ratios[name] = ours / peer
-        print(f"{name}: {len(seeds) * args.group_size} episodes x {args.turns} turns, {args.threads} threads | "
+        print(f"{name}: {len(seeds) * args.group_size} episodes x {args.turns} turns, {args.threads} threads, "
+              f"{args.dtype} | "
               f"turnrl {ours_tokens} tokens in {ours_s:.1f} s = {ours:.1f} tok/s | "
               f"re-prefill (HF generate) {peer_tokens} tokens in {peer_s:.1f} s = {peer:.1f} tok/s | "
               f"ratio {ratios[name]:.2f}", flush=True)

@@ -209,3 +209,47 @@ def test_evaluation_does_not_depend_on_the_generation_batch_size(tmp_path):
         runs.append([t.ids for t in trajs])
     assert runs[0] == runs[1]
     assert len(set(runs[0])) > 1
+
+
+def test_bf16_engine_runs_bf16_and_restores_the_fp32_weights(policy):
+    """dtype="bfloat16": every linear layer computes with a bf16 weight under autocast during `generate`; the
+    logprobs are those of a bf16-autocast forward up to bf16 rounding; afterwards (also after an error) the
+    model holds its own fp32 parameters again."""
+    from turnrl.engines.hf import bf16_weights
+
+    before = {n: p for n, p in policy.lm.named_parameters()}
+    seen = set()
+    linear = next(m for m in policy.lm.modules() if isinstance(m, torch.nn.Linear))
+    hook = linear.register_forward_hook(lambda m, args, out: seen.add((m.weight.dtype, out.dtype)))
+    engine = HFEngine(policy.lm, eos_token_id=policy.eos_token_id, pad_token_id=policy.pad_token_id,
+                      dtype="bfloat16")
+    rng = random.Random(2)
+    prompts = [[rng.randrange(0, 250) for _ in range(n)] for n in (4, 11, 7)]
+    try:
+        comps = engine.generate(prompts, SamplingParams(max_new_tokens=6), keys=[0, 1, 2])
+        prompts = [p + list(c.ids) + [70, 71] for p, c in zip(prompts, comps)]
+        comps = engine.generate(prompts, SamplingParams(max_new_tokens=6), keys=[0, 1, 2])  # cached bf16 keys/values
+    finally:
+        hook.remove()
+    assert seen == {(torch.bfloat16, torch.bfloat16)}
+    for prompt, c in zip(prompts, comps):
+        ids = torch.tensor([prompt + list(c.ids)])
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logp = torch.log_softmax(policy.lm(ids).logits[0].float(), -1)
+        ref = [logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(c.ids)]
+        assert max(abs(a - b) for a, b in zip(ref, c.logprobs)) < 2e-2
+    assert all(p is before[n] for n, p in policy.lm.named_parameters())
+    assert all(p.dtype == torch.float32 for p in policy.lm.parameters())
+
+    def fail(*_):
+        raise RuntimeError("boom")
+
+    hook = linear.register_forward_hook(fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        with bf16_weights(policy.lm):
+            policy.lm(torch.tensor([[256, 70]]))
+    hook.remove()
+    assert all(p is before[n] for n, p in policy.lm.named_parameters())
+    assert all(p.dtype == torch.float32 for p in policy.lm.parameters())
+    with pytest.raises(ValueError, match="dtype"):
+        HFEngine(policy.lm, eos_token_id=policy.eos_token_id, pad_token_id=policy.pad_token_id, dtype="float16")

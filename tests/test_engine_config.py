@@ -49,6 +49,27 @@ def test_engine_config_rejects_settings_that_would_do_nothing():
     TrainConfig(model=ModelConfig(lora_rank=8), engine=EngineConfig(name="vllm", vllm_weight_sync="lora"))
     with pytest.raises(ConfigError, match="unknown config field 'engine.nam'"):
         TrainConfig.from_dict({"engine": {"nam": "vllm"}})
+    with pytest.raises(ConfigError, match="hf_dtype configures the hf engine"):
+        EngineConfig(name="vllm", hf_dtype="bfloat16")
+
+
+def test_hf_dtype_reaches_the_engine():
+    """`--engine.hf-dtype bfloat16` builds the rollout/eval HF engine in bf16; the default is exact fp32."""
+    import torch
+
+    from turnrl.evaluate import engine_for
+    from turnrl.models import load_policy
+
+    policy = load_policy("tiny", seed=0)
+    for dtype in ("float32", "bfloat16"):
+        cfg = TrainConfig(engine=EngineConfig(hf_dtype=dtype))
+        assert engine_for(policy, cfg, torch.Generator()).dtype == dtype
+    assert EngineConfig().hf_dtype == "float32"
+    from turnrl.cli import _parse_config
+
+    cfg = _parse_config(TrainConfig, get_preset("bandit-tiny"), ["--engine.hf-dtype", "bfloat16"], "")
+    assert cfg.engine.hf_dtype == "bfloat16"
+    assert TrainConfig.from_dict(json.loads(cfg.to_json())).engine.hf_dtype == "bfloat16"  # config.json round trip
 
 
 @pytest.mark.skipif(HAS_VLLM, reason="checks the message shown when vLLM is missing")

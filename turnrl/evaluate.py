@@ -44,7 +44,7 @@ def engine_for(policy, cfg: TrainConfig, generator: torch.Generator):
                           cpu_kv_cache_gib=e.vllm_cpu_kv_cache_gib, max_num_seqs=cfg.rollout.gen_batch_size,
                           seed=cfg.seed)
     return HFEngine(policy.lm, eos_token_id=policy.eos_token_id, pad_token_id=policy.pad_token_id,
-                    batch_size=cfg.rollout.gen_batch_size, generator=generator)
+                    batch_size=cfg.rollout.gen_batch_size, generator=generator, dtype=cfg.engine.hf_dtype)
 
 
 def settings_for(cfg: TrainConfig) -> RolloutSettings:

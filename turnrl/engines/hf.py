@@ -14,6 +14,10 @@ The cache is then replaced by the new prompt and reply.
 Rows are laid out as [pad | cached prefix | pad | new tokens] with explicit position ids; the gaps
 are masked, so every row computes exactly what an unpadded forward pass would.
 
+Precision: "float32" (the default) computes exact fp32 logprobs. `dtype="bfloat16"` runs the policy under bf16
+autocast with bf16 copies of its linear weights (`bf16_weights`): faster on CPUs with bf16 matmuls, but every
+logprob is off by bf16 rounding, also against an update that runs under bf16 autocast itself (docs/engines.md).
+
 Speed (issue 5): the keys/values of a call live in one preallocated buffer per layer (`_BufferCache`),
 written in place at each decode step instead of concatenated; rows whose prompts are identical and
 uncached (the members of a group on their first turn) are prefilled once and their keys/values copied
@@ -25,6 +29,7 @@ compaction copies the live buffer.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Hashable
 
@@ -154,6 +159,34 @@ class _BufferCache(Cache):
             layer.select_rows(rows)
 
 
+DTYPES = ("float32", "bfloat16")
+
+
+@contextlib.contextmanager
+def bf16_weights(lm: torch.nn.Module):
+    """Runs `lm` under bf16 autocast with bf16 copies of its linear layers' weights in place of the fp32 ones
+    (restored on exit, also on error).
+
+    The copies hold the values autocast would compute from the fp32 weights (the same rounding). Autocast alone
+    would cast every fp32 weight again at every forward (it caches casts only of weights that require grad, so
+    never a LoRA policy's frozen base): a decode step would read the fp32 weights and write bf16 ones. With one
+    copy per `generate`, each step reads half the bytes of fp32 and the matmuls run in bf16. The input embedding
+    keeps its fp32 weight, also when the output layer is tied to it (as under autocast)."""
+    swapped = []
+    try:
+        for module in lm.modules():
+            if isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.float32:
+                weight = module._parameters["weight"]
+                module._parameters["weight"] = torch.nn.Parameter(weight.detach().to(torch.bfloat16),
+                                                                  requires_grad=False)
+                swapped.append((module, weight))
+        with torch.autocast(next(lm.parameters()).device.type, dtype=torch.bfloat16):
+            yield
+    finally:
+        for module, weight in swapped:
+            module._parameters["weight"] = weight
+
+
 class HFEngine:
     """Samples from a Hugging Face causal LM (the policy's `lm`) in batches of left-padded prompts."""
 
@@ -161,8 +194,11 @@ class HFEngine:
     compact_fraction = 0.25
 
     def __init__(self, lm, *, eos_token_id: int, pad_token_id: int, batch_size: int = 64,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, dtype: str = "float32"):
+        if dtype not in DTYPES:
+            raise ValueError(f"HFEngine dtype must be one of {DTYPES}, got {dtype!r}")
         self.lm = lm
+        self.dtype = dtype
         self.eos = eos_token_id
         self.pad = pad_token_id
         self.batch_size = batch_size
@@ -194,14 +230,16 @@ class HFEngine:
         results: list[Completion | None] = [None] * len(prompts)
         was_training = self.lm.training
         self.lm.eval()
+        precision = bf16_weights(self.lm) if self.dtype == "bfloat16" else contextlib.nullcontext()
         try:
-            for start in range(0, len(order), self.batch_size):
-                idx = order[start:start + self.batch_size]
-                batch_keys = [keys[i] for i in idx] if keys is not None else None
-                streams = [torch.Generator().manual_seed(seeds[i]) for i in idx] if seeds is not None else None
-                for i, completion in zip(idx, self._generate_batch([prompts[i] for i in idx], params, batch_keys,
-                                                                   streams)):
-                    results[i] = completion
+            with precision:
+                for start in range(0, len(order), self.batch_size):
+                    idx = order[start:start + self.batch_size]
+                    batch_keys = [keys[i] for i in idx] if keys is not None else None
+                    streams = [torch.Generator().manual_seed(seeds[i]) for i in idx] if seeds is not None else None
+                    for i, completion in zip(idx, self._generate_batch([prompts[i] for i in idx], params, batch_keys,
+                                                                       streams)):
+                        results[i] = completion
         finally:
             if was_training:
                 self.lm.train()
