@@ -189,10 +189,9 @@ def token_logprobs(logits: Tensor, targets: Tensor, *, temperature: float = 1.0)
     Used by every policy-gradient method; the temperature must match sampling
     so that log-probs are those of the behaviour policy.
 
-    Memory: processed one batch row at a time, so besides the input only a
-    ``(T, V)`` temporary exists in forward (autograd still saves the scaled
-    logits, i.e. at most one extra ``(B, T, V)`` tensor). Half / bfloat16
-    logits are upcast to float32 per row for an accurate logsumexp.
+    The (B, T) form of :func:`token_logprobs_entropy` (without the entropy): blocks of positions are upcast
+    (half / bfloat16 logits to float32, for an accurate logsumexp) and reduced one at a time, so besides the
+    input only a small temporary exists, and autograd keeps only the logits themselves.
 
     Args:
         logits: ``(B, T, V)``; targets: ``(B, T)`` long token ids.
@@ -202,19 +201,9 @@ def token_logprobs(logits: Tensor, targets: Tensor, *, temperature: float = 1.0)
     if logits.dim() != 3 or targets.shape != logits.shape[:2]:
         raise ValueError(f"expected logits (B, T, V) and targets (B, T), got "
                          f"{tuple(logits.shape)} and {tuple(targets.shape)}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    out = []
-    for row, tgt in zip(logits, targets):
-        x = row.float() if row.dtype in (torch.float16, torch.bfloat16) else row
-        if temperature != 1.0:
-            x = x / temperature
-        picked = x.gather(-1, tgt.long().unsqueeze(-1)).squeeze(-1)
-        out.append(picked - torch.logsumexp(x, dim=-1))
-    if not out:
-        dt = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
-        return logits.new_zeros(logits.shape[:2], dtype=dt)
-    return torch.stack(out)
+    logp, _ = token_logprobs_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                     temperature=temperature, entropy=False)
+    return logp.view(logits.shape[:2])
 
 
 # Elements of the (rows, vocab) float32 working block of token_logprobs_entropy: 2 MB, so that the upcast, the
@@ -230,7 +219,7 @@ def token_logprobs_entropy(logits: Tensor, targets: Tensor, *, temperature: floa
     """(log softmax(z) at ``targets``, entropy of softmax(z)) with z = logits / temperature, row by row: the
     policy-gradient log-probabilities and the entropy bonus of PPO (arXiv 1707.06347) in one pass.
 
-    The same values as :func:`token_logprobs` and :func:`entropy_from_logits` (tests/test_losses.py), computed
+    The same values as gathering ``log_softmax(z)`` and :func:`entropy_from_logits` (tests/test_losses.py), computed
     over blocks of rows with a hand-written backward, because autograd of those two materialises several
     (N, V) float32 tensors (the upcast, log_softmax, its exp, the products) and reads each back from memory;
     here every block is upcast, exponentiated and reduced while it is in cache, and the backward recomputes the
