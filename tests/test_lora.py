@@ -250,3 +250,70 @@ def test_lora_run_resumes_from_its_adapter_checkpoint(tmp_path):
     assert [r["iteration"] for r in records] == [0, 1]
     second = load_policy(str(run / "final"))
     assert second.is_lora and not torch.allclose(logits(second), logits(first), atol=1e-6)
+
+
+def test_bf16_update_casts_the_frozen_base_once_with_bit_identical_results(monkeypatch):
+    """Under optim.bf16 the update computes with bf16 copies of the frozen base weights (made once, not cast at
+    every forward by autocast): the adapters after a LoRA + KL update (reference = adapters off) and the update's
+    metrics are bit-identical to autocast's own casts; the base keeps its fp32 parameters."""
+    import copy
+    import contextlib
+
+    import turnrl.update as update
+    from turnrl.config import AlgoConfig, OptimConfig
+    from turnrl.precision import bf16_linear_weights
+    from tests.test_update_shared_prefix import grouped_batch
+
+    start = lora_policy()
+    perturb_adapters(start)
+    trajs = grouped_batch(start, seed=3, head=12)
+    algo = AlgoConfig(filter="none", estimator="grpo", kl_coef=0.1, entropy_coef=0.01, minibatches=2)
+    optim = OptimConfig(bf16=True, micro_batch_tokens=64, lr=1e-2, warmup_steps=0)
+    results = []
+    for copies in (False, True):
+        policy = copy.deepcopy(start)
+        base = {n: p for n, p in policy.lm.named_parameters() if not p.requires_grad}
+        seen = set()
+        layer = next(m for m in policy.lm.modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad)
+        layer.register_forward_hook(lambda m, args, out: seen.add(m.weight.dtype))
+        if not copies:
+            monkeypatch.setattr(update, "bf16_linear_weights", lambda *a, **k: contextlib.nullcontext())
+        else:
+            monkeypatch.undo()
+        optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=optim.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        metrics = update.ppo_update(policy, optimizer, scheduler, trajs, algo=algo, optim=optim, temperature=1.0,
+                                    ref_lm=reference_of(policy), generator=torch.Generator().manual_seed(0))
+        assert seen == {torch.bfloat16 if copies else torch.float32}
+        assert all(p is base[n] and p.dtype == torch.float32
+                   for n, p in policy.lm.named_parameters() if not p.requires_grad)
+        results.append((metrics, {n: p.detach().clone() for n, p in policy.lm.named_parameters() if p.requires_grad}))
+    (m_cast, a_cast), (m_copy, a_copy) = results
+    assert m_cast == m_copy and m_cast["loss/kl"] is not None
+    assert a_cast.keys() == a_copy.keys()
+    assert all(torch.equal(a_cast[n], a_copy[n]) for n in a_cast)
+    assert any(not torch.equal(a_cast[n], start.lm.get_parameter(n)) for n in a_cast)  # the update moved them
+
+
+def test_bf16_linear_weights_swaps_only_frozen_weights_and_restores_them():
+    from turnrl.precision import bf16_linear_weights
+
+    policy = lora_policy()
+    linears = [m for m in policy.lm.modules() if isinstance(m, torch.nn.Linear)]
+    before = {m: m.weight for m in linears}
+    embedding = policy.lm.get_input_embeddings().weight
+    assert any(w.requires_grad for w in before.values()) and any(not w.requires_grad for w in before.values())
+    with bf16_linear_weights(policy.lm, frozen_only=True):
+        assert all((m.weight.dtype == torch.bfloat16) != w.requires_grad for m, w in before.items())
+        assert all(m.weight is w for m, w in before.items() if w.requires_grad)
+        assert policy.lm.get_input_embeddings().weight is embedding  # tied to lm_head, kept fp32 as under autocast
+        inside = {m: m.weight for m in linears}
+        with bf16_linear_weights(policy.lm, frozen_only=False):  # nested: only the still-fp32 ones
+            assert all(m.weight.dtype == torch.bfloat16 for m in linears)
+            assert all(m.weight is w for m, w in inside.items() if w.dtype == torch.bfloat16)
+        assert all(m.weight is w for m, w in inside.items())
+        with pytest.raises(RuntimeError, match="boom"):
+            with bf16_linear_weights(policy.lm, frozen_only=False):
+                raise RuntimeError("boom")
+        assert all(m.weight is w for m, w in inside.items())
+    assert all(m.weight is w for m, w in before.items())
