@@ -261,6 +261,7 @@ def test_bf16_update_casts_the_frozen_base_once_with_bit_identical_results(monke
 
     import turnrl.update as update
     from turnrl.config import AlgoConfig, OptimConfig
+    from turnrl.precision import bf16_linear_weights
     from tests.test_update_shared_prefix import grouped_batch
 
     start = lora_policy()
@@ -296,7 +297,6 @@ def test_bf16_update_casts_the_frozen_base_once_with_bit_identical_results(monke
 
 def test_bf16_linear_weights_swaps_only_frozen_weights_and_restores_them():
     from turnrl.precision import bf16_linear_weights
-
 
     policy = lora_policy()
     linears = [m for m in policy.lm.modules() if isinstance(m, torch.nn.Linear)]
