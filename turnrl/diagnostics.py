@@ -18,7 +18,6 @@ import math
 
 import torch
 
-from turnrl.precision import bf16_linear_weights
 from turnrl.trajectory import Trajectory
 
 
@@ -94,9 +93,8 @@ def cross_logprobs(policy, prompts: list[tuple[int, ...]], replies: list[tuple[i
     was_training = policy.training
     policy.eval()
     try:
-        with bf16_linear_weights(policy.lm, frozen_only=True, enabled=bf16):
-            logps = model_token_logprobs(policy.lm, batch, plan(batch, rows, micro_batch_tokens, head), temperature,
-                                         bf16, share=head is not None)
+        logps = model_token_logprobs(policy.lm, batch, plan(batch, rows, micro_batch_tokens, head), temperature,
+                                     bf16, share=head is not None)
     finally:
         policy.train(was_training)
     return logps.double().sum(dim=1).view(len(replies), len(prompts))

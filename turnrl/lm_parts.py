@@ -62,14 +62,8 @@ class _WholeLM:
 
     def __call__(self, **kwargs):
         out = self.lm(**kwargs)
-        return SimpleNamespace(last_hidden_state=out.logits, past_key_values=output_cache(out),
+        return SimpleNamespace(last_hidden_state=out.logits, past_key_values=out.past_key_values,
                                hidden_states=out.hidden_states)
-
-
-def output_cache(out):
-    """The KV cache of a forward's output: `cache` in recent transformers, which deprecates `past_key_values`."""
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
 
 
 class _Decoder:
@@ -92,10 +86,8 @@ def _split(lm) -> LMParts | None:
     ids = torch.arange(1, 6, device=device)[None] % lm.config.vocab_size
     was_training = lm.training
     lm.eval()
-    # Compared in fp32, or under bf16 autocast when the weights are bf16 copies (turnrl.precision) at the time.
-    bf16 = any(p.dtype == torch.bfloat16 for p in lm.parameters())
     try:
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
             expected = lm(input_ids=ids, use_cache=False).logits
             got = head(decoder(input_ids=ids, use_cache=False).last_hidden_state)
     except Exception:  # noqa: BLE001 - any model this generic cut does not fit keeps the whole-LM path

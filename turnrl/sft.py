@@ -17,7 +17,6 @@ import torch
 from turnrl.algos.losses import token_logprobs_entropy
 from turnrl.context import ChatRenderer, TurnContext
 from turnrl.parsing import format_reply
-from turnrl.precision import bf16_linear_weights
 from turnrl.rollout import RolloutSettings
 from turnrl.trajectory import Trajectory
 from turnrl.update import collate, model_token_logits, plan, sharable_head
@@ -101,15 +100,13 @@ def sft(policy, demos: list[Trajectory], *, steps: int, batch_size: int, lr: flo
         step_loss = 0.0
         rows = list(range(batch.size))
         head = sharable_head(policy.lm, batch, rows, enabled=shared_prefix)
-        # under bf16, the frozen weights (a LoRA base) are cast once per step, not at every micro-batch's forward
-        with bf16_linear_weights(policy.lm, frozen_only=True, enabled=bf16):
-            for mb in plan(batch, rows, micro_batch_tokens, head):
-                # the LM head runs only where a demonstrated token is predicted
-                logits, targets, _, _ = model_token_logits(policy.lm, batch, mb, share=head is not None, bf16=bf16)
-                logps = token_logprobs_entropy(logits, targets, entropy=False)[0]
-                loss = -logps.sum() / total_tokens
-                loss.backward()
-                step_loss += loss.item()
+        for mb in plan(batch, rows, micro_batch_tokens, head):
+            # the LM head runs only where a demonstrated token is predicted
+            logits, targets, _, _ = model_token_logits(policy.lm, batch, mb, share=head is not None, bf16=bf16)
+            logps = token_logprobs_entropy(logits, targets, entropy=False)[0]
+            loss = -logps.sum() / total_tokens
+            loss.backward()
+            step_loss += loss.item()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         optimizer.step()
         scheduler.step()

@@ -16,7 +16,6 @@ from turnrl.algos.losses import aggregate, gspo_loss, kl_penalty, ppo_clip_loss,
 from turnrl.config import AlgoConfig, OptimConfig
 from turnrl.credit import Credit, compute_credit, compute_row_credit, turn_spread
 from turnrl.lm_parts import lm_parts, logits_at
-from turnrl.precision import bf16_autocast, bf16_linear_weights
 from turnrl.shared_prefix import (head_length, plan_micro_batches, prompt_ids, prompt_lengths, shared_prefix_hidden,
                                   windows, worth_sharing)
 from turnrl.trajectory import Trajectory
@@ -101,6 +100,10 @@ def micro_batches(lengths: list[int], rows: list[int], token_budget: int) -> lis
     return out
 
 
+def _autocast(enabled: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
 @dataclass
 class ModelTokens:
     """The forward of some rows of a batch at the positions that predict a model token (`model_token_forward`)."""
@@ -121,7 +124,7 @@ def model_token_forward(lm, batch: Batch, rows: list[int], *, share: bool, bf16:
     head runs too (it needs every position's hidden state, so it cannot share)."""
     if share and values_of is not None:
         raise ValueError("a value head needs every position: the shared-prompt forward cannot give values")
-    with bf16_autocast(bf16):
+    with _autocast(bf16):
         if share:
             hidden, starts, width = shared_prefix_hidden(lm, batch.input_ids, batch.lengths, rows, batch.prompt_len,
                                                          batch.prompt_id)
@@ -168,7 +171,7 @@ def reference_logprobs(ref, batch: Batch, rows_groups: list[list[int]], temperat
                        bf16: bool, share: bool = False) -> torch.Tensor:
     """`model_token_logprobs` under `ref` (a `turnrl.reference.Reference`: its context swaps in the reference
     weights once for all micro-batches)."""
-    with ref.context(), bf16_linear_weights(ref.lm, frozen_only=True, enabled=bf16):
+    with ref.context():
         return model_token_logprobs(ref.lm, batch, rows_groups, temperature, bf16, share)
 
 
@@ -180,7 +183,7 @@ def policy_values(policy, batch: Batch, rows_groups: list[list[int]], bf16: bool
         n = max(batch.lengths[r] for r in rows)
         attn = batch.attention[rows, :n]
         no_logits = torch.zeros_like(attn, dtype=torch.bool)
-        with bf16_autocast(bf16):
+        with _autocast(bf16):
             _, vals = policy(batch.input_ids[rows, :n], attn, with_values=True, at=no_logits)
         values[rows, : n - 1] = vals[:, :-1].float()
     return values
@@ -359,48 +362,46 @@ def ppo_update(policy, optimizer, scheduler, trajs: list[Trajectory], *, algo: A
     """
     if all(t.row_starts is not None and not t.row_starts for t in trajs):
         return {}  # turn-as-sample episodes that ended before their first turn: no training row
-    # Under bf16 autocast the frozen weights (a LoRA policy's base) are cast to bf16 once for the whole update.
-    with bf16_linear_weights(policy.lm, frozen_only=True, enabled=optim.bf16):
-        batch = collate(trajs, policy.pad_token_id)
-        stats: dict[str, list[float]] = {}
+    batch = collate(trajs, policy.pad_token_id)
+    stats: dict[str, list[float]] = {}
 
-        # ---- advantages --------------------------------------------------------------------------------
-        targets = prepare_targets(policy, batch, trajs, algo=algo, optim=optim, temperature=temperature, ref_lm=ref_lm)
+    # ---- advantages --------------------------------------------------------------------------------
+    targets = prepare_targets(policy, batch, trajs, algo=algo, optim=optim, temperature=temperature, ref_lm=ref_lm)
 
-        # ---- PPO epochs over mini-batches -------------------------------------------------------------
-        # A NaN/inf in the advantages (or value targets), in a mini-batch's loss or in its gradients skips
-        # the optimizer step (weights, Adam moments and the lr schedule stay as they were) and is counted in
-        # actor/skipped_steps; the trainer stops the run after optim.max_bad_updates such updates in a row.
-        # Mini-batches are drawn over episodes; with turn rows an episode's rows stay together (see minibatch_backward).
-        policy.train()
-        n_mb = min(algo.minibatches, batch.num_episodes)
-        rows_of: list[list[int]] = [[] for _ in range(batch.num_episodes)]
-        for row, episode in enumerate(batch.episode_of):
-            rows_of[episode].append(row)
-        skipped = 0
-        if not targets_finite(targets, batch):
-            skipped = algo.epochs * n_mb
-        for epoch in range(algo.epochs if not skipped else 0):
-            perm = torch.randperm(batch.num_episodes, generator=generator).tolist()
-            for mb_index in range(n_mb):
-                episodes = perm[mb_index::n_mb]
-                mb_rows = [row for e in episodes for row in rows_of[e]]
-                if not mb_rows:  # only turn-as-sample episodes without a turn: nothing to train on
-                    continue
-                totals = minibatch_backward(policy, batch, targets, mb_rows, algo=algo, optim=optim,
-                                            temperature=temperature, critic_only=critic_only, stats=stats,
-                                            log_mismatch=epoch == 0 and mb_index == 0, num_seqs=len(episodes))
-                for key, value in totals.items():
-                    _append(stats, key, value)
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), optim.max_grad_norm)
-                if not (math.isfinite(grad_norm.item()) and all(math.isfinite(v) for v in totals.values())):
-                    optimizer.zero_grad(set_to_none=True)
-                    skipped += 1
-                    continue
-                optimizer.step()
-                scheduler.step()
+    # ---- PPO epochs over mini-batches -------------------------------------------------------------
+    # A NaN/inf in the advantages (or value targets), in a mini-batch's loss or in its gradients skips
+    # the optimizer step (weights, Adam moments and the lr schedule stay as they were) and is counted in
+    # actor/skipped_steps; the trainer stops the run after optim.max_bad_updates such updates in a row.
+    # Mini-batches are drawn over episodes; with turn rows an episode's rows stay together (see minibatch_backward).
+    policy.train()
+    n_mb = min(algo.minibatches, batch.num_episodes)
+    rows_of: list[list[int]] = [[] for _ in range(batch.num_episodes)]
+    for row, episode in enumerate(batch.episode_of):
+        rows_of[episode].append(row)
+    skipped = 0
+    if not targets_finite(targets, batch):
+        skipped = algo.epochs * n_mb
+    for epoch in range(algo.epochs if not skipped else 0):
+        perm = torch.randperm(batch.num_episodes, generator=generator).tolist()
+        for mb_index in range(n_mb):
+            episodes = perm[mb_index::n_mb]
+            mb_rows = [row for e in episodes for row in rows_of[e]]
+            if not mb_rows:  # only turn-as-sample episodes without a turn: nothing to train on
+                continue
+            totals = minibatch_backward(policy, batch, targets, mb_rows, algo=algo, optim=optim,
+                                        temperature=temperature, critic_only=critic_only, stats=stats,
+                                        log_mismatch=epoch == 0 and mb_index == 0, num_seqs=len(episodes))
+            for key, value in totals.items():
+                _append(stats, key, value)
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), optim.max_grad_norm)
+            if not (math.isfinite(grad_norm.item()) and all(math.isfinite(v) for v in totals.values())):
                 optimizer.zero_grad(set_to_none=True)
-                _append(stats, "actor/grad_norm", grad_norm.item())
+                skipped += 1
+                continue
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            _append(stats, "actor/grad_norm", grad_norm.item())
     credit = targets.credit
     out = {k: _mean(v) for k, v in stats.items()}
     out["actor/skipped_steps"] = float(skipped)
