@@ -62,8 +62,14 @@ class _WholeLM:
 
     def __call__(self, **kwargs):
         out = self.lm(**kwargs)
-        return SimpleNamespace(last_hidden_state=out.logits, past_key_values=out.past_key_values,
+        return SimpleNamespace(last_hidden_state=out.logits, past_key_values=output_cache(out),
                                hidden_states=out.hidden_states)
+
+
+def output_cache(out):
+    """The KV cache of a forward's output: `cache` in recent transformers, which deprecates `past_key_values`."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 class _Decoder:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from turnrl.lm_parts import lm_parts
+from turnrl.lm_parts import lm_parts, output_cache
 
 
 def prompt_lengths(ids: list[tuple[int, ...]], loss_masks: list[tuple[int, ...]]) -> list[int]:
@@ -119,7 +119,7 @@ def shared_prefix_hidden(lm, input_ids: torch.Tensor, lengths: list[int], rows: 
     if head:
         out = body(input_ids=input_ids[groups[0][0], :head][None], use_cache=True, logits_to_keep=1)
         to_groups = torch.zeros(len(groups), dtype=torch.long, device=device)
-        head_cache = {_cache_argument(lm): _expanded(out.past_key_values, to_groups)}
+        head_cache = {_cache_argument(lm): _expanded(output_cache(out), to_groups)}
     r_max = max(p_len) - head
     # The prompts' rests, left-padded so every prompt ends at column head + r_max - 1 (its last logit predicts
     # the first reply token); the padding sits between the head and the rest, masked.
@@ -134,7 +134,7 @@ def shared_prefix_hidden(lm, input_ids: torch.Tensor, lengths: list[int], rows: 
     out = body(input_ids=pref_ids, attention_mask=pref_attn, position_ids=pref_pos, use_cache=True, logits_to_keep=1,
              **head_cache)
     first = out.last_hidden_state[:, -1]  # (groups, hidden)
-    cache = out.past_key_values
+    cache = output_cache(out)
     gidx = torch.tensor([g_index[r] for r in order], dtype=torch.long, device=device)
     starts = torch.tensor([prompt_len[r] - 1 for r in order], dtype=torch.long, device=device)
     width = max(lengths[r] - prompt_len[r] for r in order)  # window: last prompt position .. last position - 1
