@@ -13,7 +13,7 @@ from turnrl.envs import make
 from turnrl.evaluate import renderer_for, settings_for
 from turnrl.presets import get_preset
 from turnrl.sft import make_demonstrations, sft
-from turnrl.train import build_policy
+from turnrl.prepare import build_policy
 
 
 def main() -> None:

@@ -199,7 +199,7 @@ def test_evaluation_does_not_depend_on_the_generation_batch_size(tmp_path):
     evaluation plays the same episodes whatever the engine's batches are."""
     from test_train import tiny_config
     from turnrl.evaluate import evaluate
-    from turnrl.train import build_policy
+    from turnrl.prepare import build_policy
 
     cfg = tiny_config(tmp_path / "run", eval__episodes=6, eval__k=2)
     policy = build_policy(cfg)

@@ -97,7 +97,7 @@ def test_reference_after_adapter_training_is_the_policy_at_that_point():
 def test_lora_kl_reference_after_sft_is_saved_and_read_back_on_resume(tmp_path):
     """LoRA + SFT warm start + KL: the reference is the post-SFT policy (`reference/`, the adapter only), and a
     resumed run reads that back rather than copying the resumed policy or using the base."""
-    from turnrl.train import reference_model
+    from turnrl.prepare import reference_model
 
     run = tmp_path / "run"
     cfg = tiny_config(run, iterations=1)

@@ -16,7 +16,8 @@ from turnrl.engines import SamplingParams
 from turnrl.envs import make
 from turnrl.models import TinyModelSpec, load_policy
 from turnrl.rollout import RolloutSettings, run_episodes
-from turnrl.train import rl_optimizer, train
+from turnrl.prepare import rl_optimizer
+from turnrl.train import train
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from turnrl.evaluate import renderer_for, settings_for  # noqa: E402
 from turnrl.rollout import run_episodes  # noqa: E402
 from turnrl.serve import AgentServer  # noqa: E402
 from turnrl.served import run_chat_episodes  # noqa: E402
-from turnrl.train import build_policy, run_sft  # noqa: E402
+from turnrl.prepare import build_policy, run_sft  # noqa: E402
 from test_train import tiny_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -174,17 +174,17 @@ def test_unknown_env_fails_early(tmp_path):
 def test_sft_env_plays_the_demonstrations_in_another_env(tmp_path, monkeypatch):
     """sft.env: the warm start's demonstrations come from that env (without the training env's kwargs); RL and
     evaluation stay on env.name. An unknown sft.env fails before anything runs."""
-    import turnrl.train as train_module
+    import turnrl.prepare as prepare
 
     made = []
-    real = train_module.make_demonstrations
+    real = prepare.make_demonstrations
 
     def spy(make_env, *args, **kwargs):
         demos = real(make_env, *args, **kwargs)
         made.append(make_env())
         return demos
 
-    monkeypatch.setattr(train_module, "make_demonstrations", spy)
+    monkeypatch.setattr(prepare, "make_demonstrations", spy)
     cfg = tiny_config(tmp_path / "run", env=EnvConfig(name="bandit", system_prompt=False), rollout__max_turns=1,
                       sft=SFTConfig(episodes=8, epsilon=1.0, steps=1, batch_size=4, env="bandit_format"),
                       iterations=1)
@@ -197,7 +197,7 @@ def test_sft_env_plays_the_demonstrations_in_another_env(tmp_path, monkeypatch):
 
 def test_no_reference_model_when_kl_is_off(tmp_path, monkeypatch):
     """KL off: the trainer never builds a reference model and never runs a reference forward pass."""
-    import turnrl.train as trainer
+    import turnrl.prepare as prepare
     import turnrl.update as update
 
     calls = []
@@ -207,7 +207,7 @@ def test_no_reference_model_when_kl_is_off(tmp_path, monkeypatch):
     def no_reference(*_a, **_k):
         raise AssertionError("the trainer built a reference model")
 
-    monkeypatch.setattr(trainer, "reference_of", no_reference)
+    monkeypatch.setattr(prepare, "reference_of", no_reference)
     cfg = tiny_config(tmp_path / "run", iterations=1)
     cfg.sft.episodes = 0
     train(cfg, log=lambda *_: None)
@@ -216,7 +216,7 @@ def test_no_reference_model_when_kl_is_off(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_lr_schedule_warms_up_then_follows_the_schedule(schedule):
-    from turnrl.train import rl_optimizer
+    from turnrl.prepare import rl_optimizer
 
     cfg = TrainConfig(iterations=20, optim=OptimConfig(lr=1e-3, warmup_steps=4, lr_schedule=schedule))
     param = torch.nn.Parameter(torch.zeros(1))
@@ -246,7 +246,7 @@ def test_eval_train_env_measures_each_point_on_the_training_env_too(tmp_path):
     """eval.train_env: next to the held-out env, every point is also measured on the training env, and the
     after_rl entry is what `evaluate` on the final model and the training env gives."""
     from turnrl.evaluate import evaluate
-    from turnrl.train import build_policy
+    from turnrl.prepare import build_policy
 
     cfg = tiny_config(tmp_path / "run", env=EnvConfig(name="bandit", eval_name="bandit_test", system_prompt=False),
                       rollout__max_turns=1, eval__train_env=True, eval__greedy=True)

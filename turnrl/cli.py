@@ -127,7 +127,7 @@ def run_model(run_dir: Path):
 
 def cmd_export(argv: list[str]) -> int:
     from turnrl.models import export_merged
-    from turnrl.train import build_policy
+    from turnrl.prepare import build_policy
 
     p = argparse.ArgumentParser(prog="turnrl export", description="Write a run's final model (or newest checkpoint) "
                                 "as an ordinary Hugging Face model directory, LoRA adapters merged into the weights, "
@@ -151,7 +151,7 @@ def cmd_export(argv: list[str]) -> int:
 def cmd_eval(argv: list[str]) -> int:
     from turnrl.config import EngineConfig, EnvConfig, ModelConfig, TrainConfig
     from turnrl.evaluate import evaluate
-    from turnrl.train import build_policy, check_env_config
+    from turnrl.prepare import build_policy, check_env_config
 
     p = argparse.ArgumentParser(prog="turnrl eval", description="Evaluate a training run (its final model), a model, "
                                 "or a model served by an OpenAI-compatible server (--engine openai) on held-out seeds.")
@@ -239,7 +239,7 @@ def _eval_served(cfg, args):
 
 def cmd_serve(argv: list[str]) -> int:
     from turnrl.serve import AgentServer
-    from turnrl.train import build_policy
+    from turnrl.prepare import build_policy
 
     p = argparse.ArgumentParser(prog="turnrl serve", description="Serve a run's final model (or newest checkpoint) "
                                 "as an OpenAI-compatible chat-completions endpoint (/v1/chat/completions, /v1/models). "

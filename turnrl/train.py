@@ -9,7 +9,6 @@ One RL iteration reads top to bottom:
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import time
@@ -23,19 +22,17 @@ import torch
 from tqdm.auto import tqdm
 
 from turnrl.algos.filters import dynamic_sampling_keep, filter_by_reward_std
-from turnrl.checkpoint import (MetricsLog, check_free_space, checkpoint_bytes, latest_checkpoint, remove_stale_temps,
-                               save_checkpoint, save_model_atomic, set_rng_state)
-from turnrl.config import (DYNAMIC_SEED_OFFSET, SFT_SEED_BASE, TRAIN_SEED_BASE, ConfigError, TrainConfig,
-                           diff_configs)
+from turnrl.checkpoint import (MetricsLog, latest_checkpoint, remove_stale_temps, save_checkpoint, save_model_atomic,
+                               set_rng_state)
+from turnrl.config import DYNAMIC_SEED_OFFSET, TRAIN_SEED_BASE, ConfigError, TrainConfig, diff_configs
 from turnrl.diagnostics import collapse_metrics
 from turnrl.engines import SamplingParams
 from turnrl.envs import make
 from turnrl.evaluate import engine_for, evaluate, renderer_for, settings_for
 from turnrl.faults import EnvFailureError, Interrupted, StopSignals
-from turnrl.models import LoraSpec, TinyModelSpec, load_policy
-from turnrl.reference import Reference, reference_of, saved_adapter_weights
+from turnrl.prepare import (build_policy, check_engine, check_env_config, check_model_fits, check_output_dir,
+                            reference_model, rl_optimizer, run_sft)
 from turnrl.rollout import run_episodes
-from turnrl.sft import make_demonstrations, sft
 from turnrl.shaping import shape_rewards
 from turnrl.trajectory import Trajectory
 from turnrl.update import ppo_update
@@ -46,86 +43,6 @@ from turnrl.update import ppo_update
 RESUMABLE_CHANGES = ("iterations", "progress", "threads", "out", "rollout.gen_batch_size", "rollout.max_live_episodes",
                      "engine.vllm_gpu_memory_utilization", "engine.vllm_cpu_kv_cache_gib", "diag.mi_every",
                      "diag.mi_replies")
-
-
-def check_output_dir(out: str) -> Path:
-    path = Path(out)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"output directory {out!r} is not writable: {err.strerror}") from err
-    return path
-
-
-def check_model_fits(policy, cfg: TrainConfig, run_dir: Path) -> None:
-    """Fails before the first rollout (ConfigError) when the context budget exceeds the model's positions
-    or the disk cannot hold a checkpoint (with room for the KL reference and the final model)."""
-    # Most HF decoder configs name their positional limit max_position_embeddings (GPT-2 maps n_positions
-    # onto it); a config without it sets no limit we can check.
-    limit = getattr(policy.lm.config, "max_position_embeddings", None)
-    if limit is not None and cfg.rollout.max_context_tokens > limit:
-        raise ConfigError(f"rollout.max_context_tokens={cfg.rollout.max_context_tokens} exceeds the model's "
-                          f"{limit} positions: set rollout.max_context_tokens <= {limit}")
-    copies = 1 + (cfg.algo.kl_coef > 0)  # a checkpoint (+ the reference model, written once)
-    needed = int(1.2 * (checkpoint_bytes(policy) + (copies - 1) * checkpoint_bytes(policy, optimizer=False)))
-    try:
-        check_free_space(run_dir, needed)
-    except OSError as err:
-        raise ConfigError(f"not enough disk space for checkpoints: {err.strerror}") from err
-
-
-def check_engine(cfg: TrainConfig) -> None:
-    """Fails early (ConfigError) when the vllm engine is chosen but vLLM is not installed."""
-    import importlib.util
-
-    if cfg.engine.name == "vllm" and importlib.util.find_spec("vllm") is None:
-        from turnrl.engines.vllm import INSTALL_HINT
-
-        raise ConfigError(f"engine.name='vllm': {INSTALL_HINT}")
-
-
-def check_env_config(cfg: TrainConfig) -> None:
-    """Fails early (ConfigError) on an unknown env or bad env arguments."""
-    envs = {(cfg.env.name, True), (cfg.env.eval_name or cfg.env.name, True)}
-    if cfg.sft.env and cfg.sft.episodes > 0:
-        envs.add((cfg.sft.env, False))
-    for name, with_kwargs in envs:
-        try:
-            make(name, **(cfg.env.kwargs if with_kwargs else {})).close()
-        except (ValueError, TypeError) as err:
-            raise ConfigError(str(err)) from err
-
-
-def build_policy(cfg: TrainConfig, name: str | None = None):
-    m = cfg.model
-    spec = TinyModelSpec(hidden_size=m.tiny_hidden, num_layers=m.tiny_layers, num_heads=m.tiny_heads,
-                         intermediate_size=m.tiny_ff)
-    lora = LoraSpec(m.lora_rank, m.lora_alpha, m.lora_dropout, m.lora_targets) if m.lora_rank else None
-    return load_policy(name or m.name, value_head=cfg.algo.needs_critic, seed=cfg.seed, tiny=spec,
-                       gguf_file=None if name else m.gguf_file, lora=lora,
-                       gradient_checkpointing=m.gradient_checkpointing)
-
-
-def rl_optimizer(policy, cfg: TrainConfig):
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.optim.lr,
-                                  weight_decay=cfg.optim.weight_decay)
-    warmup = cfg.optim.warmup_steps
-    total = max(1, cfg.iterations * cfg.algo.epochs * cfg.algo.minibatches)
-
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if cfg.optim.lr_schedule == "cosine":
-            # Settling at a small lr makes the final policy a stable one rather than one mid-oscillation.
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-        return 1.0
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    return optimizer, scheduler
 
 
 def iteration_seeds(cfg: TrainConfig, iteration: int, round_: int = 0) -> list[int]:
@@ -441,30 +358,6 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
     return evals
 
 
-def reference_model(run_dir: Path, policy, cfg: TrainConfig, iteration: int, log=print) -> Reference:
-    """The frozen KL reference: the policy at the start of RL (after any SFT warm start), kept in
-    `run_dir/reference`.
-
-    It is written once when RL starts and read back on resume; a copy of the resumed policy would be
-    a different reference and the resumed run would optimise a different objective. A full model is saved
-    whole; a LoRA policy saves its adapter only (a few MB) and the reference shares the policy's base in memory.
-    """
-    path = run_dir / "reference"
-    if path.is_dir():
-        if policy.is_lora:
-            return Reference.frozen_adapters(policy.lm, saved_adapter_weights(policy.lm, path))
-        return Reference(build_policy(cfg, str(path)).lm.eval().requires_grad_(False))
-    if iteration > 0:
-        if policy.is_lora:  # a run started before LoRA references were saved: its reference was the base model
-            log(f"[resume] {path} is missing: the KL reference is the base model with adapters off, as when "
-                "this run started")
-            return Reference(policy.lm, policy.lm.disable_adapter)
-        raise ConfigError(f"cannot resume {run_dir}: algo.kl_coef > 0 but the reference model {path} is missing")
-    ref = reference_of(policy)  # the policy is still the RL starting point
-    save_model_atomic(policy, path)
-    return ref
-
-
 def update_metrics(stats: dict[str, float], cfg: TrainConfig) -> dict[str, float | None]:
     keys = ["loss/policy", "loss/entropy", "actor/clip_frac", "actor/grad_norm", "actor/lr",
             "actor/logprob_mismatch", "actor/skipped_steps", "train/adv_abs_mean", "train/adv_turn_std",
@@ -477,31 +370,3 @@ def update_metrics(stats: dict[str, float], cfg: TrainConfig) -> dict[str, float
     out["train/skipped_update"] = 0.0 if stats else 1.0
     return out
 
-
-def run_sft(policy, cfg: TrainConfig, log) -> list[float]:
-    """Solver demonstrations on SFT seeds (disjoint from eval and RL seeds), then behaviour cloning."""
-    renderer, settings = renderer_for(policy, cfg), settings_for(cfg)
-    seeds = [SFT_SEED_BASE + cfg.seed * 10_000_000 + i for i in range(cfg.sft.episodes)]
-    t0 = time.perf_counter()
-    # A separate demonstration env (sft.env) gets no env.kwargs: they are the training env's constructor arguments.
-    env_name, kwargs = (cfg.sft.env, {}) if cfg.sft.env else (cfg.env.name, cfg.env.kwargs)
-    demos = make_demonstrations(lambda: make(env_name, **kwargs), renderer, seeds, settings, cfg.sft.epsilon,
-                                seed=cfg.seed)
-    solved = sum(d.success for d in demos) / len(demos)
-    log(f"[sft] {len(demos)} demonstrations on {env_name} (epsilon {cfg.sft.epsilon}, {solved:.2f} solved) in "
-        f"{time.perf_counter() - t0:.1f}s")
-    bar = tqdm(total=cfg.sft.steps, desc="SFT", disable=not cfg.progress, dynamic_ncols=True)
-
-    def on_step(step: int, loss: float) -> None:
-        bar.update(1)
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss:.3f}")
-
-    losses = sft(policy, demos, steps=cfg.sft.steps, batch_size=cfg.sft.batch_size, lr=cfg.sft.lr,
-                 micro_batch_tokens=cfg.optim.micro_batch_tokens, seed=cfg.seed, bf16=cfg.sft.bf16,
-                 shared_prefix=cfg.optim.shared_prefix, on_step=on_step)
-    bar.close()
-    log(f"[sft] {cfg.sft.steps} steps, final loss {sum(losses[-10:]) / len(losses[-10:]):.4f}")
-    if not all(math.isfinite(x) for x in losses):
-        raise FloatingPointError("SFT loss became non-finite")
-    return losses

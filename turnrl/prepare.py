@@ -1,0 +1,153 @@
+"""Everything a training run sets up before its first RL iteration: checks that fail fast (ConfigError, exit 2 on
+the CLI) before any compute is spent, the policy and its optimizer, the SFT warm start from solver demonstrations,
+and the frozen KL reference. `turnrl.train` runs the loop on what these build."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from turnrl.checkpoint import check_free_space, checkpoint_bytes, save_model_atomic
+from turnrl.config import SFT_SEED_BASE, ConfigError, TrainConfig
+from turnrl.envs import make
+from turnrl.evaluate import renderer_for, settings_for
+from turnrl.models import LoraSpec, TinyModelSpec, load_policy
+from turnrl.reference import Reference, reference_of, saved_adapter_weights
+from turnrl.sft import make_demonstrations, sft
+
+
+def check_output_dir(out: str) -> Path:
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"output directory {out!r} is not writable: {err.strerror}") from err
+    return path
+
+
+def check_model_fits(policy, cfg: TrainConfig, run_dir: Path) -> None:
+    """Fails before the first rollout (ConfigError) when the context budget exceeds the model's positions
+    or the disk cannot hold a checkpoint (with room for the KL reference and the final model)."""
+    # Most HF decoder configs name their positional limit max_position_embeddings (GPT-2 maps n_positions
+    # onto it); a config without it sets no limit we can check.
+    limit = getattr(policy.lm.config, "max_position_embeddings", None)
+    if limit is not None and cfg.rollout.max_context_tokens > limit:
+        raise ConfigError(f"rollout.max_context_tokens={cfg.rollout.max_context_tokens} exceeds the model's "
+                          f"{limit} positions: set rollout.max_context_tokens <= {limit}")
+    copies = 1 + (cfg.algo.kl_coef > 0)  # a checkpoint (+ the reference model, written once)
+    needed = int(1.2 * (checkpoint_bytes(policy) + (copies - 1) * checkpoint_bytes(policy, optimizer=False)))
+    try:
+        check_free_space(run_dir, needed)
+    except OSError as err:
+        raise ConfigError(f"not enough disk space for checkpoints: {err.strerror}") from err
+
+
+def check_engine(cfg: TrainConfig) -> None:
+    """Fails early (ConfigError) when the vllm engine is chosen but vLLM is not installed."""
+    import importlib.util
+
+    if cfg.engine.name == "vllm" and importlib.util.find_spec("vllm") is None:
+        from turnrl.engines.vllm import INSTALL_HINT
+
+        raise ConfigError(f"engine.name='vllm': {INSTALL_HINT}")
+
+
+def check_env_config(cfg: TrainConfig) -> None:
+    """Fails early (ConfigError) on an unknown env or bad env arguments."""
+    envs = {(cfg.env.name, True), (cfg.env.eval_name or cfg.env.name, True)}
+    if cfg.sft.env and cfg.sft.episodes > 0:
+        envs.add((cfg.sft.env, False))
+    for name, with_kwargs in envs:
+        try:
+            make(name, **(cfg.env.kwargs if with_kwargs else {})).close()
+        except (ValueError, TypeError) as err:
+            raise ConfigError(str(err)) from err
+
+
+def build_policy(cfg: TrainConfig, name: str | None = None):
+    m = cfg.model
+    spec = TinyModelSpec(hidden_size=m.tiny_hidden, num_layers=m.tiny_layers, num_heads=m.tiny_heads,
+                         intermediate_size=m.tiny_ff)
+    lora = LoraSpec(m.lora_rank, m.lora_alpha, m.lora_dropout, m.lora_targets) if m.lora_rank else None
+    return load_policy(name or m.name, value_head=cfg.algo.needs_critic, seed=cfg.seed, tiny=spec,
+                       gguf_file=None if name else m.gguf_file, lora=lora,
+                       gradient_checkpointing=m.gradient_checkpointing)
+
+
+def rl_optimizer(policy, cfg: TrainConfig):
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.optim.lr,
+                                  weight_decay=cfg.optim.weight_decay)
+    warmup = cfg.optim.warmup_steps
+    total = max(1, cfg.iterations * cfg.algo.epochs * cfg.algo.minibatches)
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if cfg.optim.lr_schedule == "cosine":
+            # Settling at a small lr makes the final policy a stable one rather than one mid-oscillation.
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return optimizer, scheduler
+
+
+def reference_model(run_dir: Path, policy, cfg: TrainConfig, iteration: int, log=print) -> Reference:
+    """The frozen KL reference: the policy at the start of RL (after any SFT warm start), kept in
+    `run_dir/reference`.
+
+    It is written once when RL starts and read back on resume; a copy of the resumed policy would be
+    a different reference and the resumed run would optimise a different objective. A full model is saved
+    whole; a LoRA policy saves its adapter only (a few MB) and the reference shares the policy's base in memory.
+    """
+    path = run_dir / "reference"
+    if path.is_dir():
+        if policy.is_lora:
+            return Reference.frozen_adapters(policy.lm, saved_adapter_weights(policy.lm, path))
+        return Reference(build_policy(cfg, str(path)).lm.eval().requires_grad_(False))
+    if iteration > 0:
+        if policy.is_lora:  # a run started before LoRA references were saved: its reference was the base model
+            log(f"[resume] {path} is missing: the KL reference is the base model with adapters off, as when "
+                "this run started")
+            return Reference(policy.lm, policy.lm.disable_adapter)
+        raise ConfigError(f"cannot resume {run_dir}: algo.kl_coef > 0 but the reference model {path} is missing")
+    ref = reference_of(policy)  # the policy is still the RL starting point
+    save_model_atomic(policy, path)
+    return ref
+
+
+def run_sft(policy, cfg: TrainConfig, log) -> list[float]:
+    """Solver demonstrations on SFT seeds (disjoint from eval and RL seeds), then behaviour cloning."""
+    renderer, settings = renderer_for(policy, cfg), settings_for(cfg)
+    seeds = [SFT_SEED_BASE + cfg.seed * 10_000_000 + i for i in range(cfg.sft.episodes)]
+    t0 = time.perf_counter()
+    # A separate demonstration env (sft.env) gets no env.kwargs: they are the training env's constructor arguments.
+    env_name, kwargs = (cfg.sft.env, {}) if cfg.sft.env else (cfg.env.name, cfg.env.kwargs)
+    demos = make_demonstrations(lambda: make(env_name, **kwargs), renderer, seeds, settings, cfg.sft.epsilon,
+                                seed=cfg.seed)
+    solved = sum(d.success for d in demos) / len(demos)
+    log(f"[sft] {len(demos)} demonstrations on {env_name} (epsilon {cfg.sft.epsilon}, {solved:.2f} solved) in "
+        f"{time.perf_counter() - t0:.1f}s")
+    bar = tqdm(total=cfg.sft.steps, desc="SFT", disable=not cfg.progress, dynamic_ncols=True)
+
+    def on_step(step: int, loss: float) -> None:
+        bar.update(1)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss:.3f}")
+
+    losses = sft(policy, demos, steps=cfg.sft.steps, batch_size=cfg.sft.batch_size, lr=cfg.sft.lr,
+                 micro_batch_tokens=cfg.optim.micro_batch_tokens, seed=cfg.seed, bf16=cfg.sft.bf16,
+                 shared_prefix=cfg.optim.shared_prefix, on_step=on_step)
+    bar.close()
+    log(f"[sft] {cfg.sft.steps} steps, final loss {sum(losses[-10:]) / len(losses[-10:]):.4f}")
+    if not all(math.isfinite(x) for x in losses):
+        raise FloatingPointError("SFT loss became non-finite")
+    return losses
