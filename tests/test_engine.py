@@ -267,48 +267,18 @@ def gqa_lm(tokenizer, seed=0):
     return LlamaForCausalLM(config).eval()
 
 
-def test_grouped_query_attention_stacks_the_group_instead_of_repeating_keys():
-    """gqa_sdpa_attention gives transformers' SDPA attention's output for a masked grouped-query prefill, without
-    repeat_kv (the keys/values reach SDPA with their own 2 heads)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    from turnrl.engines.hf import gqa_sdpa_attention
-
-    module = torch.nn.Module()
-    module.num_key_value_groups, module.is_causal = 3, True
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(shape, generator=g) for shape in ((5, 6, 7, 16), (5, 2, 11, 16), (5, 2, 11, 16)))
-    mask = torch.rand((5, 1, 7, 11), generator=g) < 0.7
-    mask[..., 0] = True
-    seen = []
-    orig = torch.nn.functional.scaled_dot_product_attention
-
-    def spy(query, key, value, **kwargs):
-        seen.append(key.shape[1])
-        return orig(query, key, value, **kwargs)
-
-    torch.nn.functional.scaled_dot_product_attention = spy
-    try:
-        ours, _ = gqa_sdpa_attention(module, q, k, v, mask, scaling=0.25)
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = orig
-    ref, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)
-    assert seen == [2]
-    assert ours.shape == ref.shape == (5, 7, 6, 16)
-    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
-
-
 def test_engine_with_grouped_query_attention_matches_full_forward_and_restores_sdpa(monkeypatch):
     """A GQA model's multi-turn rollouts go through the stacked-group prefill; logprobs equal a full forward and
     the samples equal those of the engine with transformers' own attention; the model is SDPA again after."""
+    import turnrl.attention as attention
     import turnrl.engines.hf as hf
 
     tiny = load_policy("tiny", seed=0)
     lm = gqa_lm(tiny.tokenizer)
     policy = type("P", (), {"lm": lm})()
     folds = []
-    fold = hf._fold_mask
-    monkeypatch.setattr(hf, "_fold_mask", lambda mask, groups: folds.append(groups) or fold(mask, groups))
+    fold = attention._fold_mask
+    monkeypatch.setattr(attention, "_fold_mask", lambda mask, groups: folds.append(groups) or fold(mask, groups))
 
     def rollout():
         engine = HFEngine(lm, eos_token_id=tiny.eos_token_id, pad_token_id=tiny.pad_token_id, batch_size=4,
@@ -325,7 +295,7 @@ def test_engine_with_grouped_query_attention_matches_full_forward_and_restores_s
 
     ours = rollout()
     assert folds and set(folds) == {2}
-    assert lm.config._attn_implementation == "sdpa" and hf._folded_mask[0] is None
+    assert lm.config._attn_implementation == "sdpa" and attention._folded_mask[0] is None
     for turn in ours:
         for prompt, ids, logprobs in turn:
             ref = full_forward_logprobs(policy, prompt, ids)

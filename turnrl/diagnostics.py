@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from turnrl.attention import gqa_attention
 from turnrl.trajectory import Trajectory
 
 
@@ -93,8 +94,9 @@ def cross_logprobs(policy, prompts: list[tuple[int, ...]], replies: list[tuple[i
     was_training = policy.training
     policy.eval()
     try:
-        logps = model_token_logprobs(policy.lm, batch, plan(batch, rows, micro_batch_tokens, head), temperature,
-                                     bf16, share=head is not None)
+        with gqa_attention(policy.lm):
+            logps = model_token_logprobs(policy.lm, batch, plan(batch, rows, micro_batch_tokens, head), temperature,
+                                         bf16, share=head is not None)
     finally:
         policy.train(was_training)
     return logps.double().sum(dim=1).view(len(replies), len(prompts))

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from turnrl.algos.losses import token_logprobs_entropy
+from turnrl.attention import gqa_attention
 from turnrl.context import ChatRenderer, TurnContext
 from turnrl.parsing import format_reply
 from turnrl.rollout import RolloutSettings
@@ -100,13 +101,14 @@ def sft(policy, demos: list[Trajectory], *, steps: int, batch_size: int, lr: flo
         step_loss = 0.0
         rows = list(range(batch.size))
         head = sharable_head(policy.lm, batch, rows, enabled=shared_prefix)
-        for mb in plan(batch, rows, micro_batch_tokens, head):
-            # the LM head runs only where a demonstrated token is predicted
-            logits, targets, _, _ = model_token_logits(policy.lm, batch, mb, share=head is not None, bf16=bf16)
-            logps = token_logprobs_entropy(logits, targets, entropy=False)[0]
-            loss = -logps.sum() / total_tokens
-            loss.backward()
-            step_loss += loss.item()
+        with gqa_attention(policy.lm):  # grouped-query attention without repeat_kv copies (turnrl.attention)
+            for mb in plan(batch, rows, micro_batch_tokens, head):
+                # the LM head runs only where a demonstrated token is predicted
+                logits, targets, _, _ = model_token_logits(policy.lm, batch, mb, share=head is not None, bf16=bf16)
+                logps = token_logprobs_entropy(logits, targets, entropy=False)[0]
+                loss = -logps.sum() / total_tokens
+                loss.backward()
+                step_loss += loss.item()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         optimizer.step()
         scheduler.step()

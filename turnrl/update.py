@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from turnrl.algos.losses import aggregate, gspo_loss, kl_penalty, ppo_clip_loss, token_logprobs_entropy, value_loss
+from turnrl.attention import gqa_attention
 from turnrl.config import AlgoConfig, OptimConfig
 from turnrl.credit import Credit, compute_credit, compute_row_credit, turn_spread
 from turnrl.lm_parts import lm_parts, logits_at
@@ -171,7 +172,7 @@ def reference_logprobs(ref, batch: Batch, rows_groups: list[list[int]], temperat
                        bf16: bool, share: bool = False) -> torch.Tensor:
     """`model_token_logprobs` under `ref` (a `turnrl.reference.Reference`: its context swaps in the reference
     weights once for all micro-batches)."""
-    with ref.context():
+    with ref.context(), gqa_attention(ref.lm):
         return model_token_logprobs(ref.lm, batch, rows_groups, temperature, bf16, share)
 
 
@@ -362,46 +363,49 @@ def ppo_update(policy, optimizer, scheduler, trajs: list[Trajectory], *, algo: A
     """
     if all(t.row_starts is not None and not t.row_starts for t in trajs):
         return {}  # turn-as-sample episodes that ended before their first turn: no training row
-    batch = collate(trajs, policy.pad_token_id)
-    stats: dict[str, list[float]] = {}
+    # Grouped-query attention without repeat_kv copies (turnrl.attention), for the forwards and the backward
+    # passes alike (a gradient-checkpointed layer recomputes its forward during backward).
+    with gqa_attention(policy.lm):
+        batch = collate(trajs, policy.pad_token_id)
+        stats: dict[str, list[float]] = {}
 
-    # ---- advantages --------------------------------------------------------------------------------
-    targets = prepare_targets(policy, batch, trajs, algo=algo, optim=optim, temperature=temperature, ref_lm=ref_lm)
+        # ---- advantages --------------------------------------------------------------------------------
+        targets = prepare_targets(policy, batch, trajs, algo=algo, optim=optim, temperature=temperature, ref_lm=ref_lm)
 
-    # ---- PPO epochs over mini-batches -------------------------------------------------------------
-    # A NaN/inf in the advantages (or value targets), in a mini-batch's loss or in its gradients skips
-    # the optimizer step (weights, Adam moments and the lr schedule stay as they were) and is counted in
-    # actor/skipped_steps; the trainer stops the run after optim.max_bad_updates such updates in a row.
-    # Mini-batches are drawn over episodes; with turn rows an episode's rows stay together (see minibatch_backward).
-    policy.train()
-    n_mb = min(algo.minibatches, batch.num_episodes)
-    rows_of: list[list[int]] = [[] for _ in range(batch.num_episodes)]
-    for row, episode in enumerate(batch.episode_of):
-        rows_of[episode].append(row)
-    skipped = 0
-    if not targets_finite(targets, batch):
-        skipped = algo.epochs * n_mb
-    for epoch in range(algo.epochs if not skipped else 0):
-        perm = torch.randperm(batch.num_episodes, generator=generator).tolist()
-        for mb_index in range(n_mb):
-            episodes = perm[mb_index::n_mb]
-            mb_rows = [row for e in episodes for row in rows_of[e]]
-            if not mb_rows:  # only turn-as-sample episodes without a turn: nothing to train on
-                continue
-            totals = minibatch_backward(policy, batch, targets, mb_rows, algo=algo, optim=optim,
-                                        temperature=temperature, critic_only=critic_only, stats=stats,
-                                        log_mismatch=epoch == 0 and mb_index == 0, num_seqs=len(episodes))
-            for key, value in totals.items():
-                _append(stats, key, value)
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), optim.max_grad_norm)
-            if not (math.isfinite(grad_norm.item()) and all(math.isfinite(v) for v in totals.values())):
+        # ---- PPO epochs over mini-batches -------------------------------------------------------------
+        # A NaN/inf in the advantages (or value targets), in a mini-batch's loss or in its gradients skips
+        # the optimizer step (weights, Adam moments and the lr schedule stay as they were) and is counted in
+        # actor/skipped_steps; the trainer stops the run after optim.max_bad_updates such updates in a row.
+        # Mini-batches are drawn over episodes; with turn rows an episode's rows stay together (see minibatch_backward).
+        policy.train()
+        n_mb = min(algo.minibatches, batch.num_episodes)
+        rows_of: list[list[int]] = [[] for _ in range(batch.num_episodes)]
+        for row, episode in enumerate(batch.episode_of):
+            rows_of[episode].append(row)
+        skipped = 0
+        if not targets_finite(targets, batch):
+            skipped = algo.epochs * n_mb
+        for epoch in range(algo.epochs if not skipped else 0):
+            perm = torch.randperm(batch.num_episodes, generator=generator).tolist()
+            for mb_index in range(n_mb):
+                episodes = perm[mb_index::n_mb]
+                mb_rows = [row for e in episodes for row in rows_of[e]]
+                if not mb_rows:  # only turn-as-sample episodes without a turn: nothing to train on
+                    continue
+                totals = minibatch_backward(policy, batch, targets, mb_rows, algo=algo, optim=optim,
+                                            temperature=temperature, critic_only=critic_only, stats=stats,
+                                            log_mismatch=epoch == 0 and mb_index == 0, num_seqs=len(episodes))
+                for key, value in totals.items():
+                    _append(stats, key, value)
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), optim.max_grad_norm)
+                if not (math.isfinite(grad_norm.item()) and all(math.isfinite(v) for v in totals.values())):
+                    optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                    continue
+                optimizer.step()
+                scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                skipped += 1
-                continue
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            _append(stats, "actor/grad_norm", grad_norm.item())
+                _append(stats, "actor/grad_norm", grad_norm.item())
     credit = targets.credit
     out = {k: _mean(v) for k, v in stats.items()}
     out["actor/skipped_steps"] = float(skipped)

@@ -1,0 +1,87 @@
+"""turnrl.attention: grouped-query attention that stacks each key/value head's query heads instead of copying the
+keys and values per head (`repeat_kv`), in the engine's prefill (tests/test_engine.py) and around the update."""
+
+import contextlib
+import copy
+
+import pytest
+import torch
+
+from turnrl.config import AlgoConfig, OptimConfig
+from turnrl.models import Policy, load_policy
+from turnrl.reference import Reference
+from tests.test_engine import gqa_lm
+from tests.test_update_shared_prefix import grouped_batch
+
+
+def test_grouped_query_attention_stacks_the_group_instead_of_repeating_keys():
+    """gqa_sdpa_attention gives transformers' SDPA attention's output for a masked grouped-query prefill, without
+    repeat_kv (the keys/values reach SDPA with their own 2 heads)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from turnrl.attention import gqa_sdpa_attention
+
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 3, True
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=g) for shape in ((5, 6, 7, 16), (5, 2, 11, 16), (5, 2, 11, 16)))
+    mask = torch.rand((5, 1, 7, 11), generator=g) < 0.7
+    mask[..., 0] = True
+    seen = []
+    orig = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, **kwargs):
+        seen.append(key.shape[1])
+        return orig(query, key, value, **kwargs)
+
+    torch.nn.functional.scaled_dot_product_attention = spy
+    try:
+        ours, _ = gqa_sdpa_attention(module, q, k, v, mask, scaling=0.25)
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = orig
+    ref, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)
+    assert seen == [2]
+    assert ours.shape == ref.shape == (5, 7, 6, 16)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_update_of_a_grouped_query_model_stacks_the_group_with_the_same_step(checkpointing, monkeypatch):
+    """ppo_update runs a GQA model's forwards and backward passes (also a gradient-checkpointed layer's
+    recomputed forward) with the stacked group; the step equals the one with transformers' repeat_kv up to
+    float rounding; the model is SDPA again afterwards."""
+    import turnrl.attention as attention
+    import turnrl.update as update
+
+    tiny = load_policy("tiny", seed=0)
+    start = Policy(gqa_lm(tiny.tokenizer, seed=1), tiny.tokenizer)
+    if checkpointing:
+        start.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trajs = grouped_batch(start, seed=2, head=12)
+    algo = AlgoConfig(filter="none", estimator="grpo", kl_coef=0.1, entropy_coef=0.01)
+    optim = OptimConfig(micro_batch_tokens=64, lr=1e-2, warmup_steps=0)
+    folds = []
+    fold = attention._fold_mask
+    monkeypatch.setattr(attention, "_fold_mask", lambda mask, groups: folds.append(groups) or fold(mask, groups))
+    results = []
+    for stacked in (True, False):
+        if not stacked:
+            monkeypatch.setattr(update, "gqa_attention", lambda lm: contextlib.nullcontext())
+        policy = copy.deepcopy(start)
+        ref = copy.deepcopy(start.lm)
+        optimizer = torch.optim.SGD(policy.parameters(), lr=optim.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        stats = update.ppo_update(policy, optimizer, scheduler, trajs, algo=algo, optim=optim, temperature=1.0,
+                                  ref_lm=Reference(ref), generator=torch.Generator().manual_seed(0))
+        results.append((stats, dict(policy.named_parameters())))
+        if stacked:
+            assert folds and set(folds) == {2}
+            assert policy.lm.config._attn_implementation == "sdpa" and attention._folded_mask[0] is None
+            folds.clear()
+    assert not folds  # the second run used transformers' own attention
+    (s_gqa, p_gqa), (s_ref, p_ref) = results
+    for key in s_ref:
+        assert s_gqa[key] == pytest.approx(s_ref[key], rel=1e-5, abs=1e-6), key
+    for name, p in p_ref.items():
+        torch.testing.assert_close(p_gqa[name], p, rtol=1e-5, atol=1e-6, msg=name)
+    assert any(not torch.equal(p, start.get_parameter(n)) for n, p in p_ref.items())  # the step moved weights

@@ -1,0 +1,74 @@
+"""Grouped-query attention without `repeat_kv`, for transformers models that use SDPA.
+
+transformers' SDPA attention copies a grouped-query model's keys and values once per query head before every
+attention call with more than one query (SmolLM2: 9 query heads over 3 key/value heads, so 3 copies of the
+whole cache or sequence, at every layer), and sums the copies' gradients back in the backward pass.
+`gqa_attention(lm)` switches a model to `gqa_sdpa_attention`, which stacks each key/value head's query heads along
+the query axis instead: the same products (SDPA's outputs are equal), no copies. Used by the HF engine's
+`generate` and around the update, SFT and the diagnostics' forwards; the model's own setting is restored after.
+Written here because transformers only stacks the group for a single query (decode) and SDPA's `enable_gqa`
+takes a slower path on CPU when a mask is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import AttentionInterface
+
+GQA_ATTENTION = "turnrl_gqa_sdpa"
+_folded_mask: list = [None]  # (mask, groups, folded) of the last forward's mask
+
+
+def _fold_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
+    """(b, 1, q, kv) mask -> (b, 1, groups * q, kv), whose row j * q + p is row p. Every layer of a forward gets
+    the same mask tensor, so the last result is reused while the tensor is the same."""
+    last = _folded_mask[0]
+    if last is not None and last[0] is mask and last[1] == groups:
+        return last[2]
+    b, heads, q, kv = mask.shape
+    folded = mask[:, :, None].expand(b, heads, groups, q, kv).reshape(b, heads, groups * q, kv)
+    _folded_mask[0] = (mask, groups, folded)
+    return folded
+
+
+def gqa_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kw):
+    """transformers' SDPA attention, except that a grouped-query prefill with a mask attends each key/value head
+    with its group's queries stacked along the query axis, (b, kv_heads, groups * q, d), instead of copying the
+    keys and values once per query head (`repeat_kv`): the same products and outputs, without
+    writing (groups - 1) copies of the whole KV cache at every layer of every prefill. On 2 CPU cores that copy
+    took a third as long as the attention itself in a SmolLM2 turn's prefill (446 cached positions, 32 rows); in
+    the update (autograd through the same ops) it also saves summing the copies' gradients back. Decode steps
+    (q = 1) already stack the group in transformers; everything else is delegated unchanged."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    b, heads, q, d = query.shape
+    if (groups == 1 or q == 1 or attention_mask is None or attention_mask.shape[1] != 1 or kw.get("position_bias")
+            is not None or kw.get("softcap") is not None or kw.get("output_attentions")):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kw)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(b, heads // groups, groups * q, d), key, value,
+        attn_mask=_fold_mask(attention_mask, groups), dropout_p=dropout, scale=scaling)
+    return out.reshape(b, heads, q, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(GQA_ATTENTION, gqa_sdpa_attention)
+AttentionMaskInterface.register(GQA_ATTENTION, sdpa_mask)
+
+
+@contextlib.contextmanager
+def gqa_attention(lm: torch.nn.Module):
+    """Runs an SDPA model with `gqa_sdpa_attention` (restored on exit, also on error); other models unchanged."""
+    config = lm.config
+    if config._attn_implementation != "sdpa":
+        yield
+        return
+    config._attn_implementation = GQA_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
+        _folded_mask[0] = None
