@@ -6,8 +6,8 @@ whole cache or sequence, at every layer), and sums the copies' gradients back in
 `gqa_attention(lm)` switches a model to `gqa_sdpa_attention`, which stacks each key/value head's query heads along
 the query axis instead: the same products (SDPA's outputs are equal), no copies. Used by the HF engine's
 `generate` and around the update, SFT and the diagnostics' forwards; the model's own setting is restored after.
-Written here because transformers only stacks the group for a single query (decode) and SDPA's `enable_gqa`
-takes a slower path on CPU when a mask is given.
+Written here because transformers stacks the group only for a single query (decode), and SDPA's own `enable_gqa`
+(`TRANSFORMERS_SDPA_FORCE_GQA=1`) gave no measurable gain with a mask on CPU (docs/performance.md).
 """
 
 from __future__ import annotations

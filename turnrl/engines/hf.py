@@ -164,6 +164,7 @@ class _BufferCache(Cache):
 
 DTYPES = ("float32", "bfloat16")
 
+
 @contextlib.contextmanager
 def bf16_weights(lm: torch.nn.Module):
     """Runs `lm` under bf16 autocast with bf16 copies of its linear layers' weights in place of the fp32 ones
