@@ -130,6 +130,59 @@ def test_shared_prompt_prefilled_once_same_logprobs_as_separate_prefill(policy):
         assert abs(x - y) < 1e-4
 
 
+def test_later_turns_prefill_packed_rows_same_as_padded(policy, monkeypatch):
+    """Later turns prefill the rows' new tokens back to back with no padding (`attention.packed_rows`): the same
+    samples and logprobs as the padded prefill (the engine without turnrl's attention), and equal to a full
+    forward; the buffer positions left of shorter suffixes are finite (they are read, masked, by every step): new
+    buffers come filled with NaN here, as uninitialised memory may be."""
+    import turnrl.engines.hf as hf
+
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        out = empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    packed = []
+    real_packed = hf.HFEngine._packed_prefill
+
+    def counting(self, cache, suffixes, *args):
+        packed.append(sorted(len(x) for x in suffixes))
+        out = real_packed(self, cache, suffixes, *args)
+        assert all(torch.isfinite(layer.keys).all() and torch.isfinite(layer.values).all() for layer in cache.layers)
+        return out
+
+    monkeypatch.setattr(hf.HFEngine, "_packed_prefill", counting)
+
+    def rollout():
+        engine = HFEngine(policy.lm, eos_token_id=policy.eos_token_id, pad_token_id=policy.pad_token_id,
+                          batch_size=6, generator=torch.Generator().manual_seed(5))
+        rng = random.Random(6)
+        prompts = [[rng.randrange(0, 250) for _ in range(rng.randrange(4, 20))] for _ in range(6)]
+        turns = []
+        for _turn in range(3):
+            comps = engine.generate(prompts, SamplingParams(max_new_tokens=6, temperature=0.8), keys=list(range(6)))
+            turns.append([(p, c.ids, c.logprobs) for p, c in zip(prompts, comps)])
+            prompts = [p + list(c.ids) + [rng.randrange(0, 250) for _ in range(rng.randrange(1, 12))]
+                       for p, c in zip(prompts, comps)]
+        return turns
+
+    ours = rollout()
+    assert len(packed) == 2 and all(len(set(lengths)) > 1 for lengths in packed), packed
+    for turn in ours:
+        for prompt, ids, logprobs in turn:
+            ref = full_forward_logprobs(policy, prompt, ids, temperature=0.8)
+            assert max(abs(a - b) for a, b in zip(ref, logprobs)) < 1e-4
+    monkeypatch.setattr(hf, "gqa_attention", lambda lm: contextlib.nullcontext())
+    padded = rollout()
+    assert len(packed) == 2, "the padded engine must not pack"
+    for turn_a, turn_b in zip(ours, padded):
+        for (_, ids_a, lp_a), (_, ids_b, lp_b) in zip(turn_a, turn_b):
+            assert ids_a == ids_b
+            assert max(abs(a - b) for a, b in zip(lp_a, lp_b)) < 1e-5
+
+
 def test_common_head_of_distinct_prompts_prefilled_once(policy):
     """Distinct first prompts that begin alike (system prompt, rules): their common head is prefilled once;
     every row's logprobs equal a separate full forward, also on the next turn served from the kept cache."""

@@ -6,6 +6,7 @@ whole cache or sequence, at every layer), and sums the copies' gradients back in
 `gqa_attention(lm)` switches a model to `gqa_sdpa_attention`, which stacks each key/value head's query heads along
 the query axis instead: the same products (SDPA's outputs are equal), no copies. Used by the HF engine's
 `generate` and around the update, SFT and the diagnostics' forwards; the model's own setting is restored after.
+`packed_rows` lets the HF engine prefill the new tokens of many rows as one unpadded sequence (see there).
 Written here because transformers stacks the group only for a single query (decode), and SDPA's own `enable_gqa`
 (`TRANSFORMERS_SDPA_FORCE_GQA=1`) gave no measurable gain with a mask on CPU (docs/performance.md).
 """
@@ -21,6 +22,7 @@ from transformers.modeling_utils import AttentionInterface
 
 GQA_ATTENTION = "turnrl_gqa_sdpa"
 _folded_mask: list = [None]  # (mask, groups, folded) of the last forward's mask
+_packed: list = [None]  # (rows, slots, width, mask) while `packed_rows` is active
 
 
 def _fold_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
@@ -43,20 +45,65 @@ def gqa_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, s
     took a third as long as the attention itself in a SmolLM2 turn's prefill (446 cached positions, 32 rows); in
     the update (autograd through the same ops) it also saves summing the copies' gradients back. Decode steps
     (q = 1) already stack the group in transformers; everything else is delegated unchanged."""
+    if _packed[0] is not None:
+        return _packed_attention(module, query, key, value, dropout, scaling)
     groups = getattr(module, "num_key_value_groups", 1)
     b, heads, q, d = query.shape
     if (groups == 1 or q == 1 or attention_mask is None or attention_mask.shape[1] != 1 or kw.get("position_bias")
             is not None or kw.get("softcap") is not None or kw.get("output_attentions")):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kw)
+    return _stacked(query, key, value, attention_mask, groups, dropout, scaling).transpose(1, 2).contiguous(), None
+
+
+def _stacked(query, key, value, mask, groups, dropout, scaling):
+    """SDPA of (b, heads, q, d) queries over (b, heads // groups, kv, d) keys/values, each key/value head's query
+    heads stacked along the query axis; returns (b, heads, q, d)."""
+    b, heads, q, d = query.shape
     out = torch.nn.functional.scaled_dot_product_attention(
         query.reshape(b, heads // groups, groups * q, d), key, value,
-        attn_mask=_fold_mask(attention_mask, groups), dropout_p=dropout, scale=scaling)
-    return out.reshape(b, heads, q, value.shape[-1]).transpose(1, 2).contiguous(), None
+        attn_mask=_fold_mask(mask, groups) if groups > 1 else mask, dropout_p=dropout, scale=scaling)
+    return out.reshape(b, heads, q, value.shape[-1])
+
+
+def _packed_attention(module, query, key, value, dropout, scaling):
+    """Attention of a packed prefill: `query` (1, heads, n, d) holds the n new tokens of all rows back to back;
+    `key`/`value` (rows, kv_heads, length, d) are the rows' buffers, the new tokens already written in place. The
+    queries are laid out per row (its new tokens right-aligned in a window of `width` positions), attended with
+    the mask `packed_rows` was given, and packed again."""
+    rows, slots, width, mask = _packed[0]
+    heads, d = query.shape[1], query.shape[-1]
+    per_row = query.new_zeros((key.shape[0], heads, width, d))
+    per_row[rows, :, slots] = query[0].transpose(0, 1)
+    out = _stacked(per_row, key, value, mask, getattr(module, "num_key_value_groups", 1), dropout, scaling)
+    return out[rows, :, slots].unsqueeze(0), None
+
+
+def _mask(*args, **kwargs):
+    """SDPA's mask builder, except during a packed prefill, whose mask `packed_rows` holds."""
+    return None if _packed[0] is not None else sdpa_mask(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def packed_rows(rows: torch.Tensor, slots: torch.Tensor, width: int, mask: torch.Tensor):
+    """Within: the model's forward takes the new tokens of several rows as one sequence (1, n), with no padding
+    between them, so its projections and MLPs compute exactly the n real tokens. Token i belongs to batch row
+    `rows[i]` and sits at `slots[i]` in that row's window of the last `width` positions of the KV buffer (the
+    cache writes its keys/values there); `mask` (rows, 1, width, length) says which buffer positions each window
+    position attends. Only for a model running `gqa_sdpa_attention` (inside `gqa_attention`).
+
+    Written for the HF engine's prefill of later turns: 32 rows' env replies differ in length by up to ~35
+    tokens, so a padded batch spent 18-25% of a SmolLM2 turn's prefill on padding."""
+    _packed[0] = (rows, slots, width, mask)
+    try:
+        yield
+    finally:
+        _packed[0] = None
+        _folded_mask[0] = None
 
 
 AttentionInterface.register(GQA_ATTENTION, gqa_sdpa_attention)
-AttentionMaskInterface.register(GQA_ATTENTION, sdpa_mask)
+AttentionMaskInterface.register(GQA_ATTENTION, _mask)
 
 
 @contextlib.contextmanager

@@ -38,7 +38,7 @@ from collections.abc import Hashable
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from turnrl.attention import gqa_attention
+from turnrl.attention import GQA_ATTENTION, gqa_attention, packed_rows
 from turnrl.engines.base import Completion, SamplingParams, check_prompts
 from turnrl.shared_prefix import common_head
 
@@ -108,12 +108,15 @@ class _BufferLayer(DynamicLayer):
     """One layer's keys/values in a buffer preallocated for the whole call, (rows, heads, capacity, head_dim).
 
     `update` writes the new positions in place and returns views of the filled part, so a decode step
-    copies one position per row instead of the whole cache (which `torch.cat` in DynamicLayer does)."""
+    copies one position per row instead of the whole cache (which `torch.cat` in DynamicLayer does). While
+    `scatter` holds (rows, positions, end), `update` takes a packed (1, heads, n, head_dim) sequence instead and
+    writes its token i at `positions[i]` of row `rows[i]` (the engine's packed prefill)."""
 
     def __init__(self, capacity: int, kbuf: torch.Tensor | None = None, vbuf: torch.Tensor | None = None,
                  length: int = 0):
         super().__init__()
         self.capacity, self.kbuf, self.vbuf, self.length = capacity, kbuf, vbuf, length
+        self.scatter: tuple[torch.Tensor, torch.Tensor, int] | None = None
         if kbuf is not None:
             self.device, self.is_initialized = kbuf.device, True
             self.keys, self.values = kbuf[:, :, :length], vbuf[:, :, :length]
@@ -126,6 +129,13 @@ class _BufferLayer(DynamicLayer):
                                 dtype=value_states.dtype, device=self.device)
 
     def update(self, key_states, value_states, *args, **kwargs):
+        if self.scatter is not None:
+            rows, positions, end = self.scatter
+            self.kbuf[rows, :, positions] = key_states[0].transpose(0, 1).to(self.kbuf.dtype)
+            self.vbuf[rows, :, positions] = value_states[0].transpose(0, 1).to(self.vbuf.dtype)
+            self.length = end
+            self.keys, self.values = self.kbuf[:, :, :end], self.vbuf[:, :, :end]
+            return self.keys, self.values
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[-2]
@@ -283,9 +293,40 @@ class HFEngine:
         else:
             layers = [_BufferLayer(capacity) for _ in range(self.lm.config.num_hidden_layers)]
         cache = _BufferCache(layers)
+        if width_c > 0 and batch > 1 and self.lm.config._attn_implementation == GQA_ATTENTION:
+            return self._packed_prefill(cache, suffixes, reuse, real, width_c, width_s)
         out = self.lm(input_ids=input_ids, attention_mask=real[:, :width_c + width_s].long(), position_ids=positions,
                       use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
         return cache, out.logits[:, -1, :].float(), real, positions[:, -1] + 1
+
+    def _packed_prefill(self, cache: _BufferCache, suffixes: list[list[int]], reuse: list[int], real: torch.Tensor,
+                        width_c: int, width_s: int):
+        """The prefill forward on the rows' new tokens back to back, (1, n) with no padding (`packed_rows`); their
+        keys/values land where the padded forward would write them, and the logits are those of each row's last
+        token. The buffer positions left of a shorter suffix are zeroed (masked, but they must be finite)."""
+        device = real.device
+        lengths = torch.tensor([len(x) for x in suffixes], device=device)
+        rows = torch.repeat_interleave(torch.arange(len(suffixes), device=device), lengths)
+        slots = torch.cat([torch.arange(width_s - len(x), width_s, device=device) for x in suffixes])
+        positions = torch.cat([torch.arange(r, r + len(x), device=device) for x, r in zip(suffixes, reuse)])
+        end = width_c + width_s
+        for layer in cache.layers:
+            layer.scatter = (rows, width_c + slots, end)
+            for row, x in enumerate(suffixes):
+                if len(x) < width_s:
+                    layer.kbuf[row, :, width_c:end - len(x)].zero_()
+                    layer.vbuf[row, :, width_c:end - len(x)].zero_()
+        causal = torch.arange(end, device=device)[None, :] <= width_c + torch.arange(width_s, device=device)[:, None]
+        mask = real[:, None, None, :end] & causal
+        ids = torch.tensor([[t for x in suffixes for t in x]], dtype=torch.long, device=device)
+        try:
+            with packed_rows(rows, slots, width_s, mask):
+                out = self.lm(input_ids=ids, position_ids=positions[None], use_cache=True,
+                              logits_to_keep=torch.cumsum(lengths, 0) - 1, **{self._cache_arg: cache})
+        finally:
+            for layer in cache.layers:
+                layer.scatter = None
+        return cache, out.logits[0].float(), real, torch.tensor(reuse, device=device) + lengths
 
     @torch.inference_mode()
     def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, keys: list[Hashable] | None,
