@@ -154,7 +154,18 @@ class _BufferLayer(DynamicLayer):
         return self.length + query_length, 0
 
     def select_rows(self, rows: torch.Tensor) -> None:
-        """Keeps only `rows` (batch indices, possibly repeated), copying just the filled positions."""
+        """Keeps only `rows` (batch indices, possibly repeated), copying just the filled positions. Dropping rows
+        (increasing indices) moves the kept rows up within the same buffer: only rows below a dropped one are
+        copied, and no new memory is touched."""
+        order = rows.tolist()
+        if all(a < b for a, b in zip(order, order[1:])):
+            for i, r in enumerate(order):
+                if r != i:  # r > i: row r is read before anything overwrites it
+                    self.kbuf[i, :, :self.length] = self.kbuf[r, :, :self.length]
+                    self.vbuf[i, :, :self.length] = self.vbuf[r, :, :self.length]
+            self.kbuf, self.vbuf = self.kbuf[:len(order)], self.vbuf[:len(order)]
+            self.keys, self.values = self.kbuf[:, :, :self.length], self.vbuf[:, :, :self.length]
+            return
         kbuf = self.kbuf.new_empty((len(rows),) + self.kbuf.shape[1:])
         vbuf = self.vbuf.new_empty((len(rows),) + self.vbuf.shape[1:])
         kbuf[:, :, :self.length] = self.kbuf[rows, :, :self.length]
