@@ -40,11 +40,12 @@ def test_sft_shares_the_prompt_head_with_the_same_losses(monkeypatch):
         calls = []
         decoder = policy.lm.get_decoder()
         real = decoder.forward
-        monkeypatch.setattr(decoder, "forward", lambda *a, _real=real, **k: calls.append(k["input_ids"].shape[0])
-                            or _real(*a, **k))
+        monkeypatch.setattr(decoder, "forward", lambda *a, _real=real, **k: calls.append(
+                            (k["input_ids"].shape[0], k.get("position_ids") is not None)) or _real(*a, **k))
         losses[shared] = sft(policy, demos, steps=3, batch_size=4, lr=1e-3, micro_batch_tokens=4096,
                              shared_prefix=shared)
-        heads[shared] = calls.count(1)  # forwards of a single row: the shared head
-    assert heads[True] == 3 and heads[False] == 0  # once per step (one micro-batch each)
+        # forwards of a single row: the shared head (no positions given), the packed continuations (positions)
+        heads[shared] = calls.count((1, False)), calls.count((1, True))
+    assert heads[True] == (3, 3) and heads[False] == (0, 0)  # once per step (one micro-batch each)
     for a, b in zip(losses[True], losses[False]):
         assert abs(a - b) < 1e-4

@@ -84,6 +84,38 @@ def test_shared_prefix_gradients_equal_per_row_gradients(setup, agg, budget):
         assert shared[1][key] == pytest.approx(plain[1][key], abs=1e-6, rel=1e-6), key
 
 
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("setup", list(SETUPS))
+def test_packed_continuations_equal_the_padded_ones(setup, lora, monkeypatch):
+    """Inside turnrl's attention (where ppo_update, SFT and the KL reference run), the members' continuations
+    after their shared prompts run as one unpadded sequence: the same losses and gradients as the padded forward
+    (continuations of different lengths here, so the padded one has padding to skip)."""
+    import turnrl.shared_prefix as shared_prefix
+    from turnrl.attention import gqa_attention
+
+    policy = load_policy("tiny", seed=3, tiny=SPEC, lora=LoraSpec(rank=4) if lora else None)
+    trajs = grouped_batch(policy, seed=5, head=9)
+    lengths = [len(t.ids) for t in trajs]
+    assert len(set(lengths)) > 3
+    ref = copy.deepcopy(policy.lm)
+    packed = []
+    real = shared_prefix._packed_continuations
+    monkeypatch.setattr(shared_prefix, "_packed_continuations", lambda *a: packed.append(len(a[2])) or real(*a))
+    algo = AlgoConfig(filter="none", **SETUPS[setup])
+    optim = OptimConfig(micro_batch_tokens=100_000, shared_prefix=True)
+    by_ref = int(algo.kl_coef > 0)  # the KL reference's forward runs in turnrl's attention on its own
+    with gqa_attention(policy.lm):
+        ours = grads_and_losses(policy, trajs, algo, optim, ref)
+    assert packed == [len(trajs)] * (1 + by_ref)
+    padded = grads_and_losses(policy, trajs, algo, optim, ref)
+    assert packed == [len(trajs)] * (1 + 2 * by_ref), "outside turnrl's attention the update's forward stays padded"
+    assert ours[0].keys() == padded[0].keys() and len(padded[0]) > 0
+    for name in padded[0]:
+        torch.testing.assert_close(ours[0][name], padded[0][name], atol=2e-6, rtol=1e-4, msg=name)
+    for key in padded[1]:
+        assert ours[1][key] == pytest.approx(padded[1][key], abs=1e-6, rel=1e-6), key
+
+
 @pytest.mark.parametrize("members", [1, 3])
 def test_common_head_of_different_prompts_runs_once_with_equal_gradients(members, monkeypatch):
     """Prompts that differ but begin alike (system prompt, rules): the head runs once per micro-batch, and

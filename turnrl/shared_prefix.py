@@ -21,7 +21,9 @@ the LM head (turnrl.lm_parts) to the positions of the window it needs.
 from __future__ import annotations
 
 import torch
+from transformers.cache_utils import Cache, DynamicLayer
 
+from turnrl.attention import GQA_ATTENTION, packed_rows
 from turnrl.lm_parts import lm_parts, output_cache
 
 
@@ -141,6 +143,10 @@ def shared_prefix_hidden(lm, input_ids: torch.Tensor, lengths: list[int], rows: 
     first = first.index_select(0, gidx)[:, None]
     if width == 1:
         return first, starts, width
+    if lm.config._attn_implementation == GQA_ATTENTION:
+        hidden = _packed_continuations(body, input_ids, order, lengths, prompt_len, pref_attn.index_select(0, gidx),
+                                       _expanded(cache, gidx), _cache_argument(lm), width - 1)
+        return torch.cat([first, hidden], dim=1), starts, width
     # Continuations: the tokens after each prompt except the last one (whose logits predict nothing), right-padded.
     cont_ids = torch.zeros((len(order), width - 1), dtype=torch.long, device=device)
     cont_attn = torch.zeros((len(order), width - 1), dtype=torch.long, device=device)
@@ -153,6 +159,53 @@ def shared_prefix_hidden(lm, input_ids: torch.Tensor, lengths: list[int], rows: 
     out = body(input_ids=cont_ids, attention_mask=attn, position_ids=cont_pos, use_cache=True,
              **{_cache_argument(lm): _expanded(cache, gidx)})
     return torch.cat([first, out.last_hidden_state], dim=1), starts, width
+
+
+def _packed_continuations(body, input_ids: torch.Tensor, order: list[int], lengths: list[int], prompt_len: list[int],
+                          prefix_attn: torch.Tensor, past, cache_arg: str, width: int) -> torch.Tensor:
+    """The continuations' forward with no padding: every row's tokens after its prompt (but the last) back to back
+    as one sequence (`turnrl.attention.packed_rows`), attending the row's prompt keys/values in `past` and its own
+    earlier tokens. Returns their last hidden states laid out per row, (rows, width, hidden), zeros past a row's
+    end (like the padded forward's, which no loss reads). Episodes end at different turns, so a padded batch of a
+    trained agent's continuations can be half padding (47% in the quickstart's first RL iterations after SFT)."""
+    device = input_ids.device
+    counts = [lengths[r] - 1 - prompt_len[r] for r in order]
+    n = torch.tensor(counts, device=device)
+    rows = torch.repeat_interleave(torch.arange(len(order), device=device), n)
+    slots = torch.cat([torch.arange(k, device=device) for k in counts])
+    ids = torch.cat([input_ids[r, prompt_len[r]:prompt_len[r] + k] for r, k in zip(order, counts)])[None]
+    positions = torch.cat([torch.arange(prompt_len[r], prompt_len[r] + k, device=device)
+                           for r, k in zip(order, counts)])[None]
+    inside = torch.arange(width, device=device)[None, :] < n[:, None]  # (rows, key)
+    own = torch.ones((width, width), dtype=torch.bool, device=device).tril()[None] & inside[:, None, :]
+    mask = torch.cat([prefix_attn.bool()[:, None, :].expand(-1, width, -1), own], dim=-1)[:, None]
+    cache = Cache(layers=[_ScatterLayer(layer.keys, layer.values, rows, slots, width) for layer in past.layers])
+    with packed_rows(rows, slots, width, mask):
+        out = body(input_ids=ids, position_ids=positions, use_cache=True, **{cache_arg: cache})
+    h = out.last_hidden_state[0]
+    hidden = h.new_zeros((len(order), width, h.shape[-1]))
+    hidden[rows, slots] = h
+    return hidden
+
+
+class _ScatterLayer(DynamicLayer):
+    """A row-expanded prompt's keys/values, (rows, heads, prompt, d), to which a packed forward appends: its
+    (1, heads, n, d) keys are laid out per row, (rows, heads, width, d), token i at `slots[i]` of row `rows[i]`,
+    zeros elsewhere (masked), with gradient."""
+
+    def __init__(self, keys, values, rows, slots, width):
+        super().__init__()
+        self.keys, self.values, self.rows, self.slots, self.width = keys, values, rows, slots, width
+        self.device, self.is_initialized = keys.device, True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        def per_row(x):
+            out = x.new_zeros((self.keys.shape[0], x.shape[1], self.width, x.shape[-1]))
+            out[self.rows, :, self.slots] = x[0].transpose(0, 1)
+            return out
+        self.keys = torch.cat([self.keys, per_row(key_states)], dim=-2)
+        self.values = torch.cat([self.values, per_row(value_states)], dim=-2)
+        return self.keys, self.values
 
 
 def _expanded(cache, index: torch.Tensor):
