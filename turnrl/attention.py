@@ -6,7 +6,8 @@ whole cache or sequence, at every layer), and sums the copies' gradients back in
 `gqa_attention(lm)` switches a model to `gqa_sdpa_attention`, which stacks each key/value head's query heads along
 the query axis instead: the same products (SDPA's outputs are equal), no copies. Used by the HF engine's
 `generate` and around the update, SFT and the diagnostics' forwards; the model's own setting is restored after.
-`packed_rows` lets the HF engine prefill the new tokens of many rows as one unpadded sequence (see there).
+`packed_rows` runs the new tokens of many rows as one unpadded sequence: the HF engine's prefill of later turns and
+the update's continuations after their shared prompts use it (see there).
 Written here because transformers stacks the group only for a single query (decode), and SDPA's own `enable_gqa`
 (`TRANSFORMERS_SDPA_FORCE_GQA=1`) gave no measurable gain with a mask on CPU (docs/performance.md).
 """
@@ -67,9 +68,9 @@ def _stacked(query, key, value, mask, groups, dropout, scaling):
 
 
 def _packed_attention(module, query, key, value, dropout, scaling):
-    """Attention of a packed prefill: `query` (1, heads, n, d) holds the n new tokens of all rows back to back;
-    `key`/`value` (rows, kv_heads, length, d) are the rows' buffers, the new tokens already written in place. The
-    queries are laid out per row (its new tokens right-aligned in a window of `width` positions), attended with
+    """Attention of a packed forward: `query` (1, heads, n, d) holds the n new tokens of all rows back to back;
+    `key`/`value` (rows, kv_heads, length, d) are the rows' caches, the new tokens already written in. The
+    queries are laid out per row (at their slots in a window of `width` positions), attended with
     the mask `packed_rows` was given, and packed again."""
     rows, slots, width, mask = _packed[0]
     heads, d = query.shape[1], query.shape[-1]
@@ -80,7 +81,7 @@ def _packed_attention(module, query, key, value, dropout, scaling):
 
 
 def _mask(*args, **kwargs):
-    """SDPA's mask builder, except during a packed prefill, whose mask `packed_rows` holds."""
+    """SDPA's mask builder, except during a packed forward, whose mask `packed_rows` holds."""
     return None if _packed[0] is not None else sdpa_mask(*args, **kwargs)
 
 
@@ -92,8 +93,9 @@ def packed_rows(rows: torch.Tensor, slots: torch.Tensor, width: int, mask: torch
     cache writes its keys/values there); `mask` (rows, 1, width, length) says which buffer positions each window
     position attends. Only for a model running `gqa_sdpa_attention` (inside `gqa_attention`).
 
-    Written for the HF engine's prefill of later turns: 32 rows' env replies differ in length by up to ~35
-    tokens, so a padded batch spent 18-25% of a SmolLM2 turn's prefill on padding."""
+    Used by the HF engine's prefill of later turns (32 rows' env replies differ in length by up to ~35 tokens, so
+    a padded batch spent 18-25% of a SmolLM2 turn's prefill on padding) and by the update's continuations after
+    their shared prompts (`shared_prefix._packed_continuations`: episodes end at different turns)."""
     _packed[0] = (rows, slots, width, mask)
     try:
         yield
