@@ -73,11 +73,12 @@ def _packed_attention(module, query, key, value, dropout, scaling):
     queries are laid out per row (at their slots in a window of `width` positions), attended with
     the mask `packed_rows` was given, and packed again."""
     rows, slots, width, mask = _packed[0]
-    heads, d = query.shape[1], query.shape[-1]
-    per_row = query.new_zeros((key.shape[0], heads, width, d))
-    per_row[rows, :, slots] = query[0].transpose(0, 1)
+    b, heads, d = key.shape[0], query.shape[1], query.shape[-1]
+    at = rows * width + slots  # flat (row, slot) index: index_copy/index_select have cheap backwards on CPU
+    per_row = query.new_zeros((b * width, heads, d)).index_copy(0, at, query[0].transpose(0, 1))
+    per_row = per_row.view(b, width, heads, d).transpose(1, 2)
     out = _stacked(per_row, key, value, mask, getattr(module, "num_key_value_groups", 1), dropout, scaling)
-    return out[rows, :, slots].unsqueeze(0), None
+    return out.transpose(1, 2).reshape(b * width, heads, -1).index_select(0, at).unsqueeze(0), None
 
 
 def _mask(*args, **kwargs):

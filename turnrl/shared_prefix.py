@@ -183,9 +183,8 @@ def _packed_continuations(body, input_ids: torch.Tensor, order: list[int], lengt
     with packed_rows(rows, slots, width, mask):
         out = body(input_ids=ids, position_ids=positions, use_cache=True, **{cache_arg: cache})
     h = out.last_hidden_state[0]
-    hidden = h.new_zeros((len(order), width, h.shape[-1]))
-    hidden[rows, slots] = h
-    return hidden
+    return h.new_zeros((len(order) * width, h.shape[-1])).index_copy(0, rows * width + slots, h).view(
+        len(order), width, -1)
 
 
 class _ScatterLayer(DynamicLayer):
@@ -200,9 +199,10 @@ class _ScatterLayer(DynamicLayer):
 
     def update(self, key_states, value_states, *args, **kwargs):
         def per_row(x):
-            out = x.new_zeros((self.keys.shape[0], x.shape[1], self.width, x.shape[-1]))
-            out[self.rows, :, self.slots] = x[0].transpose(0, 1)
-            return out
+            b, heads, d = self.keys.shape[0], x.shape[1], x.shape[-1]
+            out = x.new_zeros((b * self.width, heads, d)).index_copy(0, self.rows * self.width + self.slots,
+                                                                     x[0].transpose(0, 1))
+            return out.view(b, self.width, heads, d).transpose(1, 2)
         self.keys = torch.cat([self.keys, per_row(key_states)], dim=-2)
         self.values = torch.cat([self.values, per_row(value_states)], dim=-2)
         return self.keys, self.values
