@@ -85,3 +85,26 @@ def test_update_of_a_grouped_query_model_stacks_the_group_with_the_same_step(che
     for name, p in p_ref.items():
         torch.testing.assert_close(p_gqa[name], p, rtol=1e-5, atol=1e-6, msg=name)
     assert any(not torch.equal(p, start.get_parameter(n)) for n, p in p_ref.items())  # the step moved weights
+
+
+def test_packing_only_for_plain_causal_attention_in_turnrls_attention():
+    """Packed forwards apply their own causal mask, so they are used only where that is the model's attention:
+    turnrl's attention switched on, no sliding window, no logit soft-capping; the attention refuses otherwise."""
+    import types
+
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    from turnrl.attention import GQA_ATTENTION, gqa_sdpa_attention, packable, packed_rows
+
+    def lm(config, implementation=GQA_ATTENTION):
+        config._attn_implementation = implementation
+        return types.SimpleNamespace(config=config)
+
+    assert packable(lm(LlamaConfig()))
+    assert not packable(lm(LlamaConfig(), "sdpa"))
+    assert not packable(lm(MistralConfig(sliding_window=16)))
+    assert packable(lm(Qwen2Config(use_sliding_window=False, sliding_window=4096)))
+    q = torch.zeros(1, 2, 3, 4)
+    with packed_rows(torch.zeros(3, dtype=torch.long), torch.arange(3), 3, torch.ones(1, 1, 3, 3, dtype=torch.bool)):
+        with pytest.raises(RuntimeError, match="plain causal"):
+            gqa_sdpa_attention(types.SimpleNamespace(num_key_value_groups=1), q, q, q, None, sliding_window=16)

@@ -47,6 +47,8 @@ def gqa_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, s
     the update (autograd through the same ops) it also saves summing the copies' gradients back. Decode steps
     (q = 1) already stack the group in transformers; everything else is delegated unchanged."""
     if _packed[0] is not None:
+        if any(kw.get(name) is not None for name in ("sliding_window", "softcap", "position_bias")):
+            raise RuntimeError("packed_rows supports plain causal attention only (see packable())")
         return _packed_attention(module, query, key, value, dropout, scaling)
     groups = getattr(module, "num_key_value_groups", 1)
     b, heads, q, d = query.shape
@@ -79,6 +81,15 @@ def _packed_attention(module, query, key, value, dropout, scaling):
     per_row = per_row.view(b, width, heads, d).transpose(1, 2)
     out = _stacked(per_row, key, value, mask, getattr(module, "num_key_value_groups", 1), dropout, scaling)
     return out.transpose(1, 2).reshape(b * width, heads, -1).index_select(0, at).unsqueeze(0), None
+
+
+def packable(lm) -> bool:
+    """True when `lm` runs `gqa_sdpa_attention` (inside `gqa_attention`) with plain causal attention, which is what
+    the mask of a packed forward applies: no sliding window (Mistral, Gemma) and no logit soft-capping."""
+    config = lm.config
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    return (config._attn_implementation == GQA_ATTENTION and window is None
+            and getattr(config, "attn_logit_softcapping", None) is None)
 
 
 def _mask(*args, **kwargs):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from turnrl.attention import GQA_ATTENTION, packed_rows
+from turnrl.attention import packable, packed_rows
 from turnrl.lm_parts import lm_parts, output_cache
 
 
@@ -143,7 +143,7 @@ def shared_prefix_hidden(lm, input_ids: torch.Tensor, lengths: list[int], rows: 
     first = first.index_select(0, gidx)[:, None]
     if width == 1:
         return first, starts, width
-    if lm.config._attn_implementation == GQA_ATTENTION:
+    if packable(lm):
         hidden = _packed_continuations(body, input_ids, order, lengths, prompt_len, pref_attn.index_select(0, gidx),
                                        _expanded(cache, gidx), _cache_argument(lm), width - 1)
         return torch.cat([first, hidden], dim=1), starts, width

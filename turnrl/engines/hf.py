@@ -38,7 +38,7 @@ from collections.abc import Hashable
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from turnrl.attention import GQA_ATTENTION, gqa_attention, packed_rows
+from turnrl.attention import gqa_attention, packable, packed_rows
 from turnrl.engines.base import Completion, SamplingParams, check_prompts
 from turnrl.shared_prefix import common_head
 
@@ -304,7 +304,7 @@ class HFEngine:
         else:
             layers = [_BufferLayer(capacity) for _ in range(self.lm.config.num_hidden_layers)]
         cache = _BufferCache(layers)
-        if width_c > 0 and batch > 1 and self.lm.config._attn_implementation == GQA_ATTENTION:
+        if width_c > 0 and batch > 1 and packable(self.lm):
             return self._packed_prefill(cache, suffixes, reuse, real, width_c, width_s)
         out = self.lm(input_ids=input_ids, attention_mask=real[:, :width_c + width_s].long(), position_ids=positions,
                       use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
