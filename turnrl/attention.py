@@ -23,7 +23,7 @@ from transformers.modeling_utils import AttentionInterface
 
 GQA_ATTENTION = "turnrl_gqa_sdpa"
 _folded_mask: list = [None]  # (mask, groups, folded) of the last forward's mask
-_packed: list = [None]  # (rows, slots, width, mask) while `packed_rows` is active
+_packed: list = [None]  # (flat index rows * width + slots, width, mask) while `packed_rows` is active
 
 
 def _fold_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
@@ -74,13 +74,22 @@ def _packed_attention(module, query, key, value, dropout, scaling):
     `key`/`value` (rows, kv_heads, length, d) are the rows' caches, the new tokens already written in. The
     queries are laid out per row (at their slots in a window of `width` positions), attended with
     the mask `packed_rows` was given, and packed again."""
-    rows, slots, width, mask = _packed[0]
+    at, width, mask = _packed[0]  # flat (row, slot) index: index_copy/index_select have cheap backwards on CPU
     b, heads, d = key.shape[0], query.shape[1], query.shape[-1]
-    at = rows * width + slots  # flat (row, slot) index: index_copy/index_select have cheap backwards on CPU
     per_row = query.new_zeros((b * width, heads, d)).index_copy(0, at, query[0].transpose(0, 1))
     per_row = per_row.view(b, width, heads, d).transpose(1, 2)
     out = _stacked(per_row, key, value, mask, getattr(module, "num_key_value_groups", 1), dropout, scaling)
     return out.transpose(1, 2).reshape(b * width, heads, -1).index_select(0, at).unsqueeze(0), None
+
+
+def pack_layout(lengths: list[int], width: int, *, right_aligned: bool, device=None):
+    """(rows, slots) of a packed sequence of rows of these `lengths`: token i is row `rows[i]`'s token at `slots[i]`
+    of its window of `width` positions, the row's tokens at the window's end (`right_aligned`) or its start."""
+    n = torch.tensor(lengths, device=device)
+    rows = torch.repeat_interleave(torch.arange(len(lengths), device=device), n)
+    slots = torch.cat([torch.arange(width - k if right_aligned else 0, width if right_aligned else k, device=device)
+                       for k in lengths])
+    return rows, slots
 
 
 def packable(lm) -> bool:
@@ -108,7 +117,7 @@ def packed_rows(rows: torch.Tensor, slots: torch.Tensor, width: int, mask: torch
     Used by the HF engine's prefill of later turns (32 rows' env replies differ in length by up to ~35 tokens, so
     a padded batch spent 18-25% of a SmolLM2 turn's prefill on padding) and by the update's continuations after
     their shared prompts (`shared_prefix._packed_continuations`: episodes end at different turns)."""
-    _packed[0] = (rows, slots, width, mask)
+    _packed[0] = (rows * width + slots, width, mask)
     try:
         yield
     finally:

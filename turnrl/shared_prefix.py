@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from turnrl.attention import packable, packed_rows
+from turnrl.attention import pack_layout, packable, packed_rows
 from turnrl.lm_parts import lm_parts, output_cache
 
 
@@ -170,38 +170,35 @@ def _packed_continuations(body, input_ids: torch.Tensor, order: list[int], lengt
     trained agent's continuations can be half padding (47% in the quickstart's first RL iterations after SFT)."""
     device = input_ids.device
     counts = [lengths[r] - 1 - prompt_len[r] for r in order]
-    n = torch.tensor(counts, device=device)
-    rows = torch.repeat_interleave(torch.arange(len(order), device=device), n)
-    slots = torch.cat([torch.arange(k, device=device) for k in counts])
+    rows, slots = pack_layout(counts, width, right_aligned=False, device=device)
+    at = rows * width + slots
     ids = torch.cat([input_ids[r, prompt_len[r]:prompt_len[r] + k] for r, k in zip(order, counts)])[None]
     positions = torch.cat([torch.arange(prompt_len[r], prompt_len[r] + k, device=device)
                            for r, k in zip(order, counts)])[None]
-    inside = torch.arange(width, device=device)[None, :] < n[:, None]  # (rows, key)
+    inside = torch.arange(width, device=device)[None, :] < torch.tensor(counts, device=device)[:, None]  # (rows, key)
     own = torch.ones((width, width), dtype=torch.bool, device=device).tril()[None] & inside[:, None, :]
     mask = torch.cat([prefix_attn.bool()[:, None, :].expand(-1, width, -1), own], dim=-1)[:, None]
-    cache = Cache(layers=[_ScatterLayer(layer.keys, layer.values, rows, slots, width) for layer in past.layers])
+    cache = Cache(layers=[_ScatterLayer(layer.keys, layer.values, at, width) for layer in past.layers])
     with packed_rows(rows, slots, width, mask):
         out = body(input_ids=ids, position_ids=positions, use_cache=True, **{cache_arg: cache})
     h = out.last_hidden_state[0]
-    return h.new_zeros((len(order) * width, h.shape[-1])).index_copy(0, rows * width + slots, h).view(
-        len(order), width, -1)
+    return h.new_zeros((len(order) * width, h.shape[-1])).index_copy(0, at, h).view(len(order), width, -1)
 
 
 class _ScatterLayer(DynamicLayer):
     """A row-expanded prompt's keys/values, (rows, heads, prompt, d), to which a packed forward appends: its
-    (1, heads, n, d) keys are laid out per row, (rows, heads, width, d), token i at `slots[i]` of row `rows[i]`,
-    zeros elsewhere (masked), with gradient."""
+    (1, heads, n, d) keys are laid out per row, (rows, heads, width, d), token i at flat position `at[i]` (row *
+    width + slot), zeros elsewhere (masked), with gradient."""
 
-    def __init__(self, keys, values, rows, slots, width):
+    def __init__(self, keys, values, at, width):
         super().__init__()
-        self.keys, self.values, self.rows, self.slots, self.width = keys, values, rows, slots, width
+        self.keys, self.values, self.at, self.width = keys, values, at, width
         self.device, self.is_initialized = keys.device, True
 
     def update(self, key_states, value_states, *args, **kwargs):
         def per_row(x):
             b, heads, d = self.keys.shape[0], x.shape[1], x.shape[-1]
-            out = x.new_zeros((b * self.width, heads, d)).index_copy(0, self.rows * self.width + self.slots,
-                                                                     x[0].transpose(0, 1))
+            out = x.new_zeros((b * self.width, heads, d)).index_copy(0, self.at, x[0].transpose(0, 1))
             return out.view(b, self.width, heads, d).transpose(1, 2)
         self.keys = torch.cat([self.keys, per_row(key_states)], dim=-2)
         self.values = torch.cat([self.values, per_row(value_states)], dim=-2)

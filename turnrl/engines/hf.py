@@ -38,7 +38,7 @@ from collections.abc import Hashable
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from turnrl.attention import gqa_attention, packable, packed_rows
+from turnrl.attention import gqa_attention, pack_layout, packable, packed_rows
 from turnrl.engines.base import Completion, SamplingParams, check_prompts
 from turnrl.shared_prefix import common_head
 
@@ -317,8 +317,7 @@ class HFEngine:
         token. The buffer positions left of a shorter suffix are zeroed (masked, but they must be finite)."""
         device = real.device
         lengths = torch.tensor([len(x) for x in suffixes], device=device)
-        rows = torch.repeat_interleave(torch.arange(len(suffixes), device=device), lengths)
-        slots = torch.cat([torch.arange(width_s - len(x), width_s, device=device) for x in suffixes])
+        rows, slots = pack_layout([len(x) for x in suffixes], width_s, right_aligned=True, device=device)
         positions = torch.cat([torch.arange(r, r + len(x), device=device) for x, r in zip(suffixes, reuse)])
         end = width_c + width_s
         for layer in cache.layers:
