@@ -1,6 +1,7 @@
 """turnrl.shared_prefix: the update runs a group's shared first prompt once and reuses its keys/values;
 gradients and losses must equal the per-row computation."""
 
+import contextlib
 import copy
 import dataclasses
 
@@ -207,3 +208,35 @@ def test_reference_logprobs_share_the_prompt_head_and_equal_the_per_row_ones(mon
         assert ((1, 12) in calls) == shared  # the common head, once
     assert (out[True][batch.mask == 0] == 0).all() and (out[True][batch.mask > 0] != 0).all()
     torch.testing.assert_close(out[True], out[False], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("budget", [64, 100_000])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("estimator", ["gae", "turn_gae", "bi_level_gae"])
+def test_critic_shares_the_prompt_forward_with_equal_losses_and_gradients(estimator, packed, budget, monkeypatch):
+    """Critic estimators use the shared-prompt forward too (the value head reads the same hidden states as the LM
+    head), in turnrl's attention also unpadded: the old values, advantages, losses and gradients (value head
+    included) equal the per-row forward's."""
+    import turnrl.shared_prefix as shared_prefix
+    from turnrl.attention import gqa_attention
+
+    policy = load_policy("tiny", seed=3, tiny=SPEC, value_head=True)
+    with torch.no_grad():  # the value head starts at zero: make the values (and so the advantages) differ by row
+        policy.value_head.weight.normal_(std=0.5)
+        policy.value_head.bias.fill_(0.1)
+    trajs = grouped_batch(policy, seed=5, head=9)
+    calls = []
+    real = shared_prefix._packed_continuations
+    monkeypatch.setattr(shared_prefix, "_packed_continuations", lambda *a: calls.append(len(a[2])) or real(*a))
+    algo = AlgoConfig(filter="none", estimator=estimator, entropy_coef=0.01)
+    with gqa_attention(policy.lm) if packed else contextlib.nullcontext():
+        shared = grads_and_losses(policy, trajs, algo, OptimConfig(micro_batch_tokens=budget, shared_prefix=True), None)
+    assert (sum(calls) == 2 * len(trajs)) == packed  # the old values' forward and the update's
+    plain = grads_and_losses(policy, trajs, algo, OptimConfig(micro_batch_tokens=budget, shared_prefix=False), None)
+    assert shared[2] and not plain[2]
+    assert "value_head.weight" in plain[0] and shared[0].keys() == plain[0].keys()
+    for name in plain[0]:
+        torch.testing.assert_close(shared[0][name], plain[0][name], atol=2e-6, rtol=1e-4, msg=name)
+    assert plain[1]["loss/value"] > 0
+    for key in plain[1]:
+        assert shared[1][key] == pytest.approx(plain[1][key], abs=1e-6, rel=1e-6), key

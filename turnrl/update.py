@@ -112,7 +112,26 @@ class ModelTokens:
     logits: torch.Tensor  # (N, V), N = on.sum(), in row-major order of `on`
     on: torch.Tensor  # (R, W) bool: the model-token positions in the rows' window layout
     window: Callable[[torch.Tensor], torch.Tensor]  # a (B, L-1) batch tensor -> its (R, W) window over the rows
-    values: torch.Tensor | None  # (R, W + 1) value-head outputs (with `values_of`; never with `share`)
+    values: torch.Tensor | None  # (R, W) value-head outputs in the window layout (with `values_of`)
+
+
+@dataclass
+class Windows:
+    """Last hidden states of some rows over their loss windows (`window_hidden`)."""
+
+    hidden: torch.Tensor  # (R, W, hidden); the logits instead for a model lm_parts cannot split
+    window: Callable[[torch.Tensor], torch.Tensor]  # a (B, L-1) batch tensor -> its (R, W) window over the rows
+    starts: torch.Tensor  # (R,) the shifted column where each row's window starts
+
+
+def window_hidden(lm, batch: Batch, rows: list[int]) -> Windows:
+    """The shared-prompt forward of `rows` (planned by `plan`): their prompts' common head once, each distinct
+    first prompt once, then every row's continuation (turnrl.shared_prefix). A row's window runs from its last
+    prompt position (which predicts the first sampled token) to its end; columns past the end read as 0."""
+    hidden, starts, width = shared_prefix_hidden(lm, batch.input_ids, batch.lengths, rows, batch.prompt_len,
+                                                 batch.prompt_id)
+    ends = torch.tensor([batch.lengths[r] - 1 for r in rows])
+    return Windows(hidden, lambda t: windows(t, rows, starts, width, ends), starts)
 
 
 def model_token_forward(lm, batch: Batch, rows: list[int], *, share: bool, bf16: bool,
@@ -120,27 +139,28 @@ def model_token_forward(lm, batch: Batch, rows: list[int], *, share: bool, bf16:
     """The forward of `rows` for a loss on their model tokens: the vocabulary-sized head runs only where a model
     token is predicted (the prompt, env replies and padding never enter a loss). With `share` (rows planned by
     `plan`), the prompts run as in the update: their common head once and each distinct first prompt once
-    (turnrl.shared_prefix), then every row's continuation; the window of a row then runs from its last prompt
-    position to its end. Without it the window is the rows' first L-1 columns. `values_of`: a policy whose value
-    head runs too (it needs every position's hidden state, so it cannot share)."""
-    if share and values_of is not None:
-        raise ValueError("a value head needs every position: the shared-prompt forward cannot give values")
+    (`window_hidden`); the window of a row then runs from its last prompt position to its end. Without it the
+    window is the rows' first L-1 columns. `values_of`: a policy whose value head runs too, on the same hidden
+    states (every position a value loss reads lies in the window: see `critic_can_share`)."""
+    if share and values_of is not None and not critic_can_share(lm):
+        raise ValueError("this model's value head needs its full forward: lm_parts cannot split it")
     with _autocast(bf16):
         if share:
-            hidden, starts, width = shared_prefix_hidden(lm, batch.input_ids, batch.lengths, rows, batch.prompt_len,
-                                                         batch.prompt_id)
-            ends = torch.tensor([batch.lengths[r] - 1 for r in rows])
-            window = lambda t: windows(t, rows, starts, width, ends)  # noqa: E731
+            w = window_hidden(lm, batch, rows)
+            window = w.window
         else:
             n = max(batch.lengths[r] for r in rows)
             window = lambda t: t[rows, : n - 1]  # noqa: E731
         on = window(batch.mask) > 0
         values = None
         if share:
-            logits = lm_parts(lm).head(hidden[on])
+            logits = lm_parts(lm).head(w.hidden[on])
+            if values_of is not None:
+                values = values_of.value_head(w.hidden).squeeze(-1).float()
         elif values_of is not None:
             logits, values = values_of(batch.input_ids[rows, :n], batch.attention[rows, :n], with_values=True,
                                        at=predicting(on))
+            values = values[:, :-1]
         else:
             logits = logits_at(lm, batch.input_ids[rows, :n], batch.attention[rows, :n], predicting(on))[0]
     return ModelTokens(logits, on, window, values)
@@ -177,14 +197,24 @@ def reference_logprobs(ref, batch: Batch, rows_groups: list[list[int]], temperat
 
 
 @torch.no_grad()
-def policy_values(policy, batch: Batch, rows_groups: list[list[int]], bf16: bool) -> torch.Tensor:
-    """(B, L-1) value-head outputs of `policy` at every position (the LM head does not run)."""
+def policy_values(policy, batch: Batch, rows_groups: list[list[int]], bf16: bool, share: bool = False) -> torch.Tensor:
+    """(B, L-1) value-head outputs of `policy` (the LM head does not run). With `share` (rows planned by `plan`),
+    only over the rows' windows (`window_hidden`), 0 on the prompt positions before them, which no estimator
+    reads (`critic_can_share`); else at every position."""
     values = torch.zeros_like(batch.old_logprobs)
     for rows in rows_groups:
-        n = max(batch.lengths[r] for r in rows)
-        attn = batch.attention[rows, :n]
-        no_logits = torch.zeros_like(attn, dtype=torch.bool)
         with _autocast(bf16):
+            if share:
+                w = window_hidden(policy.lm, batch, rows)
+                vals = policy.value_head(w.hidden).squeeze(-1).float()
+                for i, r in enumerate(rows):
+                    start = int(w.starts[i])
+                    n = batch.lengths[r] - 1 - start
+                    values[r, start:start + n] = vals[i, :n]
+                continue
+            n = max(batch.lengths[r] for r in rows)
+            attn = batch.attention[rows, :n]
+            no_logits = torch.zeros_like(attn, dtype=torch.bool)
             _, vals = policy(batch.input_ids[rows, :n], attn, with_values=True, at=no_logits)
         values[rows, : n - 1] = vals[:, :-1].float()
     return values
@@ -206,8 +236,9 @@ def prepare_targets(policy, batch: Batch, trajs: list[Trajectory], *, algo: Algo
     old_values = None
     if algo.needs_critic:
         policy.eval()
-        old_values = policy_values(policy, batch, micro_batches(batch.lengths, all_rows, optim.micro_batch_tokens),
-                                   optim.bf16)
+        head = shared_head(policy, batch, all_rows, algo=algo, optim=optim)
+        old_values = policy_values(policy, batch, plan(batch, all_rows, optim.micro_batch_tokens, head), optim.bf16,
+                                   share=head is not None)
     credit = (compute_row_credit(trajs, batch.rows, batch.mask, old_values, algo) if batch.turn_rows
               else compute_credit(trajs, batch.mask, old_values, algo))
     ref_logprobs = None
@@ -306,7 +337,7 @@ def minibatch_backward(policy, batch: Batch, targets: Targets, mb_rows: list[int
                 loss = torch.zeros((), device=token_logps.device)  # the policy terms above are logged, not optimised
             if algo.needs_critic:
                 vmask = window(credit.value_mask)
-                vl = value_loss(values[:, :-1].float(), window(targets.old_values), window(credit.returns), vmask,
+                vl = value_loss(values, window(targets.old_values), window(credit.returns), vmask,
                                 clip=algo.value_clip)
                 vl = aggregate(vl, vmask, algo.loss_agg, num_seqs=num_seqs, num_tokens=num_value_tokens,
                                seq_tokens=None if seq_value_tokens is None else seq_value_tokens[rows])
@@ -324,9 +355,19 @@ def minibatch_backward(policy, batch: Batch, targets: Targets, mb_rows: list[int
 
 
 def shared_head(policy, batch: Batch, rows: list[int], *, algo: AlgoConfig, optim: OptimConfig) -> int | None:
-    """`sharable_head` for the update's forward, which shares nothing with a critic (its values need every
-    position's hidden state)."""
-    return None if algo.needs_critic else sharable_head(policy.lm, batch, rows, enabled=optim.shared_prefix)
+    """`sharable_head` for the update's forward (and the critic's old values), or None when a critic estimator
+    cannot share (`critic_can_share`)."""
+    if algo.needs_critic and not critic_can_share(policy.lm):
+        return None
+    return sharable_head(policy.lm, batch, rows, enabled=optim.shared_prefix)
+
+
+def critic_can_share(lm) -> bool:
+    """Whether the value head can run on the shared-prompt forward's hidden states: it needs the LM's last hidden
+    state, which `lm_parts` gives only when it can split the LM into body and head. The rows' windows then hold
+    every position a critic estimator reads: the model-token positions (GAE, bi-level GAE) and each turn's first
+    reply position (turn GAE), all at or after the last prompt position (turnrl.credit)."""
+    return bool(lm_parts(lm).split)
 
 
 def sharable_head(lm, batch: Batch, rows: list[int], *, enabled: bool = True) -> int | None:
