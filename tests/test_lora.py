@@ -191,6 +191,83 @@ def test_lora_layers_skip_the_input_cast_with_the_same_logits_and_gradients(tmp_
     assert all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_lora_linear_forward_gives_peft_outputs_and_gradients(bf16, tmp_path):
+    """turnrl's LoRA Linear forward (the adapter's product added inside one addmm, the input cast once) is installed on
+    fresh and loaded adapters and gives peft's own forward's logits and gradients: equal in fp32, within bf16
+    rounding under autocast (peft rounds the product, its scaling and the sum separately). With the adapters
+    disabled it runs peft's forward: the base model."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    base = load_policy("tiny", seed=1, tiny=SPEC)
+    policy = lora_policy()
+    perturb_adapters(policy)
+    policy.save(tmp_path / "m")
+    for p in (policy, load_policy(str(tmp_path / "m"))):
+        layers = [m for m in p.lm.modules() if isinstance(m, LoraLinear)]
+        assert len(layers) == 7 * SPEC.num_layers and all("forward" in vars(m) for m in layers)
+    layers = [m for m in policy.lm.modules() if isinstance(m, LoraLinear)]
+    results = []
+    for ours in (True, False):
+        saved = {m: vars(m).pop("forward") for m in layers} if not ours else {}
+        policy.lm.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out, _ = policy(IDS)
+        out.float().logsumexp(-1).sum().backward()
+        results.append((out.float(), {n: p.grad.clone() for n, p in policy.lm.named_parameters() if p.requires_grad}))
+        for m, forward in saved.items():
+            m.forward = forward
+    (a, grads_a), (b, grads_b) = results
+    tol = dict(atol=3e-2, rtol=3e-2) if bf16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a, b, **tol)
+    assert (a - logits(base)).abs().max() > 0.5  # the adapters matter
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) == 2 * len(layers)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], **tol, msg=name)
+    with policy.lm.disable_adapter():
+        torch.testing.assert_close(logits(policy), logits(base))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_hf_engine_samples_with_merged_adapters_and_leaves_the_parameters_alone(dtype):
+    """The HF engine samples with each adapter merged into a copy of its base weight (`merged_lora`): the
+    completions' logprobs are the adapted policy's (the unmerged forward's, recomputed here; within bf16 rounding
+    for the bf16 engine, not the base model's), and afterwards every parameter is bit-identical and no copy is
+    left, also after an error inside the block."""
+    from turnrl.engines import HFEngine, SamplingParams
+    from turnrl.models import merged_lora
+
+    policy = lora_policy()
+    perturb_adapters(policy)
+    before = {n: p.detach().clone() for n, p in policy.lm.named_parameters()}
+    engine = HFEngine(policy.lm, eos_token_id=policy.eos_token_id, pad_token_id=policy.pad_token_id,
+                      generator=torch.Generator().manual_seed(0), dtype=dtype)
+    prompts = [IDS[0].tolist(), IDS[0, :4].tolist()]
+    out = engine.generate(prompts, SamplingParams(max_new_tokens=6, temperature=1.0))
+    assert all(torch.equal(p, before[n]) for n, p in policy.lm.named_parameters())
+    assert not any("_turnrl_merged" in vars(m) for m in policy.lm.modules())
+    base = load_policy("tiny", seed=1, tiny=SPEC)
+    far_from_base = 0.0
+    for prompt, c in zip(prompts, out):
+        ids = torch.tensor([prompt + list(c.ids)])
+        with torch.no_grad():
+            adapted, base_logits = logits(policy, ids)[0, :-1], logits(base, ids)[0, :-1]
+        start = len(prompt) - 1
+        expected = torch.log_softmax(adapted.float(), -1)[start:].gather(-1, ids[0, len(prompt):, None])[:, 0]
+        got = torch.tensor(c.logprobs)
+        torch.testing.assert_close(got, expected, atol=3e-2 if dtype == "bfloat16" else 1e-5, rtol=0)
+        of_base = torch.log_softmax(base_logits.float(), -1)[start:].gather(-1, ids[0, len(prompt):, None])[:, 0]
+        far_from_base = max(far_from_base, float((got - of_base).abs().max()))
+    assert far_from_base > 0.1  # the adapters were applied
+    unmerged = logits(policy)
+    with pytest.raises(RuntimeError, match="inside"):
+        with merged_lora(policy.lm):
+            assert sum("_turnrl_merged" in vars(m) for m in policy.lm.modules()) == 7 * SPEC.num_layers
+            torch.testing.assert_close(logits(policy), unmerged, atol=1e-5, rtol=1e-5)
+            raise RuntimeError("an error inside the block")
+    assert not any("_turnrl_merged" in vars(m) for m in policy.lm.modules())
+
+
 def test_unknown_target_module_is_a_clear_error():
     with pytest.raises(ModelLoadError, match="not module names"):
         load_policy("tiny", tiny=SPEC, lora=LoraSpec(rank=4, targets=("qkv",)))

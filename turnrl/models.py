@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import sys
+import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,12 +217,77 @@ def _without_input_casts(lm: nn.Module) -> nn.Module:
     the cast is an exact round trip that copied every down_proj input (bf16 -> fp32) in forward and again in
     backward (7% of a profile of the SmolLM2 update, ~5% of its wall time; docs/performance.md). In fp32 there is
     nothing to cast."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
     from peft.tuners.tuners_utils import BaseTunerLayer  # what peft.helpers.disable_input_dtype_casting sets
 
     for module in lm.modules():
         if isinstance(module, BaseTunerLayer):
             module.cast_input_dtype_enabled = False
+        if type(module) is LoraLinear:
+            module.forward = types.MethodType(_lora_linear_forward, module)
     return lm
+
+
+def _lora_linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """peft's LoRA `Linear.forward`, base(x) + B(A(x)) * scaling, with the adapter's product accumulated into the
+    base output by one `addmm` (the scaling folded into B's small weight) and, under autocast, the input cast
+    once. peft's form runs a multiplication and an addition over the whole (tokens, out features) output, and
+    their backward another, and casts the input once for the base layer and once for A: on every projection of
+    every layer, forward and backward. Inside `merged_lora` (sampling) it is one matmul with the merged weight.
+    Anything else (an adapter disabled, merged or mixed, dropout, a LoRA variant such as DoRA, a bias on B, extra
+    arguments) runs peft's own forward."""
+    name = _plain_adapter(self)
+    if name is None or args or kwargs:
+        return type(self).forward(self, x, *args, **kwargs)
+    merged = self.__dict__.get("_turnrl_merged")
+    if merged is not None:
+        return nn.functional.linear(x, merged, self.base_layer.bias)
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.is_floating_point():
+        x = x.to(torch.get_autocast_dtype(device))
+    base = self.base_layer(x)
+    h = self.lora_A[name](x)
+    up = (self.lora_B[name].weight * self.scaling[name]).t()
+    out = torch.addmm(base.reshape(-1, base.shape[-1]), h.reshape(-1, h.shape[-1]), up.to(h.dtype))
+    return out.view(base.shape)
+
+
+def _plain_adapter(module) -> str | None:
+    """The name of a peft LoRA Linear's one active, plain adapter (no dropout, no variant, no bias on B, neither
+    disabled nor merged by peft), which `_lora_linear_forward` computes itself; else None."""
+    names = module.active_adapters
+    name = names[0] if len(names) == 1 else None
+    if (name is None or module.disable_adapters or module.merged or name not in module.lora_A
+            or name in module.lora_variant or not isinstance(module.lora_dropout[name], nn.Identity)
+            or module.lora_B[name].bias is not None):
+        return None
+    return name
+
+
+@contextlib.contextmanager
+def merged_lora(lm: nn.Module, dtype: torch.dtype | None = None):
+    """Inside the block, every LoRA linear layer with a plain adapter (`_plain_adapter`) computes its output with
+    one matmul by a merged copy of its weight, W + scaling * B @ A (in `dtype` if given, else W's), instead of the
+    base matmul plus the adapter's two small ones and the sum: for sampling, where no gradient flows. The
+    parameters are not touched (no merge/unmerge round trip that would drift the frozen base); the copies are
+    dropped on exit, also on error. They hold one more copy of the adapted weights while the block runs."""
+    merged = []
+    try:
+        with torch.no_grad():
+            for module in lm.modules():
+                bound = module.__dict__.get("forward")
+                name = _plain_adapter(module) if getattr(bound, "__func__", None) is _lora_linear_forward else None
+                if name is None:
+                    continue
+                weight = module.base_layer.weight
+                delta = module.lora_B[name].weight @ module.lora_A[name].weight
+                full = torch.add(weight, delta.to(weight.dtype), alpha=module.scaling[name])
+                module._turnrl_merged = full if dtype is None else full.to(dtype)
+                merged.append(module)
+        yield
+    finally:
+        for module in merged:
+            del module._turnrl_merged
 
 
 def _enable_gradient_checkpointing(lm: nn.Module) -> None:

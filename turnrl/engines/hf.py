@@ -40,6 +40,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from turnrl.attention import gqa_attention, pack_layout, packable, packed_rows
 from turnrl.engines.base import Completion, SamplingParams, check_prompts
+from turnrl.models import merged_lora
 from turnrl.shared_prefix import common_head
 
 
@@ -256,7 +257,10 @@ class HFEngine:
         self.lm.eval()
         precision = bf16_weights(self.lm) if self.dtype == "bfloat16" else contextlib.nullcontext()
         try:
-            with precision, gqa_attention(self.lm):
+            # LoRA adapters merged into copies of the base weights (computed from the fp32 weights, before any bf16
+            # copy is made): one matmul per projection per decode step instead of three and an addition.
+            merged = merged_lora(self.lm, torch.bfloat16 if self.dtype == "bfloat16" else None)
+            with merged, precision, gqa_attention(self.lm):
                 for start in range(0, len(order), self.batch_size):
                     idx = order[start:start + self.batch_size]
                     batch_keys = [keys[i] for i in idx] if keys is not None else None
