@@ -72,6 +72,24 @@ def test_hf_dtype_reaches_the_engine():
     assert TrainConfig.from_dict(json.loads(cfg.to_json())).engine.hf_dtype == "bfloat16"  # config.json round trip
 
 
+def test_hf_merge_lora_reaches_the_engine():
+    """`engine.hf_merge_lora`: auto merges a LoRA policy's adapters for sampling unless gradient checkpointing asks
+    for low memory; on/off force it; the vllm engine refuses the field."""
+    import torch
+
+    from turnrl.evaluate import engine_for
+    from turnrl.models import load_policy
+
+    policy = load_policy("tiny", seed=0)
+    for merge, checkpointing, expected in [("auto", False, True), ("auto", True, False), ("on", True, True),
+                                           ("off", False, False)]:
+        cfg = TrainConfig(model=ModelConfig(gradient_checkpointing=checkpointing),
+                          engine=EngineConfig(hf_merge_lora=merge))
+        assert engine_for(policy, cfg, torch.Generator()).merge_lora is expected, (merge, checkpointing)
+    with pytest.raises(ConfigError, match="hf_merge_lora configures the hf engine"):
+        EngineConfig(name="vllm", hf_merge_lora="off")
+
+
 @pytest.mark.skipif(HAS_VLLM, reason="checks the message shown when vLLM is missing")
 def test_vllm_engine_without_vllm_is_a_one_line_error(tmp_path, capsys):
     code = main(["train", "--preset", "bandit-tiny", "--engine.name", "vllm", "--out", str(tmp_path / "r"),

@@ -43,8 +43,10 @@ def engine_for(policy, cfg: TrainConfig, generator: torch.Generator):
                           sleep=e.vllm_sleep, enforce_eager=e.vllm_enforce_eager,
                           cpu_kv_cache_gib=e.vllm_cpu_kv_cache_gib, max_num_seqs=cfg.rollout.gen_batch_size,
                           seed=cfg.seed)
+    merge = cfg.engine.hf_merge_lora
     return HFEngine(policy.lm, eos_token_id=policy.eos_token_id, pad_token_id=policy.pad_token_id,
-                    batch_size=cfg.rollout.gen_batch_size, generator=generator, dtype=cfg.engine.hf_dtype)
+                    batch_size=cfg.rollout.gen_batch_size, generator=generator, dtype=cfg.engine.hf_dtype,
+                    merge_lora=merge == "on" or (merge == "auto" and not cfg.model.gradient_checkpointing))
 
 
 def settings_for(cfg: TrainConfig) -> RolloutSettings:

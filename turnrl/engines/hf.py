@@ -219,11 +219,12 @@ class HFEngine:
     compact_fraction = 0.25
 
     def __init__(self, lm, *, eos_token_id: int, pad_token_id: int, batch_size: int = 64,
-                 generator: torch.Generator | None = None, dtype: str = "float32"):
+                 generator: torch.Generator | None = None, dtype: str = "float32", merge_lora: bool = True):
         if dtype not in DTYPES:
             raise ValueError(f"HFEngine dtype must be one of {DTYPES}, got {dtype!r}")
         self.lm = lm
         self.dtype = dtype
+        self.merge_lora = merge_lora  # a LoRA policy samples with merged weight copies (`merged_lora`)
         self.eos = eos_token_id
         self.pad = pad_token_id
         self.batch_size = batch_size
@@ -259,7 +260,8 @@ class HFEngine:
         try:
             # LoRA adapters merged into copies of the base weights (computed from the fp32 weights, before any bf16
             # copy is made): one matmul per projection per decode step instead of three and an addition.
-            merged = merged_lora(self.lm, torch.bfloat16 if self.dtype == "bfloat16" else None)
+            merged = (merged_lora(self.lm, torch.bfloat16 if self.dtype == "bfloat16" else None) if self.merge_lora
+                      else contextlib.nullcontext())
             with merged, precision, gqa_attention(self.lm):
                 for start in range(0, len(order), self.batch_size):
                     idx = order[start:start + self.batch_size]
