@@ -240,3 +240,32 @@ def test_critic_shares_the_prompt_forward_with_equal_losses_and_gradients(estima
     assert plain[1]["loss/value"] > 0
     for key in plain[1]:
         assert shared[1][key] == pytest.approx(plain[1][key], abs=1e-6, rel=1e-6), key
+
+
+def test_critic_of_a_model_lm_parts_cannot_split_runs_the_full_forward():
+    """A value head needs the LM's last hidden state; for a model whose logits are not the plain head of its trunk
+    (here scaled, like soft-capping) the shared-prompt forward gives logits, so a critic estimator runs the full
+    per-row forward instead, with the same results as `shared_prefix=False`."""
+    from turnrl.lm_parts import lm_parts
+
+    policy = load_policy("tiny", seed=3, tiny=SPEC, value_head=True)
+    with torch.no_grad():
+        policy.value_head.weight.normal_(std=0.5)
+    real = policy.lm.forward
+
+    def scaled(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+    policy.lm.forward = scaled
+    trajs = grouped_batch(policy, seed=5, head=9)
+    algo = AlgoConfig(filter="none", estimator="gae")
+    shared = grads_and_losses(policy, trajs, algo, OptimConfig(shared_prefix=True), None)
+    plain = grads_and_losses(policy, trajs, algo, OptimConfig(shared_prefix=False), None)
+    assert not lm_parts(policy.lm).split and not shared[2]
+    assert shared[1] == plain[1] and shared[1]["loss/value"] > 0
+    for name in plain[0]:
+        assert torch.equal(shared[0][name], plain[0][name]), name
+    grpo = grads_and_losses(policy, trajs, AlgoConfig(filter="none"), OptimConfig(shared_prefix=True), None)
+    assert grpo[2]  # without a critic the same model still shares its prompts (the head applies to the logits)

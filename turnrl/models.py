@@ -258,8 +258,9 @@ def _plain_adapter(module) -> str | None:
     names = module.active_adapters
     name = names[0] if len(names) == 1 else None
     if (name is None or module.disable_adapters or module.merged or name not in module.lora_A
-            or name in module.lora_variant or not isinstance(module.lora_dropout[name], nn.Identity)
-            or module.lora_B[name].bias is not None):
+            or name in getattr(module, "lora_variant", {})  # peft >= 0.15: DoRA and other variants
+            or getattr(module, "use_dora", {}).get(name, False)  # older peft
+            or not isinstance(module.lora_dropout[name], nn.Identity) or module.lora_B[name].bias is not None):
         return None
     return name
 

@@ -357,9 +357,8 @@ def minibatch_backward(policy, batch: Batch, targets: Targets, mb_rows: list[int
 def shared_head(policy, batch: Batch, rows: list[int], *, algo: AlgoConfig, optim: OptimConfig) -> int | None:
     """`sharable_head` for the update's forward (and the critic's old values), or None when a critic estimator
     cannot share (`critic_can_share`)."""
-    if algo.needs_critic and not critic_can_share(policy.lm):
-        return None
-    return sharable_head(policy.lm, batch, rows, enabled=optim.shared_prefix)
+    head = sharable_head(policy.lm, batch, rows, enabled=optim.shared_prefix)
+    return None if head is not None and algo.needs_critic and not critic_can_share(policy.lm) else head
 
 
 def critic_can_share(lm) -> bool:
