@@ -269,3 +269,50 @@ def test_critic_of_a_model_lm_parts_cannot_split_runs_the_full_forward():
         assert torch.equal(shared[0][name], plain[0][name]), name
     grpo = grads_and_losses(policy, trajs, AlgoConfig(filter="none"), OptimConfig(shared_prefix=True), None)
     assert grpo[2]  # without a critic the same model still shares its prompts (the head applies to the logits)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("estimator", ["grpo", "gae"])
+def test_shared_prefix_under_gradient_checkpointing_equals_it_without(estimator, lora):
+    """Under (non-reentrant) gradient checkpointing the prompts are still shared: the checkpointed layers keep the
+    prompts' keys/values, whose caches give the same keys again when the backward pass replays a layer. Losses and
+    gradients equal the shared forward's without checkpointing (they would not if a replay appended the keys twice
+    or if the prompts' keys carried no gradient), which other tests compare with the per-row computation."""
+    from turnrl.attention import gqa_attention
+    from turnrl.shared_prefix import shares_under_checkpointing
+
+    results = []
+    for checkpointed in (True, False):
+        policy = load_policy("tiny", seed=3, tiny=SPEC, value_head=True, lora=LoraSpec(rank=4) if lora else None,
+                             gradient_checkpointing=checkpointed)
+        with torch.no_grad():
+            policy.value_head.weight.normal_(std=0.5, generator=torch.Generator().manual_seed(0))
+            for name, p in policy.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.1, generator=torch.Generator().manual_seed(1))
+        trajs = grouped_batch(policy, seed=5, head=9)
+        algo = AlgoConfig(filter="none", estimator=estimator, entropy_coef=0.01)
+        with gqa_attention(policy.lm):
+            assert shares_under_checkpointing(policy.lm) == checkpointed
+            results.append(grads_and_losses(policy, trajs, algo, OptimConfig(shared_prefix=True), None))
+    (checkpointed, plain) = results
+    assert checkpointed[2] and plain[2]
+    assert checkpointed[0].keys() == plain[0].keys() and len(plain[0]) > 0
+    for name in plain[0]:
+        torch.testing.assert_close(checkpointed[0][name], plain[0][name], atol=1e-7, rtol=1e-6, msg=name)
+    for key in plain[1]:
+        assert checkpointed[1][key] == pytest.approx(plain[1][key], abs=1e-7, rel=1e-7), key
+
+
+def test_no_shared_prefix_under_a_checkpoint_that_drops_the_cache_or_its_gradient():
+    """A re-entrant checkpoint computes a layer's outputs without gradient, so the prompts' keys/values would carry
+    none: then (as with a layer transformers does not let keep its cache) the rows run one by one."""
+    from turnrl.attention import gqa_attention
+    from turnrl.shared_prefix import shares_under_checkpointing
+
+    policy = load_policy("tiny", seed=3, tiny=SPEC)
+    policy.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    batch = collate(grouped_batch(policy, seed=5), policy.pad_token_id)
+    with gqa_attention(policy.lm):
+        assert not shares_under_checkpointing(policy.lm)
+        assert shared_head(policy, batch, list(range(batch.size)), algo=AlgoConfig(), optim=OptimConfig()) is None

@@ -20,6 +20,8 @@ the LM head (turnrl.lm_parts) to the positions of the window it needs.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -111,17 +113,24 @@ def shared_prefix_hidden(lm, input_ids: torch.Tensor, lengths: list[int], rows: 
 
     body = lm_parts(lm).body
     device = input_ids.device
+    # Under gradient checkpointing (which acts only where gradients are taken) every cache a checkpointed layer
+    # appends to must give the same keys/values when the backward pass replays the layer (`_ReplaySafeLayer`), and
+    # the packed forward, whose layout lives only during the forward, is not used. The caches are passed in, so
+    # `use_cache` (which transformers switches off under checkpointing, with a warning) stays off.
+    safe = checkpointing(lm) and torch.is_grad_enabled()
+    fresh = {_cache_argument(lm): Cache(layer_class_to_replicate=_ReplaySafeLayer)} if safe else {}
     groups = prefix_groups(rows, prompt_id)
     g_index = {r: gi for gi, g in enumerate(groups) for r in g}
     order = rows  # output rows keep the caller's order
     p_len = [prompt_len[g[0]] for g in groups]
     # The head all prompts share runs once, its keys/values copied (with gradient) to every group.
     head = head_length(input_ids, [g[0] for g in groups], prompt_len)
-    head_cache = {}
+    head_cache = dict(fresh)
     if head:
-        out = body(input_ids=input_ids[groups[0][0], :head][None], use_cache=True, logits_to_keep=1)
+        with _cache_in_checkpointed_layers(lm):
+            out = body(input_ids=input_ids[groups[0][0], :head][None], use_cache=not safe, logits_to_keep=1, **fresh)
         to_groups = torch.zeros(len(groups), dtype=torch.long, device=device)
-        head_cache = {_cache_argument(lm): _expanded(output_cache(out), to_groups)}
+        head_cache = {_cache_argument(lm): _expanded(output_cache(out), to_groups, safe)}
     r_max = max(p_len) - head
     # The prompts' rests, left-padded so every prompt ends at column head + r_max - 1 (its last logit predicts
     # the first reply token); the padding sits between the head and the rest, masked.
@@ -133,8 +142,9 @@ def shared_prefix_hidden(lm, input_ids: torch.Tensor, lengths: list[int], rows: 
         pref_ids[gi, r_max - (p - head):] = input_ids[g[0], head:p]
         pref_attn[gi, head + r_max - (p - head):] = 1
         pref_pos[gi, r_max - (p - head):] = torch.arange(head, p, device=device)
-    out = body(input_ids=pref_ids, attention_mask=pref_attn, position_ids=pref_pos, use_cache=True, logits_to_keep=1,
-             **head_cache)
+    with _cache_in_checkpointed_layers(lm):
+        out = body(input_ids=pref_ids, attention_mask=pref_attn, position_ids=pref_pos, use_cache=not safe,
+                   logits_to_keep=1, **head_cache)
     first = out.last_hidden_state[:, -1]  # (groups, hidden)
     cache = output_cache(out)
     gidx = torch.tensor([g_index[r] for r in order], dtype=torch.long, device=device)
@@ -143,7 +153,7 @@ def shared_prefix_hidden(lm, input_ids: torch.Tensor, lengths: list[int], rows: 
     first = first.index_select(0, gidx)[:, None]
     if width == 1:
         return first, starts, width
-    if packable(lm):
+    if packable(lm) and not safe:
         hidden = _packed_continuations(body, input_ids, order, lengths, prompt_len, pref_attn.index_select(0, gidx),
                                        _expanded(cache, gidx), _cache_argument(lm), width - 1)
         return torch.cat([first, hidden], dim=1), starts, width
@@ -156,8 +166,9 @@ def shared_prefix_hidden(lm, input_ids: torch.Tensor, lengths: list[int], rows: 
         cont_attn[i, :n] = 1
     cont_pos = (starts + 1)[:, None] + torch.arange(width - 1, device=device)[None]
     attn = torch.cat([pref_attn.index_select(0, gidx), cont_attn], dim=1)
-    out = body(input_ids=cont_ids, attention_mask=attn, position_ids=cont_pos, use_cache=True,
-             **{_cache_argument(lm): _expanded(cache, gidx)})
+    with _cache_in_checkpointed_layers(lm):
+        out = body(input_ids=cont_ids, attention_mask=attn, position_ids=cont_pos, use_cache=not safe,
+                   **{_cache_argument(lm): _expanded(cache, gidx, safe)})
     return torch.cat([first, out.last_hidden_state], dim=1), starts, width
 
 
@@ -205,14 +216,79 @@ class _ScatterLayer(DynamicLayer):
         return self.keys, self.values
 
 
-def _expanded(cache, index: torch.Tensor):
-    """A new DynamicCache whose row i holds row index[i] of `cache` (gradients flow back to `cache`)."""
+def _expanded(cache, index: torch.Tensor, safe: bool = False):
+    """A new cache whose row i holds row index[i] of `cache` (gradients flow back to `cache`); of
+    `_ReplaySafeLayer`s with `safe`."""
     from transformers import DynamicCache
 
+    if safe:
+        return Cache(layers=[_ReplaySafeLayer(layer.keys.index_select(0, index), layer.values.index_select(0, index))
+                             for layer in cache.layers])
     past = DynamicCache()
     for layer_idx, layer in enumerate(cache.layers):
         past.update(layer.keys.index_select(0, index), layer.values.index_select(0, index), layer_idx)
     return past
+
+
+class _ReplaySafeLayer(DynamicLayer):
+    """A cache layer whose `update` returns (and holds) the keys/values it was built with plus the new ones,
+    recomputed from the former at every call. Gradient checkpointing replays a layer's forward in the backward
+    pass, which calls `update` again with the same states: a `DynamicLayer` would append them a second time (and
+    the replayed attention would see twice the keys); this one gives the same keys/values again."""
+
+    def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None):
+        super().__init__()
+        self.past = (keys, values)
+        if keys is not None:
+            self.keys, self.values, self.device, self.is_initialized = keys, values, keys.device, True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        keys, values = self.past
+        self.keys = key_states if keys is None else torch.cat([keys, key_states], dim=-2)
+        self.values = value_states if values is None else torch.cat([values, value_states], dim=-2)
+        self.device, self.is_initialized = key_states.device, True
+        return self.keys, self.values
+
+
+def checkpointing(lm) -> bool:
+    """Whether some module of `lm` has gradient checkpointing on."""
+    return any(getattr(m, "gradient_checkpointing", False) for m in lm.modules())
+
+
+def _checkpointed_layers(lm) -> list:
+    """The layers transformers checkpoints one by one (`GradientCheckpointingLayer`, transformers >= 4.52)."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:
+        return []
+    return [m for m in lm.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+
+
+def shares_under_checkpointing(lm) -> bool:
+    """Whether the shared-prompt forward can run under `lm`'s gradient checkpointing: every checkpointed layer is
+    one whose cache argument transformers can let through (`_can_checkpoint_with_cache`, transformers 5) and
+    checkpoints without re-entering (a re-entrant checkpoint computes its outputs without gradient, so the prompt's
+    keys/values would carry none), and the attention is plain causal (`packable`: the caches do not model a
+    sliding window). Otherwise the rows run one by one."""
+    layers = _checkpointed_layers(lm)
+    return bool(layers) and packable(lm) and all(
+        hasattr(type(m), "_can_checkpoint_with_cache")
+        and getattr(getattr(m, "_gradient_checkpointing_func", None), "keywords", {}).get("use_reentrant") is False
+        for m in layers)
+
+
+@contextlib.contextmanager
+def _cache_in_checkpointed_layers(lm):
+    """Within: transformers' checkpointed layers keep their cache argument (by default they drop it, because a cache
+    that appends would be updated a second time by the replay; the caches passed here are `_ReplaySafeLayer`s)."""
+    layers = [m for m in _checkpointed_layers(lm) if hasattr(type(m), "_can_checkpoint_with_cache")]
+    for m in layers:
+        m._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            del m._can_checkpoint_with_cache
 
 
 def windows(t: torch.Tensor, rows: list[int], starts: torch.Tensor, width: int, ends: torch.Tensor) -> torch.Tensor:

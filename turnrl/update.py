@@ -17,8 +17,8 @@ from turnrl.attention import gqa_attention
 from turnrl.config import AlgoConfig, OptimConfig
 from turnrl.credit import Credit, compute_credit, compute_row_credit, turn_spread
 from turnrl.lm_parts import lm_parts, logits_at
-from turnrl.shared_prefix import (head_length, plan_micro_batches, prompt_ids, prompt_lengths, shared_prefix_hidden,
-                                  windows, worth_sharing)
+from turnrl.shared_prefix import (checkpointing, head_length, plan_micro_batches, prompt_ids, prompt_lengths,
+                                  shared_prefix_hidden, shares_under_checkpointing, windows, worth_sharing)
 from turnrl.trajectory import Trajectory
 
 
@@ -372,9 +372,10 @@ def critic_can_share(lm) -> bool:
 def sharable_head(lm, batch: Batch, rows: list[int], *, enabled: bool = True) -> int | None:
     """None when the shared-prefix forward does not apply to `rows`, else the length of the head all their first
     prompts share (0 when only identical prompts are shared). It applies when `enabled`, when some rows share a
-    prompt or all prompts share a head, and without gradient checkpointing (which drops the KV cache)."""
+    prompt or all prompts share a head, and under gradient checkpointing only where the prompts' keys/values can
+    pass through the checkpointed layers (`shares_under_checkpointing`)."""
     if (not enabled or batch.prompt_id is None
-            or any(getattr(m, "gradient_checkpointing", False) for m in lm.modules())):
+            or (checkpointing(lm) and not shares_under_checkpointing(lm))):
         return None
     head = head_length(batch.input_ids, rows, batch.prompt_len)
     return head if worth_sharing(rows, batch.prompt_id, head) else None
