@@ -234,8 +234,8 @@ class OptimConfig:
     micro_batch_tokens: int = 4096  # padded tokens per forward/backward micro-batch (length-sorted, so little padding)
     bf16: bool = False  # bf16 autocast for training forwards (fp32 master weights)
     # a group's shared first prompt (and the head all prompts share) is run forward/backward once per micro-batch and
-    # its keys/values reused (turnrl/shared_prefix.py; same gradients); off, or with a critic or gradient
-    # checkpointing: per row
+    # its keys/values reused (turnrl/shared_prefix.py; same gradients; critics and gradient checkpointing included,
+    # docs/algorithms.md says where not); off: per row
     shared_prefix: bool = True
     # -- fault tolerance (docs/reliability.md) --
     max_bad_updates: int = 3  # stop after this many consecutive updates with NaN/inf advantages, loss or gradients
