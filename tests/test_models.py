@@ -66,20 +66,25 @@ def test_logits_at_marked_positions_equal_the_full_logits():
     torch.testing.assert_close(values, policy.value_head(out.hidden_states[-1]).squeeze(-1))
 
 
+def scale_logits(lm, factor: float = 0.5) -> None:
+    """Makes `lm` post-process its logits (scaled, like soft-capping), so that turnrl.lm_parts cannot split it."""
+    real = lm.forward
+
+    def scaled(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out.logits = out.logits * factor
+        return out
+
+    lm.forward = scaled
+
+
 def test_model_whose_logits_are_not_the_plain_head_keeps_the_whole_lm_path():
     """A model that post-processes its logits (here: scaled, like soft-capping) is not split: `at` then selects
     from the whole LM's own logits, so nothing changes for such models."""
     from turnrl.lm_parts import lm_parts
 
     policy = load_policy("tiny", seed=2).eval()
-    real = policy.lm.forward
-
-    def scaled(*args, **kwargs):
-        out = real(*args, **kwargs)
-        out.logits = out.logits * 0.5
-        return out
-
-    policy.lm.forward = scaled
+    scale_logits(policy.lm)
     ids = torch.randint(0, 200, (2, 6))
     at = torch.zeros(2, 6, dtype=torch.bool)
     at[:, 3:] = True

@@ -15,6 +15,7 @@ from turnrl.reference import Reference
 from turnrl.shared_prefix import plan_micro_batches
 from turnrl.update import collate, minibatch_backward, prepare_targets, shared_head
 from tests.test_credit import make_traj
+from tests.test_models import scale_logits
 
 SPEC = TinyModelSpec(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
 
@@ -251,14 +252,7 @@ def test_critic_of_a_model_lm_parts_cannot_split_runs_the_full_forward():
     policy = load_policy("tiny", seed=3, tiny=SPEC, value_head=True)
     with torch.no_grad():
         policy.value_head.weight.normal_(std=0.5)
-    real = policy.lm.forward
-
-    def scaled(*args, **kwargs):
-        out = real(*args, **kwargs)
-        out.logits = out.logits * 0.5
-        return out
-
-    policy.lm.forward = scaled
+    scale_logits(policy.lm)
     trajs = grouped_batch(policy, seed=5, head=9)
     algo = AlgoConfig(filter="none", estimator="gae")
     shared = grads_and_losses(policy, trajs, algo, OptimConfig(shared_prefix=True), None)
