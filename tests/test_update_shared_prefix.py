@@ -272,9 +272,13 @@ def test_shared_prefix_under_gradient_checkpointing_equals_it_without(estimator,
     prompts' keys/values, whose caches give the same keys again when the backward pass replays a layer. Losses and
     gradients equal the shared forward's without checkpointing (they would not if a replay appended the keys twice
     or if the prompts' keys carried no gradient), which other tests compare with the per-row computation."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     from turnrl.attention import gqa_attention
     from turnrl.shared_prefix import shares_under_checkpointing
 
+    if not hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache"):
+        pytest.skip("this transformers drops every cache in checkpointed layers: the rows run one by one")
     results = []
     for checkpointed in (True, False):
         policy = load_policy("tiny", seed=3, tiny=SPEC, value_head=True, lora=LoraSpec(rank=4) if lora else None,

@@ -256,7 +256,7 @@ def checkpointing(lm) -> bool:
 
 
 def _checkpointed_layers(lm) -> list:
-    """The layers transformers checkpoints one by one (`GradientCheckpointingLayer`, transformers >= 4.52)."""
+    """The layers transformers checkpoints one by one (`GradientCheckpointingLayer`)."""
     try:
         from transformers.modeling_layers import GradientCheckpointingLayer
     except ImportError:
@@ -266,7 +266,7 @@ def _checkpointed_layers(lm) -> list:
 
 def shares_under_checkpointing(lm) -> bool:
     """Whether the shared-prompt forward can run under `lm`'s gradient checkpointing: every checkpointed layer is
-    one whose cache argument transformers can let through (`_can_checkpoint_with_cache`, transformers 5) and
+    one whose cache argument transformers can let through (`_can_checkpoint_with_cache`, transformers >= 5.15) and
     checkpoints without re-entering (a re-entrant checkpoint computes its outputs without gradient, so the prompt's
     keys/values would carry none), and the attention is plain causal (`packable`: the caches do not model a
     sliding window). Otherwise the rows run one by one."""
