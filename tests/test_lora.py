@@ -229,14 +229,18 @@ def test_lora_linear_forward_gives_peft_outputs_and_gradients(bf16, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_hf_engine_samples_with_merged_adapters_and_leaves_the_parameters_alone(dtype):
-    """The HF engine samples with each adapter merged into a copy of its base weight (`merged_lora`): the
-    completions' logprobs are the adapted policy's (the unmerged forward's, recomputed here; within bf16 rounding
-    for the bf16 engine, not the base model's), and afterwards every parameter is bit-identical and no copy is
-    left, also after an error inside the block."""
+def test_hf_engine_samples_with_merged_adapters_and_leaves_the_parameters_alone(dtype, monkeypatch):
+    """The fp32 HF engine samples with each adapter merged into a copy of its base weight (`merged_lora`; the bf16
+    engine does not merge, since bf16 would round small adapter updates away): the completions' logprobs are the
+    adapted policy's (the unmerged forward's, recomputed here; within bf16 rounding for the bf16 engine, not the
+    base model's), and afterwards every parameter is bit-identical and no copy is left, also after an error inside
+    the block."""
+    import turnrl.engines.hf as hf
     from turnrl.engines import HFEngine, SamplingParams
     from turnrl.models import merged_lora
 
+    merges = []
+    monkeypatch.setattr(hf, "merged_lora", lambda lm: merges.append(lm) or merged_lora(lm))
     policy = lora_policy()
     perturb_adapters(policy)
     before = {n: p.detach().clone() for n, p in policy.lm.named_parameters()}
@@ -244,6 +248,7 @@ def test_hf_engine_samples_with_merged_adapters_and_leaves_the_parameters_alone(
                       generator=torch.Generator().manual_seed(0), dtype=dtype)
     prompts = [IDS[0].tolist(), IDS[0, :4].tolist()]
     out = engine.generate(prompts, SamplingParams(max_new_tokens=6, temperature=1.0))
+    assert len(merges) == (dtype == "float32")
     assert all(torch.equal(p, before[n]) for n, p in policy.lm.named_parameters())
     assert not any("_turnrl_merged" in vars(m) for m in policy.lm.modules())
     base = load_policy("tiny", seed=1, tiny=SPEC)

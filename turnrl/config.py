@@ -301,7 +301,7 @@ class EngineConfig:
 
     name: Literal["hf", "vllm"] = "hf"  # hf: turnrl's KV-cached decode loop on the policy itself; vllm: a vLLM copy of the policy, re-synced after every update (pip install 'turnrl[vllm]'; README, "vLLM engine")
     hf_dtype: Literal["float32", "bfloat16"] = "float32"  # hf: precision of rollouts and evaluation; bfloat16 = bf16 autocast with bf16 weight copies, ~1.3x faster SmolLM2 rollouts on CPU but logprobs off by bf16 rounding (docs/engines.md)
-    hf_merge_lora: Literal["auto", "on", "off"] = "auto"  # hf, LoRA policies: sample with each adapter merged into a copy of its weight (~4% faster SmolLM2 rollouts; one more copy of the adapted weights in memory while generating); auto = on unless model.gradient_checkpointing asks for low memory
+    hf_merge_lora: Literal["auto", "on", "off"] = "auto"  # hf in fp32, LoRA policies: sample with each adapter merged into a copy of its weight (~4% faster SmolLM2 rollouts; one more copy of the adapted weights in memory while generating); auto = on unless model.gradient_checkpointing asks for low memory
     vllm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # vllm: weights and activations; auto = bfloat16 on GPU, float32 on CPU
     vllm_weight_sync: Literal["auto", "full", "lora"] = "auto"  # vllm: full = merged weights after every update; lora = the adapter as a LoRARequest (LoRA policies); auto = lora for a LoRA policy on GPU, else full
     vllm_gpu_memory_utilization: float = 0.5  # vllm on GPU: fraction of GPU memory vLLM takes for weights + KV cache (RAGEN: 0.5)

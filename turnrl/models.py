@@ -266,24 +266,25 @@ def _plain_adapter(module) -> str | None:
 
 
 @contextlib.contextmanager
-def merged_lora(lm: nn.Module, dtype: torch.dtype | None = None):
-    """Inside the block, every LoRA linear layer with a plain adapter (`_plain_adapter`) computes its output with
-    one matmul by a merged copy of its weight, W + scaling * B @ A (in `dtype` if given, else W's), instead of the
-    base matmul plus the adapter's two small ones and the sum: for sampling, where no gradient flows. The
-    parameters are not touched (no merge/unmerge round trip that would drift the frozen base); the copies are
-    dropped on exit, also on error. They hold one more copy of the adapted weights while the block runs."""
+def merged_lora(lm: nn.Module):
+    """Inside the block, every LoRA linear layer with a plain adapter (`_plain_adapter`) and an fp32 base weight
+    computes its output with one matmul by a merged copy of that weight, W + scaling * B @ A, instead of the base
+    matmul plus the adapter's two small ones and the sum: for sampling, where no gradient flows. The parameters are
+    not touched (no merge/unmerge round trip that would drift the frozen base); the copies are dropped on exit, also
+    on error. They hold one more copy of the adapted weights while the block runs. Lower-precision weights are not
+    merged: in bf16 the merged weight would round an adapter's small update away (a weight's bf16 step, ~1/256 of
+    it, is larger than early LoRA updates), which the unmerged form keeps as a separate term."""
     merged = []
     try:
         with torch.no_grad():
             for module in lm.modules():
                 bound = module.__dict__.get("forward")
                 name = _plain_adapter(module) if getattr(bound, "__func__", None) is _lora_linear_forward else None
-                if name is None:
+                if name is None or module.base_layer.weight.dtype not in (torch.float32, torch.float64):
                     continue
                 weight = module.base_layer.weight
                 delta = module.lora_B[name].weight @ module.lora_A[name].weight
-                full = torch.add(weight, delta.to(weight.dtype), alpha=module.scaling[name])
-                module._turnrl_merged = full if dtype is None else full.to(dtype)
+                module._turnrl_merged = torch.add(weight, delta.to(weight.dtype), alpha=module.scaling[name])
                 merged.append(module)
         yield
     finally:

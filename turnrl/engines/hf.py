@@ -258,9 +258,10 @@ class HFEngine:
         self.lm.eval()
         precision = bf16_weights(self.lm) if self.dtype == "bfloat16" else contextlib.nullcontext()
         try:
-            # LoRA adapters merged into copies of the base weights (computed from the fp32 weights, before any bf16
-            # copy is made): one matmul per projection per decode step instead of three and an addition.
-            merged = (merged_lora(self.lm, torch.bfloat16 if self.dtype == "bfloat16" else None) if self.merge_lora
+            # LoRA adapters merged into fp32 copies of the base weights: one matmul per projection per decode step
+            # instead of three and an addition. Not in bf16, where the merged weight would round small adapter
+            # updates away (`merged_lora`).
+            merged = (merged_lora(self.lm) if self.merge_lora and self.dtype == "float32"
                       else contextlib.nullcontext())
             with merged, precision, gqa_attention(self.lm):
                 for start in range(0, len(order), self.batch_size):
