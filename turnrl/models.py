@@ -208,15 +208,15 @@ def add_lora(lm: nn.Module, spec: LoraSpec, seed: int = 0) -> nn.Module:
         # peft 0.21 calls transformers' deprecated is_gradient_checkpointing: not ours to fix, not the user's to see
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         torch.manual_seed(seed)
-        return _without_input_casts(get_peft_model(lm, config))
+        return _prepared_lora(get_peft_model(lm, config))
 
 
-def _without_input_casts(lm: nn.Module) -> nn.Module:
-    """Stop peft's LoRA layers from casting their input to the adapter weights' dtype. turnrl's weights are fp32
-    and the update runs under bf16 autocast, where each adapter's matmul casts its input back to bf16 anyway:
-    the cast is an exact round trip that copied every down_proj input (bf16 -> fp32) in forward and again in
-    backward (7% of a profile of the SmolLM2 update, ~5% of its wall time; docs/performance.md). In fp32 there is
-    nothing to cast."""
+def _prepared_lora(lm: nn.Module) -> nn.Module:
+    """peft's LoRA layers as turnrl runs them: plain adapters on linear layers get `_lora_linear_forward`, and no
+    layer casts its input to the adapter weights' dtype. turnrl's weights are fp32 and the update runs under bf16
+    autocast, where each adapter's matmul casts its input back to bf16 anyway: the cast is an exact round trip that
+    copied every down_proj input (bf16 -> fp32) in forward and again in backward (7% of a profile of the SmolLM2
+    update, ~5% of its wall time; docs/performance.md). In fp32 there is nothing to cast."""
     from peft.tuners.lora.layer import Linear as LoraLinear
     from peft.tuners.tuners_utils import BaseTunerLayer  # what peft.helpers.disable_input_dtype_casting sets
 
@@ -482,7 +482,7 @@ def _load_adapter_dir(path: Path, *, value_head: bool, gradient_checkpointing: b
     except ImportError as err:
         raise ModelLoadError("this is a LoRA checkpoint; loading it needs `peft`: pip install 'turnrl[lora]'") from err
     with _quiet_progress():
-        lm = _without_input_casts(PeftModel.from_pretrained(lm, path, is_trainable=True))
+        lm = _prepared_lora(PeftModel.from_pretrained(lm, path, is_trainable=True))
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     policy = Policy(lm, tokenizer, value_head=value_head, source=source)
     _load_value_head(policy, path)
