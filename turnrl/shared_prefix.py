@@ -111,14 +111,21 @@ def shared_prefix_hidden(lm, input_ids: torch.Tensor, lengths: list[int], rows: 
     lm_parts(lm).head (for a model that cannot be split, the "hidden states" are the logits themselves)."""
     from turnrl.engines.hf import _cache_argument
 
-    body = lm_parts(lm).body
-    device = input_ids.device
     # Under gradient checkpointing (which acts only where gradients are taken) every cache a checkpointed layer
     # appends to must give the same keys/values when the backward pass replays the layer (`_ReplaySafeLayer`), and
     # the packed forward, whose layout lives only during the forward, is not used. The caches are passed in, so
     # `use_cache` (which transformers switches off under checkpointing, with a warning) stays off.
     safe = checkpointing(lm) and torch.is_grad_enabled()
-    fresh = {_cache_argument(lm): Cache(layer_class_to_replicate=_ReplaySafeLayer)} if safe else {}
+    with _cache_in_checkpointed_layers(lm) if safe else contextlib.nullcontext():
+        return _forward(lm, input_ids, lengths, rows, prompt_len, prompt_id, _cache_argument(lm), safe)
+
+
+def _forward(lm, input_ids: torch.Tensor, lengths: list[int], rows: list[int], prompt_len: list[int],
+             prompt_id: list[int], cache_arg: str, safe: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """`shared_prefix_hidden`'s forwards; `safe`: under gradient checkpointing."""
+    body = lm_parts(lm).body
+    device = input_ids.device
+    fresh = {cache_arg: Cache(layer_class_to_replicate=_ReplaySafeLayer)} if safe else {}
     groups = prefix_groups(rows, prompt_id)
     g_index = {r: gi for gi, g in enumerate(groups) for r in g}
     order = rows  # output rows keep the caller's order
@@ -127,10 +134,9 @@ def shared_prefix_hidden(lm, input_ids: torch.Tensor, lengths: list[int], rows: 
     head = head_length(input_ids, [g[0] for g in groups], prompt_len)
     head_cache = dict(fresh)
     if head:
-        with _cache_in_checkpointed_layers(lm):
-            out = body(input_ids=input_ids[groups[0][0], :head][None], use_cache=not safe, logits_to_keep=1, **fresh)
+        out = body(input_ids=input_ids[groups[0][0], :head][None], use_cache=not safe, logits_to_keep=1, **fresh)
         to_groups = torch.zeros(len(groups), dtype=torch.long, device=device)
-        head_cache = {_cache_argument(lm): _expanded(output_cache(out), to_groups, safe)}
+        head_cache = {cache_arg: _expanded(output_cache(out), to_groups)}
     r_max = max(p_len) - head
     # The prompts' rests, left-padded so every prompt ends at column head + r_max - 1 (its last logit predicts
     # the first reply token); the padding sits between the head and the rest, masked.
@@ -142,9 +148,8 @@ def shared_prefix_hidden(lm, input_ids: torch.Tensor, lengths: list[int], rows: 
         pref_ids[gi, r_max - (p - head):] = input_ids[g[0], head:p]
         pref_attn[gi, head + r_max - (p - head):] = 1
         pref_pos[gi, r_max - (p - head):] = torch.arange(head, p, device=device)
-    with _cache_in_checkpointed_layers(lm):
-        out = body(input_ids=pref_ids, attention_mask=pref_attn, position_ids=pref_pos, use_cache=not safe,
-                   logits_to_keep=1, **head_cache)
+    out = body(input_ids=pref_ids, attention_mask=pref_attn, position_ids=pref_pos, use_cache=not safe,
+               logits_to_keep=1, **head_cache)
     first = out.last_hidden_state[:, -1]  # (groups, hidden)
     cache = output_cache(out)
     gidx = torch.tensor([g_index[r] for r in order], dtype=torch.long, device=device)
@@ -155,7 +160,7 @@ def shared_prefix_hidden(lm, input_ids: torch.Tensor, lengths: list[int], rows: 
         return first, starts, width
     if packable(lm) and not safe:
         hidden = _packed_continuations(body, input_ids, order, lengths, prompt_len, pref_attn.index_select(0, gidx),
-                                       _expanded(cache, gidx), _cache_argument(lm), width - 1)
+                                       _expanded(cache, gidx), cache_arg, width - 1)
         return torch.cat([first, hidden], dim=1), starts, width
     # Continuations: the tokens after each prompt except the last one (whose logits predict nothing), right-padded.
     cont_ids = torch.zeros((len(order), width - 1), dtype=torch.long, device=device)
@@ -166,9 +171,8 @@ def shared_prefix_hidden(lm, input_ids: torch.Tensor, lengths: list[int], rows: 
         cont_attn[i, :n] = 1
     cont_pos = (starts + 1)[:, None] + torch.arange(width - 1, device=device)[None]
     attn = torch.cat([pref_attn.index_select(0, gidx), cont_attn], dim=1)
-    with _cache_in_checkpointed_layers(lm):
-        out = body(input_ids=cont_ids, attention_mask=attn, position_ids=cont_pos, use_cache=not safe,
-                   **{_cache_argument(lm): _expanded(cache, gidx, safe)})
+    out = body(input_ids=cont_ids, attention_mask=attn, position_ids=cont_pos, use_cache=not safe,
+               **{cache_arg: _expanded(cache, gidx)})
     return torch.cat([first, out.last_hidden_state], dim=1), starts, width
 
 
@@ -216,18 +220,11 @@ class _ScatterLayer(DynamicLayer):
         return self.keys, self.values
 
 
-def _expanded(cache, index: torch.Tensor, safe: bool = False):
-    """A new cache whose row i holds row index[i] of `cache` (gradients flow back to `cache`); of
-    `_ReplaySafeLayer`s with `safe`."""
-    from transformers import DynamicCache
-
-    if safe:
-        return Cache(layers=[_ReplaySafeLayer(layer.keys.index_select(0, index), layer.values.index_select(0, index))
-                             for layer in cache.layers])
-    past = DynamicCache()
-    for layer_idx, layer in enumerate(cache.layers):
-        past.update(layer.keys.index_select(0, index), layer.values.index_select(0, index), layer_idx)
-    return past
+def _expanded(cache, index: torch.Tensor) -> Cache:
+    """A new cache whose row i holds row index[i] of `cache` (gradients flow back to `cache`), in
+    `_ReplaySafeLayer`s (for one forward the same as the `DynamicLayer`s of a `DynamicCache`)."""
+    return Cache(layers=[_ReplaySafeLayer(layer.keys.index_select(0, index), layer.values.index_select(0, index))
+                         for layer in cache.layers])
 
 
 class _ReplaySafeLayer(DynamicLayer):
