@@ -237,7 +237,7 @@ def test_hf_engine_samples_with_merged_adapters_and_leaves_the_parameters_alone(
     the block."""
     import turnrl.engines.hf as hf
     from turnrl.engines import HFEngine, SamplingParams
-    from turnrl.models import merged_lora
+    from turnrl.lora import merged_lora
 
     merges = []
     monkeypatch.setattr(hf, "merged_lora", lambda lm: merges.append(lm) or merged_lora(lm))

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import sys
-import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from turnrl.lm_parts import lm_parts, logits_at
+from turnrl.lora import prepared_lora
 
 # The special tokens of the built-in tokenizer follow ChatML, so the tiny model and real chat models
 # (Qwen, SmolLM2) see the same conversation shape.
@@ -208,88 +208,7 @@ def add_lora(lm: nn.Module, spec: LoraSpec, seed: int = 0) -> nn.Module:
         # peft 0.21 calls transformers' deprecated is_gradient_checkpointing: not ours to fix, not the user's to see
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         torch.manual_seed(seed)
-        return _prepared_lora(get_peft_model(lm, config))
-
-
-def _prepared_lora(lm: nn.Module) -> nn.Module:
-    """peft's LoRA layers as turnrl runs them: plain adapters on linear layers get `_lora_linear_forward`, and no
-    layer casts its input to the adapter weights' dtype. turnrl's weights are fp32 and the update runs under bf16
-    autocast, where each adapter's matmul casts its input back to bf16 anyway: the cast is an exact round trip that
-    copied every down_proj input (bf16 -> fp32) in forward and again in backward (7% of a profile of the SmolLM2
-    update, ~5% of its wall time; docs/performance.md). In fp32 there is nothing to cast."""
-    from peft.tuners.lora.layer import Linear as LoraLinear
-    from peft.tuners.tuners_utils import BaseTunerLayer  # what peft.helpers.disable_input_dtype_casting sets
-
-    for module in lm.modules():
-        if isinstance(module, BaseTunerLayer):
-            module.cast_input_dtype_enabled = False
-        if type(module) is LoraLinear:
-            module.forward = types.MethodType(_lora_linear_forward, module)
-    return lm
-
-
-def _lora_linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """peft's LoRA `Linear.forward`, base(x) + B(A(x)) * scaling, with the adapter's product accumulated into the
-    base output by one `addmm` (the scaling folded into B's small weight) and, under autocast, the input cast
-    once. peft's form runs a multiplication and an addition over the whole (tokens, out features) output, and
-    their backward another, and casts the input once for the base layer and once for A: on every projection of
-    every layer, forward and backward. Inside `merged_lora` (sampling) it is one matmul with the merged weight.
-    Anything else (an adapter disabled, merged or mixed, dropout, a LoRA variant such as DoRA, a bias on B, extra
-    arguments) runs peft's own forward."""
-    name = _plain_adapter(self)
-    if name is None or args or kwargs:
-        return type(self).forward(self, x, *args, **kwargs)
-    merged = self.__dict__.get("_turnrl_merged")
-    if merged is not None:
-        return nn.functional.linear(x, merged, self.base_layer.bias)
-    device = x.device.type
-    if torch.is_autocast_enabled(device) and x.is_floating_point():
-        x = x.to(torch.get_autocast_dtype(device))
-    base = self.base_layer(x)
-    h = self.lora_A[name](x)
-    up = (self.lora_B[name].weight * self.scaling[name]).t()
-    out = torch.addmm(base.reshape(-1, base.shape[-1]), h.reshape(-1, h.shape[-1]), up.to(h.dtype))
-    return out.view(base.shape)
-
-
-def _plain_adapter(module) -> str | None:
-    """The name of a peft LoRA Linear's one active, plain adapter (no dropout, no variant, no bias on B, neither
-    disabled nor merged by peft), which `_lora_linear_forward` computes itself; else None."""
-    names = module.active_adapters
-    name = names[0] if len(names) == 1 else None
-    if (name is None or module.disable_adapters or module.merged or name not in module.lora_A
-            or name in getattr(module, "lora_variant", {})  # peft >= 0.15: DoRA and other variants
-            or getattr(module, "use_dora", {}).get(name, False)  # older peft
-            or not isinstance(module.lora_dropout[name], nn.Identity) or module.lora_B[name].bias is not None):
-        return None
-    return name
-
-
-@contextlib.contextmanager
-def merged_lora(lm: nn.Module):
-    """Inside the block, every LoRA linear layer with a plain adapter (`_plain_adapter`) and an fp32 base weight
-    computes its output with one matmul by a merged copy of that weight, W + scaling * B @ A, instead of the base
-    matmul plus the adapter's two small ones and the sum: for sampling, where no gradient flows. The parameters are
-    not touched (no merge/unmerge round trip that would drift the frozen base); the copies are dropped on exit, also
-    on error. They hold one more copy of the adapted weights while the block runs. Lower-precision weights are not
-    merged: in bf16 the merged weight would round an adapter's small update away (a weight's bf16 step, ~1/256 of
-    it, is larger than early LoRA updates), which the unmerged form keeps as a separate term."""
-    merged = []
-    try:
-        with torch.no_grad():
-            for module in lm.modules():
-                bound = module.__dict__.get("forward")
-                name = _plain_adapter(module) if getattr(bound, "__func__", None) is _lora_linear_forward else None
-                if name is None or module.base_layer.weight.dtype not in (torch.float32, torch.float64):
-                    continue
-                weight = module.base_layer.weight
-                delta = module.lora_B[name].weight @ module.lora_A[name].weight
-                module._turnrl_merged = torch.add(weight, delta.to(weight.dtype), alpha=module.scaling[name])
-                merged.append(module)
-        yield
-    finally:
-        for module in merged:
-            del module._turnrl_merged
+        return prepared_lora(get_peft_model(lm, config))
 
 
 def _enable_gradient_checkpointing(lm: nn.Module) -> None:
@@ -482,7 +401,7 @@ def _load_adapter_dir(path: Path, *, value_head: bool, gradient_checkpointing: b
     except ImportError as err:
         raise ModelLoadError("this is a LoRA checkpoint; loading it needs `peft`: pip install 'turnrl[lora]'") from err
     with _quiet_progress():
-        lm = _prepared_lora(PeftModel.from_pretrained(lm, path, is_trainable=True))
+        lm = prepared_lora(PeftModel.from_pretrained(lm, path, is_trainable=True))
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     policy = Policy(lm, tokenizer, value_head=value_head, source=source)
     _load_value_head(policy, path)
