@@ -40,7 +40,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from turnrl.attention import gqa_attention, pack_layout, packable, packed_rows
 from turnrl.engines.base import Completion, SamplingParams, check_prompts
-from turnrl.models import merged_lora
+from turnrl.lora import merged_lora
 from turnrl.shared_prefix import common_head
 
 
@@ -323,8 +323,9 @@ class HFEngine:
         keys/values land where the padded forward would write them, and the logits are those of each row's last
         token. The buffer positions left of a shorter suffix are zeroed (masked, but they must be finite)."""
         device = real.device
-        lengths = torch.tensor([len(x) for x in suffixes], device=device)
-        rows, slots = pack_layout([len(x) for x in suffixes], width_s, right_aligned=True, device=device)
+        counts = [len(x) for x in suffixes]
+        lengths = torch.tensor(counts, device=device)
+        rows, slots = pack_layout(counts, width_s, right_aligned=True, device=device)
         positions = torch.cat([torch.arange(r, r + len(x), device=device) for x, r in zip(suffixes, reuse)])
         end = width_c + width_s
         for layer in cache.layers:
