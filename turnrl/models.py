@@ -150,8 +150,12 @@ class Policy(nn.Module):
         values = None
         if with_values:
             trunk = out.last_hidden_state if lm_parts(self.lm).split else out.hidden_states[-1]
-            values = self.value_head(trunk).squeeze(-1).float()
+            values = self.values(trunk)
         return logits, values
+
+    def values(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The value head on last hidden states (..., hidden) -> (...) float32 values."""
+        return self.value_head(hidden).squeeze(-1).float()
 
     @property
     def is_lora(self) -> bool:

@@ -156,7 +156,7 @@ def model_token_forward(lm, batch: Batch, rows: list[int], *, share: bool, bf16:
         if share:
             logits = lm_parts(lm).head(w.hidden[on])
             if values_of is not None:
-                values = values_of.value_head(w.hidden).squeeze(-1).float()
+                values = values_of.values(w.hidden)
         elif values_of is not None:
             logits, values = values_of(batch.input_ids[rows, :n], batch.attention[rows, :n], with_values=True,
                                        at=predicting(on))
@@ -206,7 +206,7 @@ def policy_values(policy, batch: Batch, rows_groups: list[list[int]], bf16: bool
         with _autocast(bf16):
             if share:
                 w = window_hidden(policy.lm, batch, rows)
-                vals = policy.value_head(w.hidden).squeeze(-1).float()
+                vals = policy.values(w.hidden)
                 for i, r in enumerate(rows):
                     start = int(w.starts[i])
                     n = batch.lengths[r] - 1 - start
