@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -172,19 +173,27 @@ def _evaluate(policy, cfg: TrainConfig, engine, env_name, episodes, k, temperatu
     make_env = lambda: make(env_name, **cfg.env.kwargs)  # noqa: E731
     params = SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=temperature)
     trajs = run_episodes(engine, renderer, make_env, seeds, k, settings, params, env_name=env_name)
-    summary = summarize(trajs, k)
+    greedy_trajs = None
+    if greedy:
+        greedy_trajs = run_episodes(engine, renderer, make_env, seeds, 1, settings,
+                                    SamplingParams(max_new_tokens=settings.max_new_tokens, greedy=True),
+                                    env_name=env_name)
+    return eval_result(trajs, greedy_trajs, k=k, episodes=episodes, temperature=temperature, make_env=make_env,
+                       settings=settings), trajs
+
+
+def eval_result(sampled: list, greedy: list | None, *, k: int, episodes: int, temperature: float,
+                make_env: Callable[[], object], settings: RolloutSettings) -> EvalResult:
+    """The EvalResult of `k` sampled episodes per seed and of the greedy ones (None: not played), from
+    token-level rollouts (Trajectory) or served evaluation (turnrl.served.ChatEpisode) alike."""
+    summary = summarize(sampled, k)
     probe = make_env()
     multi_attempt = probe.free_text and settings.max_turns > 1
     probe.close()
-    played = [t for t in trajs if not t.failed]
+    played = [t for t in sampled if not t.failed]
     qa = qa_summary(played, think=settings.think, max_turns=settings.max_turns) if multi_attempt else None
-    greedy_rate = None
-    if greedy:
-        g = run_episodes(engine, renderer, make_env, seeds, 1, settings,
-                         SamplingParams(max_new_tokens=settings.max_new_tokens, greedy=True), env_name=env_name)
-        greedy_rate = summarize(g, 1)["success_rate"]
-    result = EvalResult(success_rate=summary["success_rate"], mean_return=summary["mean_return"],
-                        pass_at_k=summary["pass_at_k"], k=k, episodes=episodes, temperature=temperature,
-                        valid_turn_rate=summary["valid_turn_rate"], mean_turns=summary["mean_turns"],
-                        greedy_success_rate=greedy_rate, env_errors=summary["env_errors"], qa=qa)
-    return result, trajs
+    return EvalResult(success_rate=summary["success_rate"], mean_return=summary["mean_return"],
+                      pass_at_k=summary["pass_at_k"], k=k, episodes=episodes, temperature=temperature,
+                      valid_turn_rate=summary["valid_turn_rate"], mean_turns=summary["mean_turns"],
+                      greedy_success_rate=None if greedy is None else summarize(greedy, 1)["success_rate"],
+                      env_errors=summary["env_errors"], qa=qa)

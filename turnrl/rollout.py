@@ -52,25 +52,37 @@ class RolloutSettings:
         if self.context == "summary" and not self.think:
             raise ValueError("context 'summary' carries the model's <think> text between turns: it needs think=True")
 
-@dataclass
-class _Episode:
-    env: object
-    ctx: TurnContext | None
+@dataclass(kw_only=True)
+class EpisodeState:
+    """What the episode loop (`play`) and env fault isolation need of an episode in play; token-level
+    rollouts (`_Episode`) and served evaluation (`turnrl.served.ChatEpisode`) extend it."""
+
     seed: int
-    group_id: int
+    env: object = None
     done: bool = False
-    terminated: bool = False
-    truncated: bool = False
-    success: bool = False
-    num_actions: int = 0
-    valid_turns: int = 0
-    end_reason: str = ""
+    end_reason: str = ""  # as Trajectory.end_reason
     error: str = ""
     turns: int = 0  # replies generated so far
 
     def fail(self, err: BaseException, env_name: str, during: str) -> None:
         self.done, self.end_reason = True, "env_error"
         self.error = f"env {env_name!r} seed {self.seed}: {during} raised\n{format_error(err)}"
+
+    @property
+    def failed(self) -> bool:
+        """The env raised or hung: the episode is lost and must not be trained on or scored."""
+        return self.end_reason == "env_error"
+
+
+@dataclass(kw_only=True)
+class _Episode(EpisodeState):
+    group_id: int
+    ctx: TurnContext | None = None
+    terminated: bool = False
+    truncated: bool = False
+    success: bool = False
+    num_actions: int = 0
+    valid_turns: int = 0
 
     @property
     def builder(self) -> EpisodeBuilder:
@@ -120,44 +132,30 @@ def run_episodes(engine: Engine, renderer: ChatRenderer, make_env: Callable[[], 
     "env_error" and the traceback in `error` (Trajectory.failed), and the others play on.
     Trajectories come back in episode order (group by group).
     """
-    episodes = [_Episode(None, None, seed, group_id) for group_id, seed in enumerate(seeds) for _ in range(group_size)]
+    episodes = [_Episode(seed=seed, group_id=group_id) for group_id, seed in enumerate(seeds)
+                for _ in range(group_size)]
     # Keys are unique per call so an engine's per-episode cache never outlives this rollout (the
     # weights change after it).
     call = next(_CALLS)
     base = stream_base(engine)
-    live: list[int] = []
-    started = 0  # episodes[:started] have been reset
-    try:
-        while True:
-            # Start whole groups while there is room (always one group when nothing is alive).
-            while started < len(episodes) and (settings.max_live <= 0 or not live
-                                               or len(live) + group_size <= settings.max_live):
-                for i in range(started, started + group_size):
-                    _start(episodes[i], make_env, renderer, settings, env_name)
-                    if episodes[i].done:
-                        _close(episodes[i], settings, env_name)
-                    else:
-                        live.append(i)
-                started += group_size
-            if not live:
-                break
-            streams = {} if base is None else {"seeds": [stream_seed(base, i, episodes[i].turns) for i in live]}
-            completions: list[Completion] = engine.generate([episodes[i].ctx.prompt for i in live], params,
-                                                            keys=[(call, i) for i in live], **streams)
-            for i, completion in zip(live, completions):
-                ep = episodes[i]
-                _advance(ep, completion, renderer, settings, last_turn=ep.turns == settings.max_turns - 1,
-                         env_name=env_name)
-                ep.turns += 1
-            ended = [i for i in live if episodes[i].done]
-            engine.release([(call, i) for i in ended])
-            for i in ended:
-                _close(episodes[i], settings, env_name)
-            live = [i for i in live if not episodes[i].done]
-    finally:
-        engine.release([(call, i) for i in range(len(episodes))])
-        for ep in episodes:
-            _close(ep, settings, env_name)
+
+    def turn(live: list[int]) -> None:
+        streams = {} if base is None else {"seeds": [stream_seed(base, i, episodes[i].turns) for i in live]}
+        completions: list[Completion] = engine.generate([episodes[i].ctx.prompt for i in live], params,
+                                                        keys=[(call, i) for i in live], **streams)
+        for i, completion in zip(live, completions):
+            ep = episodes[i]
+            _advance(ep, completion, renderer, settings, last_turn=ep.turns == settings.max_turns - 1,
+                     env_name=env_name)
+            ep.turns += 1
+
+    def end(ended: list[int]) -> None:
+        engine.release([(call, i) for i in ended])
+        for i in ended:
+            close_env(episodes[i], settings, env_name)
+
+    play(episodes, group_size, settings.max_live,
+         start=lambda i: _start(episodes[i], make_env, renderer, settings, env_name), turn=turn, end=end)
 
     trajectories = []
     for ep in episodes:
@@ -171,24 +169,72 @@ def run_episodes(engine: Engine, renderer: ChatRenderer, make_env: Callable[[], 
     return trajectories
 
 
-def _start(ep: _Episode, make_env: Callable[[], object], renderer: ChatRenderer, settings: RolloutSettings,
-           env_name: str) -> None:
-    """Makes and resets the episode's env and renders its first prompt (or ends it: env error, no room)."""
+def play(episodes: list, group_size: int, max_live: int, *, start: Callable[[int], None],
+         turn: Callable[[list[int]], None], end: Callable[[list[int]], None]) -> None:
+    """The episode loop of token-level rollouts and of served evaluation (turnrl.served): runs `episodes`
+    (objects with a `done` flag; `group_size` consecutive ones form a group) until every one is done.
+
+    `start(i)` begins episode i (and may end it at once); `turn(live)` plays one turn of every live episode in
+    one batch; `end(ended)` frees what ended episodes hold (env, engine cache). `max_live` > 0 bounds the
+    episodes alive at once: whole groups start as earlier episodes end (always one group when nothing is alive).
+    `end` is called exactly once for every started episode, also when an exception leaves the loop."""
+    live: list[int] = []
+    started = 0  # whole groups episodes[:started] have been started
+    begun = 0  # episodes[:begun] have had `start` called (ahead of `started` while a group starts)
+    ended: set[int] = set()
+
+    def finish(indices) -> None:
+        new = [i for i in indices if i not in ended]
+        ended.update(new)
+        if new:
+            end(new)
+
+    try:
+        while True:
+            while started < len(episodes) and (max_live <= 0 or not live or len(live) + group_size <= max_live):
+                for i in range(started, started + group_size):
+                    begun = i + 1
+                    start(i)
+                    if episodes[i].done:
+                        finish([i])
+                    else:
+                        live.append(i)
+                started += group_size
+            if not live:
+                break
+            turn(live)
+            finish([i for i in live if episodes[i].done])
+            live = [i for i in live if not episodes[i].done]
+    finally:
+        finish(range(begun))
+
+
+def open_env(ep: EpisodeState, make_env: Callable[[], object], settings: RolloutSettings, env_name: str) -> str | None:
+    """Makes and resets the episode's env; its first observation, or None when the env failed (the episode
+    then ends as an env error)."""
     try:
         with time_limit(settings.env_timeout):
             ep.env = make_env()
             obs, _info = ep.env.reset(seed=ep.seed)
             _check_observation(obs)
+        return obs
     except Exception as err:  # the env is user code: whatever it raises loses only this episode
         ep.fail(err, env_name, "reset")
-        return
-    ep.ctx = TurnContext(renderer, settings, obs)
-    if len(ep.ctx.prompt) + settings.max_new_tokens > settings.max_context_tokens:
-        # the first observation alone leaves no room for a reply: no turn is played
-        ep.done, ep.truncated, ep.end_reason = True, True, "context_budget"
+        return None
 
 
-def _close(ep: _Episode, settings: RolloutSettings, env_name: str) -> None:
+def step_env(ep: EpisodeState, actions: tuple[str, ...], parsed_ok: bool, settings: RolloutSettings, env_name: str
+             ) -> tuple[str, float, bool, bool, bool, int, bool] | None:
+    """`act` on the episode's env under `settings.env_timeout`; None when the env failed (the episode ends)."""
+    try:
+        with time_limit(settings.env_timeout):
+            return act(ep.env, actions, parsed_ok)
+    except Exception as err:  # user code, as above
+        ep.fail(err, env_name, "step")
+        return None
+
+
+def close_env(ep: EpisodeState, settings: RolloutSettings, env_name: str) -> None:
     """Closes the episode's env once (an error while closing fails an episode that had none)."""
     env, ep.env = ep.env, None
     if env is None:
@@ -199,6 +245,18 @@ def _close(ep: _Episode, settings: RolloutSettings, env_name: str) -> None:
     except Exception as err:  # user code, as above
         if not ep.error:
             ep.fail(err, env_name, "close")
+
+
+def _start(ep: _Episode, make_env: Callable[[], object], renderer: ChatRenderer, settings: RolloutSettings,
+           env_name: str) -> None:
+    """Makes and resets the episode's env and renders its first prompt (or ends it: env error, no room)."""
+    obs = open_env(ep, make_env, settings, env_name)
+    if obs is None:
+        return
+    ep.ctx = TurnContext(renderer, settings, obs)
+    if len(ep.ctx.prompt) + settings.max_new_tokens > settings.max_context_tokens:
+        # the first observation alone leaves no room for a reply: no turn is played
+        ep.done, ep.truncated, ep.end_reason = True, True, "context_budget"
 
 
 def stream_base(engine) -> int | None:
@@ -224,13 +282,11 @@ def _advance(ep: _Episode, completion: Completion, renderer: ChatRenderer, setti
     ctx.add_reply(completion.ids, completion.logprobs, renderer.prefix + text)
     reply = parse_reply(renderer.prefix + text, think=settings.think, max_actions=settings.max_actions_per_turn,
                         split=not ep.env.free_text, strict=settings.strict_format)
-    try:
-        with time_limit(settings.env_timeout):
-            obs, reward, terminated, truncated, success, n_valid, all_valid = act(ep.env, reply.actions, reply.ok)
-    except Exception as err:  # the env is user code: whatever it raises loses only this episode
+    outcome = step_env(ep, reply.actions, reply.ok, settings, env_name)
+    if outcome is None:
         b.rewards.append(0.0)
-        ep.fail(err, env_name, "step")
         return
+    obs, reward, terminated, truncated, success, n_valid, all_valid = outcome
     valid = reply.ok and all_valid
     ep.num_actions += n_valid
     ep.valid_turns += int(valid)

@@ -1,9 +1,10 @@
-"""Evaluation of served models: the env loop of `turnrl.rollout`, in chat messages instead of token ids.
+"""Evaluation of served models: the episode loop of `turnrl.rollout` (`play`), in chat messages instead of token ids.
 
 Each episode keeps its conversation as messages (system rules, observations, the model's replies); a
-turn sends every active conversation to the server at once (the engine spreads them over its
-concurrency limit), parses the replies with the same parser and steps the envs with the same `act`
-as training rollouts, so success and return mean exactly what they mean in `turnrl eval`.
+turn sends every live conversation to the server at once (the engine spreads them over its
+concurrency limit), parses the replies with the same parser and steps the envs with the same guarded
+`act` as training rollouts (env faults and timeouts lose only their episode), so success, return and
+`env_errors` mean exactly what they mean in `turnrl eval`.
 
 Differences to token-level rollouts: there is no response prefix (the server's reply must carry the
 whole `<think>…</think><answer>…</answer>` or `<answer>…</answer>`; `turnrl serve` adds the prefix its
@@ -20,22 +21,20 @@ from turnrl.context import SUMMARY_INSTRUCTION, reflection_of, summary_message
 from turnrl.engines.base import SamplingParams
 from turnrl.engines.openai import OpenAIEngine
 from turnrl.envs import make
-from turnrl.evaluate import EvalResult, eval_arguments, summarize
+from turnrl.evaluate import EvalResult, eval_arguments, eval_result, settings_for
 from turnrl.parsing import parse_reply
-from turnrl.rollout import act
+from turnrl.rollout import EpisodeState, close_env, open_env, play, step_env
 
 
-@dataclass
-class ChatEpisode:
-    """One episode played through a chat server (the fields `evaluate.summarize` reads)."""
+@dataclass(kw_only=True)
+class ChatEpisode(EpisodeState):
+    """One episode played through a chat server (the fields `evaluate.summarize` and `qa_summary` read)."""
 
-    env: object
-    seed: int
-    messages: list[dict]
+    group_id: int
+    messages: list[dict] = field(default_factory=list)
     turn_rewards: list[float] = field(default_factory=list)
     valid_turns: int = 0
     success: bool = False
-    done: bool = False
 
     @property
     def total_reward(self) -> float:
@@ -46,9 +45,9 @@ class ChatEpisode:
         return len(self.turn_rewards)
 
     @property
-    def failed(self) -> bool:
-        """Always False: this loop does not isolate env faults (an env error stops the evaluation)."""
-        return False
+    def transcript(self) -> tuple[tuple[str, str], ...]:
+        """(role, text) of the conversation after the system message, as Trajectory.transcript."""
+        return tuple((m["role"], m["content"]) for m in self.messages if m["role"] != "system")
 
 
 def context_messages(messages: list[dict], r) -> list[dict]:
@@ -67,37 +66,53 @@ def context_messages(messages: list[dict], r) -> list[dict]:
 
 
 def run_chat_episodes(engine: OpenAIEngine, make_env: Callable[[], object], seeds: list[int], k: int,
-                      cfg: TrainConfig, params: SamplingParams) -> list[ChatEpisode]:
-    """Plays `k` episodes per seed with the served model, at most `cfg.rollout.max_turns` replies each."""
-    r = cfg.rollout
-    episodes = []
-    for seed in seeds:
-        for _ in range(k):
-            env = make_env()
-            obs, _ = env.reset(seed=seed)
-            rules = env.system_prompt() if cfg.env.system_prompt else None
+                      cfg: TrainConfig, params: SamplingParams, env_name: str = "") -> list[ChatEpisode]:
+    """Plays `k` episodes per seed with the served model, at most `cfg.rollout.max_turns` replies each, in the
+    episode loop of token-level rollouts (`turnrl.rollout.play`): `rollout.max_live_episodes` bounds the envs
+    alive at once, and an env whose reset, step or close raises or exceeds `rollout.env_timeout` loses only its
+    own episode (end_reason "env_error", `failed`), as in `run_episodes`. Episodes come back seed by seed."""
+    r, settings = cfg.rollout, settings_for(cfg)
+    rules = None
+    episodes = [ChatEpisode(seed=seed, group_id=g) for g, seed in enumerate(seeds) for _ in range(k)]
+
+    def start(i: int) -> None:
+        nonlocal rules
+        ep = episodes[i]
+        obs = open_env(ep, make_env, settings, env_name)
+        if obs is None:
+            return
+        if rules is None:  # the rules are the env's, the same for every episode
+            rules = ep.env.system_prompt() if cfg.env.system_prompt else ""
             if r.context == "summary":
                 rules = f"{rules}\n\n{SUMMARY_INSTRUCTION}" if rules else SUMMARY_INSTRUCTION
-            system = [{"role": "system", "content": rules}] if rules else []
-            episodes.append(ChatEpisode(env, seed, system + [{"role": "user", "content": obs}]))
-    try:
-        for _turn in range(r.max_turns):
-            active = [e for e in episodes if not e.done]
-            if not active:
-                break
-            for ep, reply in zip(active, engine.chat([context_messages(e.messages, r) for e in active], params)):
-                parsed = parse_reply(reply.text, think=r.think, max_actions=r.max_actions_per_turn,
-                                     split=not ep.env.free_text, strict=r.strict_format)
-                obs, reward, terminated, truncated, success, _n_valid, all_valid = act(ep.env, parsed.actions, parsed.ok)
-                valid = parsed.ok and all_valid
-                ep.valid_turns += int(valid)
-                ep.turn_rewards.append(reward + (0.0 if valid else r.format_penalty))
-                ep.messages += [{"role": "assistant", "content": reply.text}, {"role": "user", "content": obs}]
-                if terminated or truncated:
-                    ep.done, ep.success = True, success
-    finally:
-        for ep in episodes:
-            ep.env.close()
+        ep.messages = ([{"role": "system", "content": rules}] if rules else []) + [{"role": "user", "content": obs}]
+
+    def turn(live: list[int]) -> None:
+        replies = engine.chat([context_messages(episodes[i].messages, r) for i in live], params)
+        for i, reply in zip(live, replies):
+            ep = episodes[i]
+            ep.turns += 1
+            parsed = parse_reply(reply.text, think=r.think, max_actions=r.max_actions_per_turn,
+                                 split=not ep.env.free_text, strict=r.strict_format)
+            outcome = step_env(ep, parsed.actions, parsed.ok, settings, env_name)
+            if outcome is None:
+                ep.turn_rewards.append(0.0)
+                continue
+            obs, reward, terminated, truncated, success, _n_valid, all_valid = outcome
+            valid = parsed.ok and all_valid
+            ep.valid_turns += int(valid)
+            ep.turn_rewards.append(reward + (0.0 if valid else r.format_penalty))
+            ep.messages += [{"role": "assistant", "content": reply.text}, {"role": "user", "content": obs}]
+            if terminated or truncated:
+                ep.done, ep.success, ep.end_reason = True, success, "env"
+            elif ep.turns == r.max_turns:
+                ep.done, ep.end_reason = True, "turn_budget"
+
+    def end(ended: list[int]) -> None:
+        for i in ended:
+            close_env(episodes[i], settings, env_name)
+
+    play(episodes, k, r.max_live_episodes, start=start, turn=turn, end=end)
     return episodes
 
 
@@ -109,15 +124,12 @@ def evaluate_served(engine: OpenAIEngine, cfg: TrainConfig, *, env_name: str | N
     make_env = lambda: make(env_name, **cfg.env.kwargs)  # noqa: E731
     seeds = list(range(episodes))
     sampled = run_chat_episodes(engine, make_env, seeds, k, cfg,
-                                SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=temperature))
-    summary = summarize(sampled, k)
-    greedy_rate = None
+                                SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=temperature),
+                                env_name=env_name)
+    greedy_episodes = None
     if greedy:
-        g = run_chat_episodes(engine, make_env, seeds, 1, cfg,
-                              SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, greedy=True))
-        greedy_rate = summarize(g, 1)["success_rate"]
-    result = EvalResult(success_rate=summary["success_rate"], mean_return=summary["mean_return"],
-                        pass_at_k=summary["pass_at_k"], k=k, episodes=episodes, temperature=temperature,
-                        valid_turn_rate=summary["valid_turn_rate"], mean_turns=summary["mean_turns"],
-                        greedy_success_rate=greedy_rate)
-    return result, sampled
+        greedy_episodes = run_chat_episodes(engine, make_env, seeds, 1, cfg,
+                                            SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, greedy=True),
+                                            env_name=env_name)
+    return eval_result(sampled, greedy_episodes, k=k, episodes=episodes, temperature=temperature, make_env=make_env,
+                       settings=settings_for(cfg)), sampled
