@@ -20,6 +20,7 @@ commands:
           or a served model:   turnrl eval [RUN_DIR] --engine openai --base-url URL [--model NAME] --env NAME
   serve   serve a run as an OpenAI-compatible chat endpoint:   turnrl serve RUN_DIR [--host H] [--port N]
   export  write a run's model as a plain Hugging Face directory (LoRA merged):   turnrl export RUN_DIR --merged OUT
+  report  a run's evaluations and training curves as one HTML page:   turnrl report RUN_DIR [--keys 'perf/*']
   play    play an environment yourself in the terminal:   turnrl play ENV [--seed S]
   envs    list the registered environments
 
@@ -318,6 +319,25 @@ def cmd_play(argv: list[str]) -> int:
     return 0
 
 
+def cmd_report(argv: list[str]) -> int:
+    from turnrl.report import ReportError, write_report
+
+    p = argparse.ArgumentParser(prog="turnrl report", description="Write a run's held-out evaluations, training "
+                                "curves (metrics.jsonl) and config as one self-contained HTML page. Needs matplotlib: "
+                                "pip install 'turnrl[report]'.")
+    p.add_argument("run", help="a turnrl run directory (also while it trains)")
+    p.add_argument("--out", default=None, help="output file (default RUN/report.html)")
+    p.add_argument("--keys", nargs="+", default=None, metavar="KEY",
+                   help="more metric keys to plot, one panel each; shell patterns work, e.g. 'perf/*' 'train/*'")
+    args = p.parse_args(argv)
+    try:
+        out, panels = write_report(Path(args.run), Path(args.out) if args.out else None, args.keys)
+    except ReportError as err:
+        raise UsageError(str(err)) from err
+    print(f"wrote {out} ({len(panels)} panels)")
+    return 0
+
+
 def cmd_envs(argv: list[str]) -> int:
     from turnrl.envs import env_summary, list_envs
 
@@ -329,8 +349,8 @@ def cmd_envs(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "serve": cmd_serve, "play": cmd_play,
-            "envs": cmd_envs}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "serve": cmd_serve, "report": cmd_report,
+            "play": cmd_play, "envs": cmd_envs}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,96 @@
+"""`turnrl report`: a run's evaluations, curves and config on one self-contained HTML page."""
+
+import base64
+import json
+import re
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from turnrl.cli import main  # noqa: E402
+from turnrl.config import TrainConfig  # noqa: E402
+from turnrl.report import PANELS, moving_average, panels_for, series  # noqa: E402
+
+
+def fake_run(tmp_path, records, evals=None, torn=False):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(TrainConfig(iterations=len(records)).to_json())
+    lines = "".join(json.dumps(r) + "\n" for r in records)
+    (run / "metrics.jsonl").write_text(lines + ('{"iteration": 99, "rollout/succ' if torn else ""))
+    if evals is not None:
+        (run / "eval.json").write_text(json.dumps(evals))
+    return run
+
+
+RECORDS = [{"iteration": i, "rollout/success_rate": i / 30, "rollout/pass_at_group": min(1.0, i / 15),
+            "loss/entropy": 1.0 - i / 60, "actor/grad_norm": None if i == 3 else 0.5,  # null: a NaN step
+            "loss/kl": None, "perf/rollout_seconds": 1.0, "perf/update_seconds": 2.0, "train/tokens": 100.0 + i}
+           for i in range(30)]
+EVALS = {"untrained": {"success_rate": 0.0, "greedy_success_rate": 0.0, "mean_return": -0.8, "pass_at_k": 0.0,
+                       "k": 4, "episodes": 8, "temperature": 1.0, "valid_turn_rate": 0.0, "mean_turns": 8.0,
+                       "env_errors": 0},
+         "after_rl": {"success_rate": 0.625, "greedy_success_rate": 0.75, "mean_return": 0.5, "pass_at_k": 0.875,
+                      "k": 4, "episodes": 8, "temperature": 1.0, "valid_turn_rate": 0.9, "mean_turns": 2.5,
+                      "env_errors": 1}}
+
+
+def test_series_skips_nulls_and_missing_keys_and_the_moving_average_is_trailing():
+    xs, ys = series(RECORDS, "actor/grad_norm")
+    assert 3 not in xs and len(xs) == 29 and set(ys) == {0.5}
+    assert series(RECORDS, "loss/kl") == ([], [])
+    assert series(RECORDS, "collapse/mi") == ([], [])
+    assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert moving_average([2.0], 5) == [2.0]
+
+
+def test_panels_are_those_with_data_plus_requested_keys():
+    panels = dict(panels_for(RECORDS))
+    assert panels["Rollout success"] == ["rollout/success_rate", "rollout/pass_at_group"]
+    assert panels["Seconds per iteration"] == ["perf/rollout_seconds", "perf/update_seconds"]  # no iteration_seconds
+    assert "KL to the reference" not in panels  # every value null: nothing to draw
+    assert set(panels) <= {title for title, _ in PANELS}
+    extra = panels_for(RECORDS, ["train/*", "perf/update_seconds"])
+    assert extra[-2:] == [("train/tokens", ["train/tokens"]), ("perf/update_seconds", ["perf/update_seconds"])]
+
+
+def test_turnrl_report_writes_one_self_contained_page(tmp_path, capsys):
+    run = fake_run(tmp_path, RECORDS, EVALS, torn=True)  # a torn last line (a run killed mid-write) is dropped
+    assert main(["report", str(run), "--keys", "train/tokens"]) == 0
+    assert "5 panels" in capsys.readouterr().out  # success, entropy, grad norm, seconds + train/tokens
+    page = (run / "report.html").read_text()
+    images = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
+    assert len(images) == 5 and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
+    assert "http" not in page.replace("<!doctype html>", "")  # nothing fetched from elsewhere
+    assert "<th>after_rl</th><td>0.625</td><td>0.750</td><td>0.500</td><td>0.875</td>" in page
+    assert "30 of 30 iterations logged" in page and "8 held-out start states × 4 samples" in page
+    assert json.loads(run.joinpath("config.json").read_text())["env"]["name"] in page
+
+
+def test_report_of_a_run_that_has_not_logged_yet(tmp_path):
+    run = fake_run(tmp_path, [])
+    assert main(["report", str(run), "--out", str(tmp_path / "r.html")]) == 0
+    page = (tmp_path / "r.html").read_text()
+    assert "No iteration logged yet" in page and "No held-out evaluation yet" in page
+
+
+@pytest.mark.parametrize("args, message", [
+    (["report", "{tmp}"], "is not a turnrl run directory"),
+    (["report", "{run}", "--keys", "rollout/sucess_rate"], "did you mean rollout/success_rate"),
+])
+def test_bad_report_arguments_exit_2_with_one_line(tmp_path, capsys, args, message):
+    run = fake_run(tmp_path, RECORDS)
+    args = [a.format(tmp=tmp_path, run=run) for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+
+
+def test_report_without_matplotlib_says_how_to_install_it(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    assert main(["report", str(fake_run(tmp_path, RECORDS))]) == 2
+    assert "pip install 'turnrl[report]'" in capsys.readouterr().err

@@ -1,0 +1,178 @@
+"""`turnrl report RUN_DIR`: a run on one self-contained HTML page, `RUN_DIR/report.html`.
+
+The page holds the run's held-out evaluations (`eval.json`: untrained, after SFT, after RL), learning curves of
+`metrics.jsonl` (the keys of docs/metrics.md, one panel per concern, each iteration's value and a moving average)
+and the resolved config. matplotlib draws the curves (`pip install 'turnrl[report]'`); they are embedded as PNG,
+so the page is one file that opens anywhere. A run still training can be reported at any time: the page shows
+the iterations logged so far.
+"""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import html
+import importlib.util
+import io
+import json
+import math
+from pathlib import Path
+
+from turnrl.checkpoint import MetricsLog
+
+# (panel title, metric keys drawn in it); a panel is left out when none of its keys has a value in the run.
+PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Rollout success", ("rollout/success_rate", "rollout/pass_at_group")),
+    ("Rollout reward", ("rollout/mean_reward", "rollout/reward_std")),
+    ("Valid turns", ("rollout/valid_turn_rate",)),
+    ("Turns per episode", ("rollout/mean_turns",)),
+    ("Group filter: kept fraction", ("filter/kept_fraction",)),
+    ("Policy entropy", ("loss/entropy",)),
+    ("KL to the reference", ("loss/kl",)),
+    ("Value loss", ("loss/value",)),
+    ("PPO clip fraction", ("actor/clip_frac",)),
+    ("Gradient norm", ("actor/grad_norm",)),
+    ("Logprob mismatch, engine vs. trainer", ("actor/logprob_mismatch",)),
+    ("Collapse: mutual information (nats)", ("collapse/mi", "collapse/mi_max")),
+    ("Seconds per iteration", ("perf/rollout_seconds", "perf/update_seconds", "perf/iteration_seconds")),
+)
+EVAL_COLUMNS = (("success_rate", "success"), ("greedy_success_rate", "greedy"), ("mean_return", "return"),
+                ("pass_at_k", "pass@k"), ("valid_turn_rate", "valid turns"), ("mean_turns", "turns"),
+                ("env_errors", "env errors"))
+
+
+class ReportError(ValueError):
+    """The report cannot be made (not a run directory, no matplotlib, unknown metric keys): a one-line message."""
+
+
+def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(iterations, values) of `key` over the records that hold a finite number for it (null = NaN/inf is left
+    out, as are records written before the key existed)."""
+    xs, ys = [], []
+    for r in records:
+        v = r.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            xs.append(int(r.get("iteration", len(xs))))
+            ys.append(float(v))
+    return xs, ys
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over the last `window` values (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def panels_for(records: list[dict], extra_keys: list[str] | None = None) -> list[tuple[str, list[str]]]:
+    """The panels with data: the default PANELS, then one panel per key matched by `extra_keys` (exact keys or
+    shell patterns such as 'perf/*'). A pattern that matches no logged key is a ReportError naming the keys."""
+    logged = sorted({k for r in records for k in r if k != "iteration"})
+    has_data = {k for k in logged if series(records, k)[0]}
+    panels = [(title, [k for k in keys if k in has_data]) for title, keys in PANELS]
+    panels = [(title, keys) for title, keys in panels if keys]
+    for pattern in extra_keys or []:
+        matched = [k for k in logged if fnmatch.fnmatchcase(k, pattern)]
+        if not matched:
+            import difflib
+            close = difflib.get_close_matches(pattern, logged, n=3)
+            raise ReportError(f"no metric key matches {pattern!r}" + (f"; did you mean {', '.join(close)}?"
+                                                                     if close else f" (logged: {len(logged)} keys)"))
+        panels += [(key, [key]) for key in matched if key in has_data]
+    return panels
+
+
+def _png(title: str, curves: list[tuple[str, list[int], list[float]]]) -> str:
+    """One panel as a base64 PNG: every curve's values (thin) and, past 20 points, their moving average."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.0), dpi=100)
+    try:
+        for i, (key, xs, ys) in enumerate(curves):
+            color = f"C{i}"
+            smooth = len(ys) > 20
+            ax.plot(xs, ys, color=color, linewidth=0.8, alpha=0.45 if smooth else 1.0,
+                    marker="o" if len(ys) == 1 else None, label=None if smooth else key)
+            if smooth:
+                ax.plot(xs, moving_average(ys, max(2, len(ys) // 20)), color=color, linewidth=1.8, label=key)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("iteration", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+    finally:
+        plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _eval_table(evals: dict) -> str:
+    if not evals:
+        return "<p>No held-out evaluation yet (eval.json is written at the start, after SFT and at the end).</p>"
+    head = "".join(f"<th>{html.escape(label)}</th>" for _, label in EVAL_COLUMNS)
+    rows = []
+    for point, result in evals.items():
+        cells = []
+        for key, _ in EVAL_COLUMNS:
+            v = result.get(key)
+            cells.append("<td>–</td>" if v is None else f"<td>{v:.3f}</td>" if isinstance(v, float) else
+                         f"<td>{html.escape(str(v))}</td>")
+        rows.append(f"<tr><th>{html.escape(point)}</th>{''.join(cells)}</tr>")
+    first = next(iter(evals.values()))
+    note = f"{first.get('episodes')} held-out start states × {first.get('k')} samples at T={first.get('temperature')}"
+    return f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table><p class=note>{html.escape(note)}</p>"
+
+
+def write_report(run_dir: Path, out: Path | None = None, keys: list[str] | None = None) -> tuple[Path, list]:
+    """Writes the report of the run in `run_dir` to `out` (default `run_dir/report.html`); returns the path and
+    the panels drawn, [(title, [keys])]."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise ReportError(f"{str(run_dir)!r} is not a turnrl run directory (no config.json)")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ReportError("turnrl report draws with matplotlib: pip install 'turnrl[report]'")
+    config = json.loads(config_path.read_text())
+    records = MetricsLog(run_dir / "metrics.jsonl").read()
+    eval_path = run_dir / "eval.json"
+    evals = json.loads(eval_path.read_text()) if eval_path.is_file() else {}
+    panels = panels_for(records, keys)
+    images = [f"<figure><img alt='{html.escape(title)}' src='data:image/png;base64,"
+              f"{_png(title, [(k, *series(records, k)) for k in panel_keys])}'></figure>"
+              for title, panel_keys in panels]
+    model, env, algo = config.get("model", {}), config.get("env", {}), config.get("algo", {})
+    summary = (f"model {model.get('name')} · env {env.get('name')} · estimator {algo.get('estimator')} · "
+               f"filter {algo.get('filter')} · {len(records)} of {config.get('iterations')} iterations logged")
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>turnrl report: {html.escape(run_dir.resolve().name)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }}
+table {{ border-collapse: collapse; }} th, td {{ padding: 0.25em 0.8em; text-align: right; border-bottom: 1px solid #ddd; }}
+.grid {{ display: flex; flex-wrap: wrap; gap: 0.5em; }} figure {{ margin: 0; }}
+.note {{ color: #666; font-size: 0.9em; }} pre {{ background: #f6f6f6; padding: 0.8em; overflow-x: auto; }}
+</style></head><body>
+<h1>{html.escape(str(run_dir))}</h1>
+<p>{html.escape(summary)}</p>
+<h2>Held-out evaluation</h2>
+{_eval_table(evals)}
+<h2>Training curves</h2>
+<p class=note>Metric keys are documented in docs/metrics.md. Rollout keys are measured on the training start
+states of each iteration, before its update.</p>
+<div class=grid>{''.join(images) or '<p>No iteration logged yet.</p>'}</div>
+<h2>Config</h2>
+<details><summary>config.json</summary><pre>{html.escape(json.dumps(config, indent=2))}</pre></details>
+</body></html>
+"""
+    out = Path(out) if out is not None else run_dir / "report.html"
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(page)
+    tmp.replace(out)  # a reader never sees half a page
+    return out, panels
