@@ -68,11 +68,27 @@ def test_turnrl_report_writes_one_self_contained_page(tmp_path, capsys):
     assert json.loads(run.joinpath("config.json").read_text())["env"]["name"] in page
 
 
+def test_sample_episodes_are_shown_escaped_newest_first(tmp_path):
+    run = fake_run(tmp_path, RECORDS[:3])
+    episode = lambda i: {"seed": 7, "group_id": 0, "success": i == 2, "reward": 0.5 * i, "turns": 1,  # noqa: E731
+                         "end_reason": "env", "transcript": [["user", f"room {i} <#>"], ["assistant", f"<answer>Up{i}"]]}
+    (run / "samples.jsonl").write_text("".join(json.dumps({"iteration": i, "episodes": [episode(i)]}) + "\n"
+                                               for i in range(3)))
+    assert main(["report", str(run)]) == 0
+    page = (run / "report.html").read_text()
+    section = page[page.index("<h2>Sample episodes"):page.index("<h2>Config")]
+    assert section.index("iteration 2") < section.index("iteration 1") < section.index("iteration 0")
+    assert section.count("<details open>") == 1 and section.index("<details open><summary>iteration 2") >= 0
+    assert "<div class=obs>room 2 &lt;#&gt;</div><div class=reply>&lt;answer&gt;Up2</div>" in section
+    assert "seed 7 · success · reward 1.00 · 1 turns · ended by env" in section
+
+
 def test_report_of_a_run_that_has_not_logged_yet(tmp_path):
     run = fake_run(tmp_path, [])
     assert main(["report", str(run), "--out", str(tmp_path / "r.html")]) == 0
     page = (tmp_path / "r.html").read_text()
     assert "No iteration logged yet" in page and "No held-out evaluation yet" in page
+    assert "No sample episodes logged" in page
 
 
 @pytest.mark.parametrize("args, message", [

@@ -61,6 +61,8 @@ def assert_same_run(straight, killed) -> list[dict]:
     b = MetricsLog(Path(killed.out) / "metrics.jsonl").read()
     assert [r["iteration"] for r in b] == list(range(straight.iterations))
     assert without_timing(a) == without_timing(b)
+    samples = [MetricsLog(Path(run.out) / "samples.jsonl").read() for run in (straight, killed)]
+    assert samples[0] == samples[1] and len(samples[0]) == straight.iterations  # same episodes, none twice
     wa, wb = weights(Path(straight.out) / "final"), weights(Path(killed.out) / "final")
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

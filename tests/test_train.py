@@ -49,6 +49,15 @@ def test_two_iterations_write_everything_and_change_parameters(tmp_path):
     for key in ("rollout/success_rate", "rollout/mean_reward", "rollout/reward_std", "filter/kept_fraction",
                 "loss/policy", "loss/entropy", "actor/grad_norm", "perf/tokens_per_second"):
         assert key in records[0]
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert [s["iteration"] for s in samples] == [0, 1]
+    for line, record in zip(samples, records):
+        episodes = line["episodes"]
+        assert len(episodes) == cfg.samples_per_iteration
+        assert [e["success"] for e in episodes] in ([True, False], [False, False], [True, True])
+        for e in episodes:  # the transcript alternates observation and reply, one reply per turn
+            roles = [role for role, _text in e["transcript"]]
+            assert roles[0] == "user" and roles.count("assistant") == e["turns"] >= 1
     assert set(evals) == {"untrained", "after_sft", "after_rl"}
     for e in evals.values():
         assert {"success_rate", "mean_return", "pass_at_k"} <= set(e)

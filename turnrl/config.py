@@ -344,11 +344,13 @@ class TrainConfig:
     keep_checkpoints: int = 2  # checkpoints kept on disk
     threads: int = 0  # torch threads; 0 = all cores
     progress: bool = True  # show a progress bar
+    samples_per_iteration: int = 2  # rollout episodes per iteration written to samples.jsonl (turnrl report); 0 = none
 
     def __post_init__(self):
         _check(self.iterations >= 0, f"iterations must be >= 0, got {self.iterations}")
         _check(self.save_every >= 1 and self.keep_checkpoints >= 1, "save_every and keep_checkpoints must be >= 1")
         _check(self.threads >= 0, "threads must be >= 0")
+        _check(self.samples_per_iteration >= 0, f"samples_per_iteration must be >= 0, got {self.samples_per_iteration}")
         kept = self.rollout.n_groups * self.algo.filter_keep if self.algo.filter == "std" else self.rollout.n_groups
         _check(kept >= 0.5, f"algo.filter_keep={self.algo.filter_keep} keeps no group of rollout.n_groups={self.rollout.n_groups}")
         _check(not (self.algo.estimator in GROUP_ESTIMATORS and self.rollout.group_size < 2),

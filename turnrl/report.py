@@ -1,8 +1,8 @@
 """`turnrl report RUN_DIR`: a run on one self-contained HTML page, `RUN_DIR/report.html`.
 
 The page holds the run's held-out evaluations (`eval.json`: untrained, after SFT, after RL), learning curves of
-`metrics.jsonl` (the keys of docs/metrics.md, one panel per concern, each iteration's value and a moving average)
-and the resolved config. matplotlib draws the curves (`pip install 'turnrl[report]'`); they are embedded as PNG,
+`metrics.jsonl` (the keys of docs/metrics.md, one panel per concern, each iteration's value and a moving average),
+sample episodes' transcripts from `samples.jsonl` and the resolved config. matplotlib draws the curves (`pip install 'turnrl[report]'`); they are embedded as PNG,
 so the page is one file that opens anywhere. A run still training can be reported at any time: the page shows
 the iterations logged so far.
 """
@@ -131,6 +131,28 @@ def _eval_table(evals: dict) -> str:
     return f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table><p class=note>{html.escape(note)}</p>"
 
 
+def _episodes_section(lines: list[dict], most: int = 12) -> str:
+    """samples.jsonl as collapsible transcripts: at most `most` iterations, spread evenly from the first to the
+    newest logged (newest first and open)."""
+    if not lines:
+        return "<p>No sample episodes logged (samples_per_iteration = 0, or no iteration yet).</p>"
+    count = min(most, len(lines))
+    picks = sorted({round(i * (len(lines) - 1) / max(1, count - 1)) for i in range(count)}, reverse=True)
+    blocks = []
+    for rank, index in enumerate(picks):
+        line = lines[index]
+        items = []
+        for e in line.get("episodes", []):
+            turns = "".join(f"<div class={'reply' if role == 'assistant' else 'obs'}>{html.escape(str(text))}</div>"
+                            for role, text in e.get("transcript", []))
+            head = (f"seed {e.get('seed')} · {'success' if e.get('success') else 'no success'} · reward "
+                    f"{e.get('reward', 0.0):.2f} · {e.get('turns')} turns · ended by {e.get('end_reason')}")
+            items.append(f"<div class=episode><p class=note>{html.escape(head)}</p>{turns}</div>")
+        blocks.append(f"<details{' open' if rank == 0 else ''}><summary>iteration {line.get('iteration')}</summary>"
+                      f"{''.join(items)}</details>")
+    return "".join(blocks)
+
+
 def write_report(run_dir: Path, out: Path | None = None, keys: list[str] | None = None) -> tuple[Path, list]:
     """Writes the report of the run in `run_dir` to `out` (default `run_dir/report.html`); returns the path and
     the panels drawn, [(title, [keys])]."""
@@ -145,6 +167,7 @@ def write_report(run_dir: Path, out: Path | None = None, keys: list[str] | None 
     eval_path = run_dir / "eval.json"
     evals = json.loads(eval_path.read_text()) if eval_path.is_file() else {}
     panels = panels_for(records, keys)
+    samples = MetricsLog(run_dir / "samples.jsonl").read()
     images = [f"<figure><img alt='{html.escape(title)}' src='data:image/png;base64,"
               f"{_png(title, [(k, *series(records, k)) for k in panel_keys])}'></figure>"
               for title, panel_keys in panels]
@@ -158,6 +181,10 @@ body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }}
 table {{ border-collapse: collapse; }} th, td {{ padding: 0.25em 0.8em; text-align: right; border-bottom: 1px solid #ddd; }}
 .grid {{ display: flex; flex-wrap: wrap; gap: 0.5em; }} figure {{ margin: 0; }}
 .note {{ color: #666; font-size: 0.9em; }} pre {{ background: #f6f6f6; padding: 0.8em; overflow-x: auto; }}
+.episode {{ max-width: 60em; margin: 0.5em 0 1.2em; }} summary {{ cursor: pointer; margin: 0.3em 0; }}
+.obs, .reply {{ white-space: pre-wrap; font-family: ui-monospace, monospace; font-size: 0.85em; padding: 0.4em 0.6em;
+  margin: 0.2em 0; border-radius: 4px; }}
+.obs {{ background: #f3f3f3; }} .reply {{ background: #e8f0fe; margin-left: 2em; }}
 </style></head><body>
 <h1>{html.escape(str(run_dir))}</h1>
 <p>{html.escape(summary)}</p>
@@ -167,6 +194,10 @@ table {{ border-collapse: collapse; }} th, td {{ padding: 0.25em 0.8em; text-ali
 <p class=note>Metric keys are documented in docs/metrics.md. Rollout keys are measured on the training start
 states of each iteration, before its update.</p>
 <div class=grid>{''.join(images) or '<p>No iteration logged yet.</p>'}</div>
+<h2>Sample episodes</h2>
+<p class=note>From samples.jsonl: per iteration a successful and an unsuccessful rollout episode when there are
+both; observations in grey, the model's replies in blue.</p>
+{_episodes_section(samples)}
 <h2>Config</h2>
 <details><summary>config.json</summary><pre>{html.escape(json.dumps(config, indent=2))}</pre></details>
 </body></html>

@@ -42,7 +42,7 @@ from turnrl.update import ppo_update
 # from its own stream.
 RESUMABLE_CHANGES = ("iterations", "progress", "threads", "out", "rollout.gen_batch_size", "rollout.max_live_episodes",
                      "engine.vllm_gpu_memory_utilization", "engine.vllm_cpu_kv_cache_gib", "diag.mi_every",
-                     "diag.mi_replies")
+                     "diag.mi_replies", "samples_per_iteration")
 
 
 def iteration_seeds(cfg: TrainConfig, iteration: int, round_: int = 0) -> list[int]:
@@ -220,6 +220,7 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
     generators = {"rollout": torch.Generator().manual_seed(cfg.seed + 1),
                   "update": torch.Generator().manual_seed(cfg.seed + 2)}
     metrics = MetricsLog(run_dir / "metrics.jsonl")
+    samples = MetricsLog(run_dir / "samples.jsonl")  # a few episodes' transcripts per iteration (turnrl report)
     eval_path = run_dir / "eval.json"
     evals = json.loads(eval_path.read_text()) if (resume and eval_path.exists()) else {}
     state = {"phase": "start", "iteration": 0}
@@ -237,7 +238,8 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
     if shared is not None:
         cleanup.callback(shared.close)
     # Keep only the iterations the checkpoint knows about (a crash may have logged more).
-    metrics.truncate_to([r for r in metrics.read() if r.get("iteration", 0) < state["iteration"]])
+    for log_file in (metrics, samples):
+        log_file.truncate_to([r for r in log_file.read() if r.get("iteration", 0) < state["iteration"]])
 
     # ---- evaluation before training and SFT warm start --------------------------------------------
     _run_eval(policy, cfg, evals, "untrained", eval_path, log, shared)
@@ -327,6 +329,9 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
                     "time/elapsed_seconds": time.perf_counter() - t_run,
                 })
                 metrics.append(record)
+                if cfg.samples_per_iteration:
+                    samples.append({"iteration": iteration,
+                                    "episodes": sample_episodes(trajs, cfg.samples_per_iteration)})
                 bar.set_postfix(reward=f"{record['rollout/mean_reward']:.2f}",
                                 success=f"{record['rollout/success_rate']:.2f}",
                                 kept=f"{record['filter/kept_fraction']:.2f}")
@@ -356,6 +361,18 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
         _run_eval(policy, cfg, evals, "after_rl", eval_path, log, shared)
     save_model_atomic(policy, run_dir / "final")
     return evals
+
+
+def sample_episodes(trajs: list[Trajectory], n: int) -> list[dict]:
+    """Up to `n` played episodes of a rollout for samples.jsonl (docs/metrics.md): the first successful one and
+    the first unsuccessful one, then the next in rollout order."""
+    played = [t for t in trajs if not t.failed]
+    first = [next((t for t in played if t.success), None), next((t for t in played if not t.success), None)]
+    chosen = [t for t in first if t is not None][:n]
+    chosen += [t for t in played if all(t is not c for c in chosen)][:n - len(chosen)]
+    return [{"seed": t.seed, "group_id": t.group_id, "success": t.success, "reward": t.total_reward,
+             "turns": t.num_turns, "end_reason": t.end_reason, "transcript": [list(m) for m in t.transcript]}
+            for t in chosen]
 
 
 def update_metrics(stats: dict[str, float], cfg: TrainConfig) -> dict[str, float | None]:
