@@ -234,6 +234,21 @@ def step_env(ep: EpisodeState, actions: tuple[str, ...], parsed_ok: bool, settin
         return None
 
 
+def play_reply(ep: EpisodeState, text: str, settings: RolloutSettings, env_name: str
+               ) -> tuple[str, float, bool, bool, bool, int, bool] | None:
+    """Parses a reply and plays its actions on the episode's env: (observation, turn reward with the format penalty
+    when the reply was invalid, terminated, truncated, success, valid actions, reply valid), or None when the env
+    failed (the episode then ends as an env error)."""
+    reply = parse_reply(text, think=settings.think, max_actions=settings.max_actions_per_turn,
+                        split=not ep.env.free_text, strict=settings.strict_format)
+    outcome = step_env(ep, reply.actions, reply.ok, settings, env_name)
+    if outcome is None:
+        return None
+    obs, reward, terminated, truncated, success, n_valid, all_valid = outcome
+    valid = reply.ok and all_valid
+    return obs, reward + (0.0 if valid else settings.format_penalty), terminated, truncated, success, n_valid, valid
+
+
 def close_env(ep: EpisodeState, settings: RolloutSettings, env_name: str) -> None:
     """Closes the episode's env once (an error while closing fails an episode that had none)."""
     env, ep.env = ep.env, None
@@ -280,17 +295,14 @@ def _advance(ep: _Episode, completion: Completion, renderer: ChatRenderer, setti
     # Decoding is for the env (and the summary policy's reflection) only; training uses the sampled ids.
     text = renderer.tokenizer.decode(list(completion.ids), skip_special_tokens=True)
     ctx.add_reply(completion.ids, completion.logprobs, renderer.prefix + text)
-    reply = parse_reply(renderer.prefix + text, think=settings.think, max_actions=settings.max_actions_per_turn,
-                        split=not ep.env.free_text, strict=settings.strict_format)
-    outcome = step_env(ep, reply.actions, reply.ok, settings, env_name)
-    if outcome is None:
+    played = play_reply(ep, renderer.prefix + text, settings, env_name)
+    if played is None:
         b.rewards.append(0.0)
         return
-    obs, reward, terminated, truncated, success, n_valid, all_valid = outcome
-    valid = reply.ok and all_valid
+    obs, reward, terminated, truncated, success, n_valid, valid = played
     ep.num_actions += n_valid
     ep.valid_turns += int(valid)
-    b.rewards.append(reward + (0.0 if valid else settings.format_penalty))
+    b.rewards.append(reward)
     b.transcript.append(("user", obs))
     if terminated or truncated:
         ep.done, ep.terminated, ep.truncated, ep.success, ep.end_reason = True, terminated, truncated, success, "env"

@@ -22,8 +22,7 @@ from turnrl.engines.base import SamplingParams
 from turnrl.engines.openai import OpenAIEngine
 from turnrl.envs import make
 from turnrl.evaluate import EvalResult, eval_arguments, eval_result, settings_for
-from turnrl.parsing import parse_reply
-from turnrl.rollout import EpisodeState, close_env, open_env, play, step_env
+from turnrl.rollout import EpisodeState, close_env, open_env, play, play_reply
 
 
 @dataclass(kw_only=True)
@@ -92,16 +91,13 @@ def run_chat_episodes(engine: OpenAIEngine, make_env: Callable[[], object], seed
         for i, reply in zip(live, replies):
             ep = episodes[i]
             ep.turns += 1
-            parsed = parse_reply(reply.text, think=r.think, max_actions=r.max_actions_per_turn,
-                                 split=not ep.env.free_text, strict=r.strict_format)
-            outcome = step_env(ep, parsed.actions, parsed.ok, settings, env_name)
-            if outcome is None:
+            played = play_reply(ep, reply.text, settings, env_name)
+            if played is None:
                 ep.turn_rewards.append(0.0)
                 continue
-            obs, reward, terminated, truncated, success, _n_valid, all_valid = outcome
-            valid = parsed.ok and all_valid
+            obs, reward, terminated, truncated, success, _n_valid, valid = played
             ep.valid_turns += int(valid)
-            ep.turn_rewards.append(reward + (0.0 if valid else r.format_penalty))
+            ep.turn_rewards.append(reward)
             ep.messages += [{"role": "assistant", "content": reply.text}, {"role": "user", "content": obs}]
             if terminated or truncated:
                 ep.done, ep.success, ep.end_reason = True, success, "env"
