@@ -10,11 +10,11 @@ pytest.importorskip("matplotlib")
 
 from turnrl.cli import main  # noqa: E402
 from turnrl.config import TrainConfig  # noqa: E402
-from turnrl.report import PANELS, moving_average, panels_for, series  # noqa: E402
+from turnrl.report import PANELS, curves, load_run, moving_average, panels_for, series  # noqa: E402
 
 
-def fake_run(tmp_path, records, evals=None, torn=False):
-    run = tmp_path / "run"
+def fake_run(tmp_path, records, evals=None, torn=False, name="run"):
+    run = tmp_path / name
     run.mkdir()
     (run / "config.json").write_text(TrainConfig(iterations=len(records)).to_json())
     lines = "".join(json.dumps(r) + "\n" for r in records)
@@ -110,3 +110,26 @@ def test_report_without_matplotlib_says_how_to_install_it(tmp_path, capsys, monk
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
     assert main(["report", str(fake_run(tmp_path, RECORDS))]) == 2
     assert "pip install 'turnrl[report]'" in capsys.readouterr().err
+
+
+def test_several_runs_share_one_page_with_their_curves_overlaid(tmp_path, capsys):
+    a = fake_run(tmp_path, RECORDS, EVALS, name="grpo")
+    b = fake_run(tmp_path, [{**r, "rollout/success_rate": 1 - r["rollout/success_rate"]} for r in RECORDS[:10]],
+                 name="ppo")
+    runs = [load_run(a), load_run(b)]
+    drawn = curves(runs, ["rollout/success_rate", "rollout/pass_at_group"])
+    assert [(label, color, style) for label, _x, _y, color, style in drawn] == [
+        ("grpo: rollout/success_rate", "C0", "-"), ("grpo: rollout/pass_at_group", "C0", "--"),
+        ("ppo: rollout/success_rate", "C1", "-"), ("ppo: rollout/pass_at_group", "C1", "--")]
+    assert drawn[2][2] == [1 - r["rollout/success_rate"] for r in RECORDS[:10]]
+    assert [label for label, *_ in curves(runs, ["loss/entropy"])] == ["grpo", "ppo"]  # one key: the run names
+    assert [label for label, *_ in curves(runs[:1], ["loss/entropy"])] == ["loss/entropy"]
+
+    assert main(["report", str(a), str(b)]) == 2  # which file? say so
+    assert "--out" in capsys.readouterr().err
+    out = tmp_path / "compare.html"
+    assert main(["report", str(a), str(b), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert "<h3>grpo</h3>" in page and "<h3>ppo</h3>" in page
+    assert "grpo: model" in page and "10 of 10 iterations logged" in page
+    assert not (a / "report.html").exists()

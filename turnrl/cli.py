@@ -20,7 +20,7 @@ commands:
           or a served model:   turnrl eval [RUN_DIR] --engine openai --base-url URL [--model NAME] --env NAME
   serve   serve a run as an OpenAI-compatible chat endpoint:   turnrl serve RUN_DIR [--host H] [--port N]
   export  write a run's model as a plain Hugging Face directory (LoRA merged):   turnrl export RUN_DIR --merged OUT
-  report  a run's evaluations and training curves as one HTML page:   turnrl report RUN_DIR [--keys 'perf/*']
+  report  runs' evaluations, training curves and episodes as one HTML page:   turnrl report RUN_DIR [RUN_DIR ...]
   play    play an environment yourself in the terminal:   turnrl play ENV [--seed S]
   envs    list the registered environments
 
@@ -323,15 +323,16 @@ def cmd_report(argv: list[str]) -> int:
     from turnrl.report import ReportError, write_report
 
     p = argparse.ArgumentParser(prog="turnrl report", description="Write a run's held-out evaluations, training "
-                                "curves (metrics.jsonl) and config as one self-contained HTML page. Needs matplotlib: "
+                                "curves (metrics.jsonl), sample episodes and config as one self-contained HTML page; "
+                                "several runs go on one page with their curves overlaid. Needs matplotlib: "
                                 "pip install 'turnrl[report]'.")
-    p.add_argument("run", help="a turnrl run directory (also while it trains)")
-    p.add_argument("--out", default=None, help="output file (default RUN/report.html)")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="turnrl run directories (also while they train)")
+    p.add_argument("--out", default=None, help="output file (default RUN_DIR/report.html; required for several runs)")
     p.add_argument("--keys", nargs="+", default=None, metavar="KEY",
                    help="more metric keys to plot, one panel each; shell patterns work, e.g. 'perf/*' 'train/*'")
     args = p.parse_args(argv)
     try:
-        out, panels = write_report(Path(args.run), Path(args.out) if args.out else None, args.keys)
+        out, panels = write_report([Path(r) for r in args.runs], Path(args.out) if args.out else None, args.keys)
     except ReportError as err:
         raise UsageError(str(err)) from err
     print(f"wrote {out} ({len(panels)} panels)")

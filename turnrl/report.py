@@ -16,6 +16,7 @@ import importlib.util
 import io
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from turnrl.checkpoint import MetricsLog
@@ -86,7 +87,27 @@ def panels_for(records: list[dict], extra_keys: list[str] | None = None) -> list
     return panels
 
 
-def _png(title: str, curves: list[tuple[str, list[int], list[float]]]) -> str:
+LINESTYLES = ("-", "--", ":", "-.")
+
+
+def curves(runs: list["Run"], keys: list[str]) -> list[tuple[str, list[int], list[float], str, str]]:
+    """One panel's curves: (label, iterations, values, color, line style) for every run and key with data. One run:
+    a color per key; several runs: a color per run and a line style per key, labelled `run: key`."""
+    out = []
+    for r, run in enumerate(runs):
+        for k, key in enumerate(keys):
+            xs, ys = series(run.records, key)
+            if not xs:
+                continue
+            if len(runs) == 1:
+                out.append((key, xs, ys, f"C{k}", "-"))
+            else:
+                out.append((f"{run.name}: {key}" if len(keys) > 1 else run.name, xs, ys, f"C{r % 10}",
+                            LINESTYLES[k % len(LINESTYLES)]))
+    return out
+
+
+def _png(title: str, panel: list[tuple[str, list[int], list[float], str, str]]) -> str:
     """One panel as a base64 PNG: every curve's values (thin) and, past 20 points, their moving average."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
@@ -94,13 +115,13 @@ def _png(title: str, curves: list[tuple[str, list[int], list[float]]]) -> str:
 
     fig, ax = plt.subplots(figsize=(5.2, 3.0), dpi=100)
     try:
-        for i, (key, xs, ys) in enumerate(curves):
-            color = f"C{i}"
+        for label, xs, ys, color, style in panel:
             smooth = len(ys) > 20
-            ax.plot(xs, ys, color=color, linewidth=0.8, alpha=0.45 if smooth else 1.0,
-                    marker="o" if len(ys) == 1 else None, label=None if smooth else key)
+            ax.plot(xs, ys, color=color, linestyle=style, linewidth=0.8, alpha=0.45 if smooth else 1.0,
+                    marker="o" if len(ys) == 1 else None, label=None if smooth else label)
             if smooth:
-                ax.plot(xs, moving_average(ys, max(2, len(ys) // 20)), color=color, linewidth=1.8, label=key)
+                ax.plot(xs, moving_average(ys, max(2, len(ys) // 20)), color=color, linestyle=style, linewidth=1.8,
+                        label=label)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("iteration", fontsize=8)
         ax.tick_params(labelsize=8)
@@ -153,29 +174,63 @@ def _episodes_section(lines: list[dict], most: int = 12) -> str:
     return "".join(blocks)
 
 
-def write_report(run_dir: Path, out: Path | None = None, keys: list[str] | None = None) -> tuple[Path, list]:
-    """Writes the report of the run in `run_dir` to `out` (default `run_dir/report.html`); returns the path and
-    the panels drawn, [(title, [keys])]."""
+@dataclass
+class Run:
+    """What the report reads of one run directory."""
+
+    name: str
+    path: Path
+    config: dict
+    records: list[dict]  # metrics.jsonl
+    evals: dict  # eval.json
+    samples: list[dict]  # samples.jsonl
+
+
+def load_run(run_dir: Path) -> Run:
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise ReportError(f"{str(run_dir)!r} is not a turnrl run directory (no config.json)")
+    eval_path = run_dir / "eval.json"
+    return Run(run_dir.resolve().name, run_dir, json.loads(config_path.read_text()),
+               MetricsLog(run_dir / "metrics.jsonl").read(),
+               json.loads(eval_path.read_text()) if eval_path.is_file() else {},
+               MetricsLog(run_dir / "samples.jsonl").read())
+
+
+def _summary(run: Run) -> str:
+    model, env, algo = run.config.get("model", {}), run.config.get("env", {}), run.config.get("algo", {})
+    return (f"model {model.get('name')} · env {env.get('name')} · estimator {algo.get('estimator')} · "
+            f"filter {algo.get('filter')} · {len(run.records)} of {run.config.get('iterations')} iterations logged")
+
+
+def write_report(run_dirs: Path | list[Path], out: Path | None = None, keys: list[str] | None = None
+                 ) -> tuple[Path, list]:
+    """Writes the report of one run, or of several runs on one page (their curves overlaid), to `out` (default for
+    one run: `RUN_DIR/report.html`; several runs need `out`). Returns the path and the panels drawn,
+    [(title, [keys])]."""
+    dirs = [Path(run_dirs)] if isinstance(run_dirs, (str, Path)) else [Path(d) for d in run_dirs]
+    if not dirs:
+        raise ReportError("name at least one run directory")
+    if len(dirs) > 1 and out is None:
+        raise ReportError(f"{len(dirs)} runs go on one page: name its file with --out, e.g. --out compare.html")
+    runs = [load_run(d) for d in dirs]
+    if len({run.name for run in runs}) < len(runs):  # same directory names: tell them apart by path
+        for run in runs:
+            run.name = str(run.path)
     if importlib.util.find_spec("matplotlib") is None:
         raise ReportError("turnrl report draws with matplotlib: pip install 'turnrl[report]'")
-    config = json.loads(config_path.read_text())
-    records = MetricsLog(run_dir / "metrics.jsonl").read()
-    eval_path = run_dir / "eval.json"
-    evals = json.loads(eval_path.read_text()) if eval_path.is_file() else {}
-    panels = panels_for(records, keys)
-    samples = MetricsLog(run_dir / "samples.jsonl").read()
+    panels = panels_for([r for run in runs for r in run.records], keys)
     images = [f"<figure><img alt='{html.escape(title)}' src='data:image/png;base64,"
-              f"{_png(title, [(k, *series(records, k)) for k in panel_keys])}'></figure>"
-              for title, panel_keys in panels]
-    model, env, algo = config.get("model", {}), config.get("env", {}), config.get("algo", {})
-    summary = (f"model {model.get('name')} · env {env.get('name')} · estimator {algo.get('estimator')} · "
-               f"filter {algo.get('filter')} · {len(records)} of {config.get('iterations')} iterations logged")
+              f"{_png(title, curves(runs, panel_keys))}'></figure>" for title, panel_keys in panels]
+    several = len(runs) > 1
+
+    def per_run(render) -> str:
+        return "".join((f"<h3>{html.escape(run.name)}</h3>" if several else "") + render(run) for run in runs)
+
+    title = ", ".join(run.name for run in runs)
     page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>turnrl report: {html.escape(run_dir.resolve().name)}</title>
+<html><head><meta charset="utf-8"><title>turnrl report: {html.escape(title)}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }}
 table {{ border-collapse: collapse; }} th, td {{ padding: 0.25em 0.8em; text-align: right; border-bottom: 1px solid #ddd; }}
@@ -186,10 +241,10 @@ table {{ border-collapse: collapse; }} th, td {{ padding: 0.25em 0.8em; text-ali
   margin: 0.2em 0; border-radius: 4px; }}
 .obs {{ background: #f3f3f3; }} .reply {{ background: #e8f0fe; margin-left: 2em; }}
 </style></head><body>
-<h1>{html.escape(str(run_dir))}</h1>
-<p>{html.escape(summary)}</p>
+<h1>{html.escape(title if several else str(runs[0].path))}</h1>
+{"".join(f"<p>{html.escape((run.name + ': ') if several else '')}{html.escape(_summary(run))}</p>" for run in runs)}
 <h2>Held-out evaluation</h2>
-{_eval_table(evals)}
+{per_run(lambda run: _eval_table(run.evals))}
 <h2>Training curves</h2>
 <p class=note>Metric keys are documented in docs/metrics.md. Rollout keys are measured on the training start
 states of each iteration, before its update.</p>
@@ -197,12 +252,13 @@ states of each iteration, before its update.</p>
 <h2>Sample episodes</h2>
 <p class=note>From samples.jsonl: per iteration a successful and an unsuccessful rollout episode when there are
 both; observations in grey, the model's replies in blue.</p>
-{_episodes_section(samples)}
+{per_run(lambda run: _episodes_section(run.samples))}
 <h2>Config</h2>
-<details><summary>config.json</summary><pre>{html.escape(json.dumps(config, indent=2))}</pre></details>
+{per_run(lambda run: f"<details><summary>config.json</summary><pre>{html.escape(json.dumps(run.config, indent=2))}"
+                   f"</pre></details>")}
 </body></html>
 """
-    out = Path(out) if out is not None else run_dir / "report.html"
+    out = Path(out) if out is not None else runs[0].path / "report.html"
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(page)
     tmp.replace(out)  # a reader never sees half a page
