@@ -16,7 +16,7 @@ machine hits both alike), and keeps its fastest run; every run is printed. Each 
 (same seeds), so the runs do the same work. The last line is the ratio
 peer seconds per generated token / turnrl seconds per generated token (the smallest over the models run).
 
-    python benchmarks/rollout_vs_reprefill.py [--models tiny smollm2-135m-instruct] [--threads 2] [--repeats 2]
+    python benchmarks/rollout_vs_reprefill.py [--models tiny smollm2-135m-instruct] [--threads 2] [--repeats 3]
         [--dtype bfloat16]
 """
 
@@ -113,7 +113,7 @@ def main() -> int:
     p.add_argument("--turns", type=int, default=5)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--repeats", type=int, default=2, help="runs of each side, interleaved; the fastest counts")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each side, interleaved; the fastest counts")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="both sides: fp32, or bf16 autocast with bf16 weights (turnrl's engine.hf_dtype)")
