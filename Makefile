@@ -29,6 +29,7 @@ train: $(STAMP)
 	rm -rf runs/quickstart
 	$(BIN)/turnrl train --preset quickstart --out runs/quickstart
 	$(BIN)/turnrl eval runs/quickstart
+	$(BIN)/turnrl report runs/quickstart
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q; status=$$?; if [ $$status -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$status
