@@ -269,3 +269,33 @@ def test_eval_train_env_measures_each_point_on_the_training_env_too(tmp_path):
     # train_env is a no-op when the evaluation env is the training env
     cfg = tiny_config(tmp_path / "same", eval__train_env=True, iterations=0, sft=SFTConfig(episodes=0))
     assert set(train(cfg, log=lambda *_: None)) == {"untrained", "after_sft", "after_rl"}
+
+
+def test_periodic_evaluation_logs_held_out_success_and_leaves_training_unchanged(tmp_path):
+    """eval.every: eval/* keys on every N-th iteration, the same numbers as evaluating that model, and the same
+    training (metrics and final weights) as a run without it."""
+    runs = {}
+    for every in (0, 2):
+        cfg = tiny_config(tmp_path / f"every{every}", iterations=4)
+        cfg.eval.every, cfg.eval.every_episodes = every, 3
+        train(cfg, log=lambda *_: None)
+        lines = (tmp_path / f"every{every}" / "metrics.jsonl").read_text().splitlines()
+        runs[every] = [json.loads(line) for line in lines]
+    with_eval = [r for r in runs[2] if "eval/success_rate" in r]
+    assert [r["iteration"] for r in with_eval] == [1, 3]
+    documented = set(re.findall(r"^\| `([^`]+)` \|", DOCS.read_text(), flags=re.M))
+    assert set().union(*(r.keys() for r in runs[2])) <= documented
+    for r in with_eval:
+        assert {"eval/greedy_success_rate", "eval/mean_return", "eval/pass_at_k", "perf/eval_seconds"} <= set(r)
+    def training_keys(records):
+        return [{k: v for k, v in r.items() if not k.startswith(("eval/", "perf/", "time/"))} for r in records]
+    assert training_keys(runs[2]) == training_keys(runs[0])
+    wa, wb = weights(tmp_path / "every0" / "final"), weights(tmp_path / "every2" / "final")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the last one is the final model's evaluation on 3 start states
+    from turnrl.evaluate import evaluate
+    from turnrl.prepare import build_policy
+    cfg = TrainConfig.from_dict(json.loads((tmp_path / "every2" / "config.json").read_text()))
+    result, _ = evaluate(build_policy(cfg, str(tmp_path / "every2" / "final")), cfg, episodes=3)
+    assert with_eval[-1]["eval/success_rate"] == result.success_rate
+    assert with_eval[-1]["eval/mean_return"] == pytest.approx(result.mean_return)

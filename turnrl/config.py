@@ -284,9 +284,13 @@ class EvalConfig:
     seed: int = 1234  # sampling seed of the evaluation (the env seeds are fixed: 0..episodes-1)
     # also evaluate on the training env (env.name) when env.eval_name differs: "<point>@<env>" entries in eval.json
     train_env: bool = False
+    every: int = 0  # also evaluate after every N-th RL update, logged as eval/* keys in metrics.jsonl; 0 = off
+    every_episodes: int = 0  # held-out start states of those evaluations; 0 = eval.episodes
 
     def __post_init__(self):
         _check(1 <= self.episodes < EVAL_SEED_LIMIT, f"eval.episodes must be in [1, {EVAL_SEED_LIMIT})")
+        _check(self.every >= 0, f"eval.every must be >= 0 (0 = off), got {self.every}")
+        _check(0 <= self.every_episodes < EVAL_SEED_LIMIT, f"eval.every_episodes must be in [0, {EVAL_SEED_LIMIT})")
         _check(self.k >= 1, "eval.k must be >= 1")
         _check(self.temperature > 0, "eval.temperature must be > 0 (use eval.greedy for temperature 0)")
 

@@ -23,6 +23,8 @@ from turnrl.checkpoint import MetricsLog
 
 # (panel title, metric keys drawn in it); a panel is left out when none of its keys has a value in the run.
 PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Held-out success during training (eval.every)", ("eval/success_rate", "eval/greedy_success_rate",
+                                                         "eval/pass_at_k")),
     ("Rollout success", ("rollout/success_rate", "rollout/pass_at_group")),
     ("Rollout reward", ("rollout/mean_reward", "rollout/reward_std")),
     ("Valid turns", ("rollout/valid_turn_rate",)),
@@ -118,7 +120,7 @@ def _png(title: str, panel: list[tuple[str, list[int], list[float], str, str]]) 
         for label, xs, ys, color, style in panel:
             smooth = len(ys) > 20
             ax.plot(xs, ys, color=color, linestyle=style, linewidth=0.8, alpha=0.45 if smooth else 1.0,
-                    marker="o" if len(ys) == 1 else None, label=None if smooth else label)
+                    marker=None if smooth else "o", markersize=3, label=None if smooth else label)
             if smooth:
                 ax.plot(xs, moving_average(ys, max(2, len(ys) // 20)), color=color, linestyle=style, linewidth=1.8,
                         label=label)

@@ -42,7 +42,7 @@ from turnrl.update import ppo_update
 # from its own stream.
 RESUMABLE_CHANGES = ("iterations", "progress", "threads", "out", "rollout.gen_batch_size", "rollout.max_live_episodes",
                      "engine.vllm_gpu_memory_utilization", "engine.vllm_cpu_kv_cache_gib", "diag.mi_every",
-                     "diag.mi_replies", "samples_per_iteration")
+                     "diag.mi_replies", "samples_per_iteration", "eval.every", "eval.every_episodes")
 
 
 def iteration_seeds(cfg: TrainConfig, iteration: int, round_: int = 0) -> list[int]:
@@ -328,6 +328,13 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
                     / max(elapsed, 1e-9),
                     "time/elapsed_seconds": time.perf_counter() - t_run,
                 })
+                if cfg.eval.every and (iteration + 1) % cfg.eval.every == 0:
+                    # held-out progress during training; evaluation samples from its own generator, so training
+                    # goes on exactly as without it
+                    t_eval = time.perf_counter()
+                    result, _ = evaluate(policy, cfg, episodes=cfg.eval.every_episodes or None, engine=shared)
+                    record.update(periodic_eval_metrics(result))
+                    record["perf/eval_seconds"] = time.perf_counter() - t_eval
                 metrics.append(record)
                 if cfg.samples_per_iteration:
                     samples.append({"iteration": iteration,
@@ -361,6 +368,15 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
         _run_eval(policy, cfg, evals, "after_rl", eval_path, log, shared)
     save_model_atomic(policy, run_dir / "final")
     return evals
+
+
+def periodic_eval_metrics(result) -> dict[str, float]:
+    """The eval/* keys of a held-out evaluation during training (`eval.every`, docs/metrics.md)."""
+    out = {"eval/success_rate": result.success_rate, "eval/mean_return": result.mean_return,
+           "eval/pass_at_k": result.pass_at_k}
+    if result.greedy_success_rate is not None:
+        out["eval/greedy_success_rate"] = result.greedy_success_rate
+    return out
 
 
 def sample_episodes(trajs: list[Trajectory], n: int) -> list[dict]:
