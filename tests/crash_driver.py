@@ -2,7 +2,8 @@
 
 Usage: python crash_driver.py CONFIG_JSON KILL_AT_UPDATE
 The process sends itself SIGKILL right after the update phase of the KILL_AT_UPDATE-th (1-based) RL
-iteration, when the weights in memory have moved past the last checkpoint, after writing a torn half line to metrics.jsonl
+iteration, when the weights in memory have moved past the last checkpoint, after writing a torn half line to
+metrics.jsonl and samples.jsonl
 (what a crash in the middle of an append leaves behind).
 """
 
@@ -26,8 +27,9 @@ def main() -> None:
         out = real(*args, **kwargs)
         calls.append(1)
         if len(calls) == kill_at:
-            with open(Path(cfg.out) / "metrics.jsonl", "a") as f:
-                f.write('{"iteration": 99, "rollout/succ')
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                with open(Path(cfg.out) / name, "a") as f:
+                    f.write('{"iteration": 99, "rollout/succ')
             os.kill(os.getpid(), signal.SIGKILL)
         return out
 
