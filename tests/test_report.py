@@ -81,6 +81,12 @@ def test_sample_episodes_are_shown_escaped_newest_first(tmp_path):
     assert section.count("<details open>") == 1 and section.index("<details open><summary>iteration 2") >= 0
     assert "<div class=obs>room 2 &lt;#&gt;</div><div class=reply>&lt;answer&gt;Up2</div>" in section
     assert "seed 7 · success · reward 1.00 · 1 turns · ended by env" in section
+    (run / "eval_samples.json").write_text(json.dumps({"untrained": [episode(0)], "after_rl": [episode(2)]}))
+    assert main(["report", str(run)]) == 0
+    page = (run / "report.html").read_text()
+    held_out = page[page.index("<b>Held-out episodes</b>"):page.index("<h2>Training curves")]
+    assert held_out.index("<summary>untrained") < held_out.index("<details open><summary>after_rl")
+    assert "<div class=obs>room 2 &lt;#&gt;</div>" in held_out
 
 
 def test_report_of_a_run_that_has_not_logged_yet(tmp_path):
@@ -88,7 +94,7 @@ def test_report_of_a_run_that_has_not_logged_yet(tmp_path):
     assert main(["report", str(run), "--out", str(tmp_path / "r.html")]) == 0
     page = (tmp_path / "r.html").read_text()
     assert "No iteration logged yet" in page and "No held-out evaluation yet" in page
-    assert "No sample episodes logged" in page
+    assert "No sample episodes logged" in page and "No held-out sample episodes" in page
 
 
 @pytest.mark.parametrize("args, message", [

@@ -49,6 +49,10 @@ def test_two_iterations_write_everything_and_change_parameters(tmp_path):
     for key in ("rollout/success_rate", "rollout/mean_reward", "rollout/reward_std", "filter/kept_fraction",
                 "loss/policy", "loss/entropy", "actor/grad_norm", "perf/tokens_per_second"):
         assert key in records[0]
+    held_out = json.loads((run / "eval_samples.json").read_text())
+    assert list(held_out) == ["untrained", "after_sft", "after_rl"]
+    assert all(1 <= len(episodes) <= cfg.samples_per_iteration for episodes in held_out.values())
+    assert all(e["seed"] < cfg.eval.episodes for episodes in held_out.values() for e in episodes)  # held-out seeds
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     assert [s["iteration"] for s in samples] == [0, 1]
     for line, record in zip(samples, records):

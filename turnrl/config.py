@@ -348,7 +348,9 @@ class TrainConfig:
     keep_checkpoints: int = 2  # checkpoints kept on disk
     threads: int = 0  # torch threads; 0 = all cores
     progress: bool = True  # show a progress bar
-    samples_per_iteration: int = 2  # rollout episodes per iteration written to samples.jsonl (turnrl report); 0 = none
+    # rollout episodes per iteration written to samples.jsonl, and held-out ones per evaluation to
+    # eval_samples.json (turnrl report); 0 = none
+    samples_per_iteration: int = 2
 
     def __post_init__(self):
         _check(self.iterations >= 0, f"iterations must be >= 0, got {self.iterations}")

@@ -164,16 +164,28 @@ def _episodes_section(lines: list[dict], most: int = 12) -> str:
     blocks = []
     for rank, index in enumerate(picks):
         line = lines[index]
-        items = []
-        for e in line.get("episodes", []):
-            turns = "".join(f"<div class={'reply' if role == 'assistant' else 'obs'}>{html.escape(str(text))}</div>"
-                            for role, text in e.get("transcript", []))
-            head = (f"seed {e.get('seed')} · {'success' if e.get('success') else 'no success'} · reward "
-                    f"{e.get('reward', 0.0):.2f} · {e.get('turns')} turns · ended by {e.get('end_reason')}")
-            items.append(f"<div class=episode><p class=note>{html.escape(head)}</p>{turns}</div>")
+        items = "".join(_episode_html(e) for e in line.get("episodes", []))
         blocks.append(f"<details{' open' if rank == 0 else ''}><summary>iteration {line.get('iteration')}</summary>"
-                      f"{''.join(items)}</details>")
+                      f"{items}</details>")
     return "".join(blocks)
+
+
+def _episode_html(e: dict) -> str:
+    """One sampled episode (samples.jsonl / eval_samples.json, docs/metrics.md): a header line, then its turns."""
+    turns = "".join(f"<div class={'reply' if role == 'assistant' else 'obs'}>{html.escape(str(text))}</div>"
+                    for role, text in e.get("transcript", []))
+    head = (f"seed {e.get('seed')} · {'success' if e.get('success') else 'no success'} · reward "
+            f"{e.get('reward', 0.0):.2f} · {e.get('turns')} turns · ended by {e.get('end_reason')}")
+    return f"<div class=episode><p class=note>{html.escape(head)}</p>{turns}</div>"
+
+
+def _eval_episodes_section(points: dict) -> str:
+    """eval_samples.json: each evaluation point's sample episodes, the last point open."""
+    if not points:
+        return "<p>No held-out sample episodes (eval_samples.json) in this run.</p>"
+    names = list(points)
+    return "".join(f"<details{' open' if name == names[-1] else ''}><summary>{html.escape(name)}</summary>"
+                   f"{''.join(_episode_html(e) for e in points[name])}</details>" for name in names)
 
 
 @dataclass
@@ -186,6 +198,7 @@ class Run:
     records: list[dict]  # metrics.jsonl
     evals: dict  # eval.json
     samples: list[dict]  # samples.jsonl
+    eval_samples: dict  # eval_samples.json
 
 
 def load_run(run_dir: Path) -> Run:
@@ -193,11 +206,13 @@ def load_run(run_dir: Path) -> Run:
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise ReportError(f"{str(run_dir)!r} is not a turnrl run directory (no config.json)")
-    eval_path = run_dir / "eval.json"
+    def optional_json(name: str) -> dict:
+        path = run_dir / name
+        return json.loads(path.read_text()) if path.is_file() else {}
+
     return Run(run_dir.resolve().name, run_dir, json.loads(config_path.read_text()),
-               MetricsLog(run_dir / "metrics.jsonl").read(),
-               json.loads(eval_path.read_text()) if eval_path.is_file() else {},
-               MetricsLog(run_dir / "samples.jsonl").read())
+               MetricsLog(run_dir / "metrics.jsonl").read(), optional_json("eval.json"),
+               MetricsLog(run_dir / "samples.jsonl").read(), optional_json("eval_samples.json"))
 
 
 def _summary(run: Run) -> str:
@@ -247,6 +262,9 @@ table {{ border-collapse: collapse; }} th, td {{ padding: 0.25em 0.8em; text-ali
 {"".join(f"<p>{html.escape((run.name + ': ') if several else '')}{html.escape(_summary(run))}</p>" for run in runs)}
 <h2>Held-out evaluation</h2>
 {per_run(lambda run: _eval_table(run.evals))}
+<p><b>Held-out episodes</b> <span class=note>(eval_samples.json: per evaluation a successful and an unsuccessful
+episode when there are both)</span></p>
+{per_run(lambda run: _eval_episodes_section(run.eval_samples))}
 <h2>Training curves</h2>
 <p class=note>Metric keys are documented in docs/metrics.md. Rollout keys are measured on the training start
 states of each iteration, before its update.</p>

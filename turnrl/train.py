@@ -168,7 +168,9 @@ def _run_eval(policy, cfg: TrainConfig, evals: dict, name: str, path: Path, log,
     for key, env_name in eval_points(cfg, name):
         if key in evals:  # a resumed run that already measured it
             continue
-        result, _ = evaluate(policy, cfg, env_name=env_name, engine=engine)
+        result, trajs = evaluate(policy, cfg, env_name=env_name, engine=engine)
+        if cfg.samples_per_iteration:  # a few of its episodes for turnrl report (eval_samples.json)
+            _write_eval_samples(path, {key: sample_episodes(trajs, cfg.samples_per_iteration)})
         evals[key] = result.to_dict()
         write_eval(path, evals)
         greedy = "" if result.greedy_success_rate is None else f", greedy {result.greedy_success_rate:.3f}"
@@ -180,9 +182,22 @@ def _run_eval(policy, cfg: TrainConfig, evals: dict, name: str, path: Path, log,
 
 def _copy_eval(cfg: TrainConfig, evals: dict, src: str, dst: str, path: Path) -> None:
     """The same model as an earlier point: its results, without rerunning them."""
+    samples = _read_eval_samples(path)
     for (key_src, _), (key_dst, _) in zip(eval_points(cfg, src), eval_points(cfg, dst)):
         evals[key_dst] = dict(evals[key_src])
+        if key_src in samples:
+            _write_eval_samples(path, {key_dst: samples[key_src]})
     write_eval(path, evals)
+
+
+def _read_eval_samples(eval_path: Path) -> dict:
+    samples_path = eval_path.with_name("eval_samples.json")
+    return json.loads(samples_path.read_text()) if samples_path.exists() else {}
+
+
+def _write_eval_samples(eval_path: Path, points: dict) -> None:
+    """Adds (or replaces) evaluation points in eval_samples.json, next to eval.json (renamed into place)."""
+    write_eval(eval_path.with_name("eval_samples.json"), {**_read_eval_samples(eval_path), **points})
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> dict:
@@ -223,6 +238,8 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
     samples = MetricsLog(run_dir / "samples.jsonl")  # a few episodes' transcripts per iteration (turnrl report)
     eval_path = run_dir / "eval.json"
     evals = json.loads(eval_path.read_text()) if (resume and eval_path.exists()) else {}
+    if not resume:  # no held-out samples of an earlier attempt in this directory
+        eval_path.with_name("eval_samples.json").unlink(missing_ok=True)
     state = {"phase": "start", "iteration": 0}
     if ckpt is not None:
         state = json.loads((ckpt / "state.json").read_text())
