@@ -1,10 +1,11 @@
-"""`turnrl report RUN_DIR`: a run on one self-contained HTML page, `RUN_DIR/report.html`.
+"""`turnrl report RUN_DIR [RUN_DIR ...]`: runs on one self-contained HTML page (one run: `RUN_DIR/report.html`).
 
-The page holds the run's held-out evaluations (`eval.json`: untrained, after SFT, after RL), learning curves of
-`metrics.jsonl` (the keys of docs/metrics.md, one panel per concern, each iteration's value and a moving average),
-sample episodes' transcripts from `samples.jsonl` and the resolved config. matplotlib draws the curves (`pip install 'turnrl[report]'`); they are embedded as PNG,
-so the page is one file that opens anywhere. A run still training can be reported at any time: the page shows
-the iterations logged so far.
+The page holds each run's held-out evaluations (`eval.json`: untrained, after SFT, after RL) with sample episodes
+(`eval_samples.json`), learning curves of `metrics.jsonl` (the keys of docs/metrics.md, one panel per concern,
+each iteration's value and a moving average; several runs are overlaid, a color per run), transcripts of
+training episodes (`samples.jsonl`) and the resolved config. matplotlib draws the curves
+(`pip install 'turnrl[report]'`); they are embedded as PNG, so the page is one file that opens anywhere. A run
+still training can be reported at any time: the page shows what it has logged so far.
 """
 
 from __future__ import annotations
@@ -111,29 +112,26 @@ def curves(runs: list["Run"], keys: list[str]) -> list[tuple[str, list[int], lis
 
 def _png(title: str, panel: list[tuple[str, list[int], list[float], str, str]]) -> str:
     """One panel as a base64 PNG: every curve's values (thin) and, past 20 points, their moving average."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
+    # A bare Figure, not pyplot: no global backend or figure state is touched in the caller's process.
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(5.2, 3.0), dpi=100)
-    try:
-        for label, xs, ys, color, style in panel:
-            smooth = len(ys) > 20
-            ax.plot(xs, ys, color=color, linestyle=style, linewidth=0.8, alpha=0.45 if smooth else 1.0,
-                    marker=None if smooth else "o", markersize=3, label=None if smooth else label)
-            if smooth:
-                ax.plot(xs, moving_average(ys, max(2, len(ys) // 20)), color=color, linestyle=style, linewidth=1.8,
-                        label=label)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("iteration", fontsize=8)
-        ax.tick_params(labelsize=8)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-    finally:
-        plt.close(fig)
+    fig = Figure(figsize=(5.2, 3.0), dpi=100)
+    ax = fig.subplots()
+    for label, xs, ys, color, style in panel:
+        smooth = len(ys) > 20
+        ax.plot(xs, ys, color=color, linestyle=style, linewidth=0.8, alpha=0.45 if smooth else 1.0,
+                marker=None if smooth else "o", markersize=3, label=None if smooth else label)
+        if smooth:
+            ax.plot(xs, moving_average(ys, max(2, len(ys) // 20)), color=color, linestyle=style, linewidth=1.8,
+                    label=label)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("iteration", fontsize=8)
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -250,7 +248,8 @@ def write_report(run_dirs: Path | list[Path], out: Path | None = None, keys: lis
 <html><head><meta charset="utf-8"><title>turnrl report: {html.escape(title)}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }}
-table {{ border-collapse: collapse; }} th, td {{ padding: 0.25em 0.8em; text-align: right; border-bottom: 1px solid #ddd; }}
+table {{ border-collapse: collapse; }}
+th, td {{ padding: 0.25em 0.8em; text-align: right; border-bottom: 1px solid #ddd; }}
 .grid {{ display: flex; flex-wrap: wrap; gap: 0.5em; }} figure {{ margin: 0; }}
 .note {{ color: #666; font-size: 0.9em; }} pre {{ background: #f6f6f6; padding: 0.8em; overflow-x: auto; }}
 .episode {{ max-width: 60em; margin: 0.5em 0 1.2em; }} summary {{ cursor: pointer; margin: 0.3em 0; }}
