@@ -100,6 +100,7 @@ def test_report_of_a_run_that_has_not_logged_yet(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["report", "{tmp}"], "is not a turnrl run directory"),
     (["report", "{run}", "--keys", "rollout/sucess_rate"], "did you mean rollout/success_rate"),
+    (["report", "{run}", "--out", "{tmp}/no/such/dir/r.html"], "does not exist"),
 ])
 def test_bad_report_arguments_exit_2_with_one_line(tmp_path, capsys, args, message):
     run = fake_run(tmp_path, RECORDS)

@@ -229,6 +229,8 @@ def write_report(run_dirs: Path | list[Path], out: Path | None = None, keys: lis
         raise ReportError("name at least one run directory")
     if len(dirs) > 1 and out is None:
         raise ReportError(f"{len(dirs)} runs go on one page: name its file with --out, e.g. --out compare.html")
+    if out is not None and not Path(out).parent.is_dir():
+        raise ReportError(f"cannot write {str(out)!r}: directory {str(Path(out).parent)!r} does not exist")
     runs = [load_run(d) for d in dirs]
     if len({run.name for run in runs}) < len(runs):  # same directory names: tell them apart by path
         for run in runs:
