@@ -36,12 +36,12 @@ def _lora_linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor
     every layer, forward and backward. Inside `merged_lora` (sampling) it is one matmul with the merged weight.
     Anything else (an adapter disabled, merged or mixed, dropout, a LoRA variant such as DoRA, a bias on B, extra
     arguments) runs peft's own forward."""
+    merged = self.__dict__.get("_turnrl_merged")  # set by `merged_lora` only for a plain adapter
+    if merged is not None and not args and not kwargs:
+        return nn.functional.linear(x, merged, self.base_layer.bias)
     name = _plain_adapter(self)
     if name is None or args or kwargs:
         return type(self).forward(self, x, *args, **kwargs)
-    merged = self.__dict__.get("_turnrl_merged")
-    if merged is not None:
-        return nn.functional.linear(x, merged, self.base_layer.bias)
     device = x.device.type
     if torch.is_autocast_enabled(device) and x.is_floating_point():
         x = x.to(torch.get_autocast_dtype(device))
