@@ -70,7 +70,7 @@ def run_chat_episodes(engine: OpenAIEngine, make_env: Callable[[], object], seed
     episode loop of token-level rollouts (`turnrl.rollout.play`): `rollout.max_live_episodes` bounds the envs
     alive at once, and an env whose reset, step or close raises or exceeds `rollout.env_timeout` loses only its
     own episode (end_reason "env_error", `failed`), as in `run_episodes`. Episodes come back seed by seed."""
-    r, settings = cfg.rollout, settings_for(cfg)
+    settings = settings_for(cfg)
     rules = None
     episodes = [ChatEpisode(seed=seed, group_id=g) for g, seed in enumerate(seeds) for _ in range(k)]
 
@@ -82,12 +82,12 @@ def run_chat_episodes(engine: OpenAIEngine, make_env: Callable[[], object], seed
             return
         if rules is None:  # the rules are the env's, the same for every episode
             rules = ep.env.system_prompt() if cfg.env.system_prompt else ""
-            if r.context == "summary":
+            if settings.context == "summary":
                 rules = f"{rules}\n\n{SUMMARY_INSTRUCTION}" if rules else SUMMARY_INSTRUCTION
         ep.messages = ([{"role": "system", "content": rules}] if rules else []) + [{"role": "user", "content": obs}]
 
     def turn(live: list[int]) -> None:
-        replies = engine.chat([context_messages(episodes[i].messages, r) for i in live], params)
+        replies = engine.chat([context_messages(episodes[i].messages, settings) for i in live], params)
         for i, reply in zip(live, replies):
             ep = episodes[i]
             ep.turns += 1
@@ -101,14 +101,14 @@ def run_chat_episodes(engine: OpenAIEngine, make_env: Callable[[], object], seed
             ep.messages += [{"role": "assistant", "content": reply.text}, {"role": "user", "content": obs}]
             if terminated or truncated:
                 ep.done, ep.success, ep.end_reason = True, success, "env"
-            elif ep.turns == r.max_turns:
+            elif ep.turns == settings.max_turns:
                 ep.done, ep.end_reason = True, "turn_budget"
 
     def end(ended: list[int]) -> None:
         for i in ended:
             close_env(episodes[i], settings, env_name)
 
-    play(episodes, k, r.max_live_episodes, start=start, turn=turn, end=end)
+    play(episodes, k, settings.max_live, start=start, turn=turn, end=end)
     return episodes
 
 
