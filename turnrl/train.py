@@ -182,11 +182,13 @@ def _run_eval(policy, cfg: TrainConfig, evals: dict, name: str, path: Path, log,
 
 def _copy_eval(cfg: TrainConfig, evals: dict, src: str, dst: str, path: Path) -> None:
     """The same model as an earlier point: its results, without rerunning them."""
-    samples = _read_eval_samples(path)
+    samples, copied = _read_eval_samples(path), {}
     for (key_src, _), (key_dst, _) in zip(eval_points(cfg, src), eval_points(cfg, dst)):
         evals[key_dst] = dict(evals[key_src])
         if key_src in samples:
-            _write_eval_samples(path, {key_dst: samples[key_src]})
+            copied[key_dst] = samples[key_src]
+    if copied:
+        _write_eval_samples(path, copied)
     write_eval(path, evals)
 
 
