@@ -5,7 +5,9 @@ like a Sokoban rollout: `--groups` groups of `--group-size` episodes; each group
 then every episode has `--turns` turns of model reply + env reply (random token ids, random rewards).
 Its FLOPs are counted with `torch.utils.flop_counter.FlopCounterMode` (every matmul and attention kernel
 actually executed, forward and backward, so work saved by the shared-prompt forward is not counted), then
-the update is timed without the counter. The peak is a square matmul (`--matmul-size`) in the update's
+the update is timed without the counter. torch's counter has no formula for the CPU flash-attention kernels
+(`_scaled_dot_product_flash_attention_for_cpu` and its backward; it counts only the CUDA ones), so without
+`CPU_ATTENTION` below their work (a quarter to a third of the update's time) would count as zero FLOPs. The peak is a square matmul (`--matmul-size`) in the update's
 dtype (bf16 when the model trains under bf16 autocast, else fp32).
 
 Rows: SmolLM2-135M + LoRA r=16 under bf16 autocast (as the smollm2 presets train) and the tiny model in
@@ -23,6 +25,7 @@ import sys
 import time
 
 import torch
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from turnrl.config import AlgoConfig, OptimConfig
@@ -54,6 +57,33 @@ def synthetic_batch(vocab: int, args, seed: int = 0) -> list[Trajectory]:
     return trajs
 
 
+def _causal_share(query, key, is_causal: bool) -> float:
+    """Share of the (query, key) pairs that a causal CPU flash kernel computes: it skips the key blocks after each
+    query block's last position (top-left aligned, as SDPA's `is_causal`), so count only the lower triangle.
+    With an explicit mask the kernel computes every pair, masked or not."""
+    if not is_causal:
+        return 1.0
+    s_q, s_k = query[-2], key[-2]
+    pairs = sum(min(i + 1, s_k) for i in range(s_q))
+    return pairs / (s_q * s_k)
+
+
+def _cpu_flash(query, key, value, dropout_p=0.0, is_causal=False, *args, out_shape=None, **kwargs) -> int:
+    return int(flop_counter.sdpa_flop_count(query, key, value) * _causal_share(query, key, is_causal))
+
+
+def _cpu_flash_backward(grad_out, query, key, value, out, logsumexp, dropout_p=0.0, is_causal=False, *args,
+                        out_shape=None, **kwargs) -> int:
+    return int(flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+               * _causal_share(query, key, is_causal))
+
+
+# torch's own formulas for its other SDPA kernels (forward: q @ k^T and p @ v; backward: those recomputed plus the
+# three gradient products), applied to the CPU flash kernels the update runs.
+CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash,
+                 torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward}
+
+
 def matmul_flops(size: int, dtype: torch.dtype, seconds: float = 2.0) -> float:
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b  # warm-up
@@ -78,9 +108,11 @@ def measure(name: str, args) -> float:
         return ppo_update(policy, optimizer, scheduler, trajs, algo=algo, optim=optim, temperature=1.0)
 
     update()  # warm-up
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
         update()
     flops = counter.get_total_flops()
+    counts = counter.get_flop_counts()["Global"]
+    attention = sum(v for k, v in counts.items() if "attention" in str(k))
     times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
@@ -91,7 +123,7 @@ def measure(name: str, args) -> float:
     peak = matmul_flops(args.matmul_size, dtype)
     tokens = sum(len(t.ids) for t in trajs)
     print(f"{name}{' + LoRA, bf16 autocast' if lora else ', fp32'}: {len(trajs)} episodes, {tokens} tokens, "
-          f"{flops / 1e12:.2f} TFLOP executed per update in {min(times):.2f} s = {achieved / 1e9:.1f} GFLOP/s | "
+          f"{flops / 1e12:.2f} TFLOP executed per update ({attention / flops:.0%} attention) in {min(times):.2f} s = {achieved / 1e9:.1f} GFLOP/s | "
           f"{args.matmul_size}^2 {str(dtype).split('.')[-1]} matmul {peak / 1e9:.1f} GFLOP/s | "
           f"ratio {achieved / peak:.2f}", flush=True)
     return achieved / peak

@@ -1,0 +1,58 @@
+"""benchmarks/update_flops.py counts the CPU flash-attention kernels' FLOPs (torch's counter has no formula for
+them): forward as the two products SDPA's math backend runs as bmm, backward as torch's own backward formula."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.functional import scaled_dot_product_attention as sdpa
+from torch.utils.flop_counter import FlopCounterMode
+
+_spec = importlib.util.spec_from_file_location(
+    "update_flops", Path(__file__).resolve().parents[1] / "benchmarks" / "update_flops.py")
+update_flops = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(update_flops)
+
+
+def _count(backend, q, k, v, **kw):
+    with sdpa_kernel([backend]), FlopCounterMode(display=False, custom_mapping=update_flops.CPU_ATTENTION) as c:
+        sdpa(q, k, v, **kw)
+    return c.get_total_flops()
+
+
+def _qkv(b=2, h=3, s_q=40, s_k=56, d=16, grad=False):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(b, h, s, d, generator=g, requires_grad=grad) for s in (s_q, s_k, s_k)]
+
+
+def test_torch_does_not_count_the_cpu_flash_kernel_by_itself():
+    q, k, v = _qkv()
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), FlopCounterMode(display=False) as c:
+        sdpa(q, k, v)
+    assert c.get_total_flops() == 0  # the gap CPU_ATTENTION fills; if torch adds a formula, drop ours
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_forward_counts_what_the_math_backend_runs_as_bmm(masked):
+    q, k, v = _qkv()
+    mask = torch.rand(40, 56, generator=torch.Generator().manual_seed(1)) > 0.3 if masked else None
+    flash = _count(SDPBackend.FLASH_ATTENTION, q, k, v, attn_mask=mask)
+    assert flash == _count(SDPBackend.MATH, q, k, v, attn_mask=mask) == 2 * (2 * 2 * 3 * 40 * 56 * 16)
+
+
+def test_causal_counts_the_lower_triangle_only():
+    q, k, v = _qkv(s_q=64, s_k=64)
+    full = _count(SDPBackend.FLASH_ATTENTION, q, k, v)
+    assert _count(SDPBackend.FLASH_ATTENTION, q, k, v, is_causal=True) == int(full * (64 * 65 / 2) / 64 ** 2)
+
+
+def test_backward_counts_torchs_five_products():
+    q, k, v = _qkv(grad=True)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        out = sdpa(q, k, v)
+        with FlopCounterMode(display=False, custom_mapping=update_flops.CPU_ATTENTION) as c:
+            out.sum().backward()
+    # scores recomputed, then dV, dP, dQ, dK: five products of the forward's size each
+    assert c.get_total_flops() == 5 * (2 * 2 * 3 * 40 * 56 * 16)
