@@ -56,3 +56,22 @@ def test_backward_counts_torchs_five_products():
             out.sum().backward()
     # scores recomputed, then dV, dP, dQ, dK: five products of the forward's size each
     assert c.get_total_flops() == 5 * (2 * 2 * 3 * 40 * 56 * 16)
+
+
+def test_kernel_log_records_the_counted_calls_and_replays_them():
+    """The ceiling line replays exactly the calls the FLOP count covers, with their shapes, strides and dtypes."""
+    q, k, v = _qkv(grad=True)
+    w = torch.randn(16, 24, requires_grad=True)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), update_flops.KernelLog() as log:
+        out = sdpa(q, k, v) @ w  # (2, 3, 40, 24): one matmul, run as mm
+        out.sum().backward()
+    ops = [func.overloadpacket for func, _, _ in log.calls]
+    assert ops.count(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu) == 1
+    assert ops.count(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward) == 1
+    assert ops.count(torch.ops.aten.mm) == 3  # forward, and the gradients of its two inputs
+    assert all(op in update_flops.KernelLog().counted for op in ops)
+    first = next(args for func, args, _ in log.calls if func.overloadpacket is torch.ops.aten.mm)
+    tensor = update_flops._materialise(first[1])
+    assert first[1][0] == "tensor" and (tuple(tensor.shape), tensor.stride(), tensor.dtype) == first[1][1:]
+    matmul_s, attention_s = update_flops.replay_seconds(log.calls)
+    assert matmul_s > 0 and attention_s > 0
