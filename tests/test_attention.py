@@ -110,3 +110,37 @@ def test_packing_only_for_plain_causal_attention_in_turnrls_attention():
     with packed_rows(torch.zeros(3, dtype=torch.long), torch.arange(3), 3, torch.ones(1, 1, 3, 3, dtype=torch.bool)):
         with pytest.raises(RuntimeError, match="plain causal"):
             gqa_sdpa_attention(types.SimpleNamespace(num_key_value_groups=1), q, q, q, None, sliding_window=16)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_stacked_attention_converts_the_mask_once_and_equals_sdpa_with_the_boolean_mask(autocast):
+    """`_stacked` hands SDPA the additive mask SDPA would make of the boolean one (once per forward, not per
+    layer): outputs and gradients are bitwise those of SDPA given the boolean mask, in fp32 and under bf16
+    autocast."""
+    import turnrl.attention as attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 6, 5, 8, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 2, 9, 8, generator=g, requires_grad=True) for _ in range(2))
+    mask = torch.rand(2, 1, 5, 9, generator=g) > 0.3
+    mask[..., 0] = True  # every query sees a key
+    runs = []
+    for ours in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if ours:
+                out = attention._stacked(q, k, v, mask, 3, 0.0, None)
+                out = attention._stacked(q, k, v, mask, 3, 0.0, None)  # a second layer reuses the conversion
+            else:
+                kk, vv = (x.repeat_interleave(3, dim=1) for x in (k, v))
+                out = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+        grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+        runs.append((out, grads))
+    (out, grads), (ref, ref_grads) = runs
+    assert out.dtype == ref.dtype == (torch.bfloat16 if autocast else torch.float32)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-6 if not autocast else 1e-2, atol=1e-6 if not autocast else 1e-2)
+    cached = attention._bias[0]
+    assert cached is not None and cached[2].dtype == out.dtype
+    assert torch.equal(cached[2] == 0, attention._fold_mask(mask, 3))
+    attention._bias[0] = attention._folded_mask[0] = None
