@@ -7,8 +7,9 @@ Its FLOPs are counted with `torch.utils.flop_counter.FlopCounterMode` (every mat
 actually executed, forward and backward, so work saved by the shared-prompt forward is not counted), then
 the update is timed without the counter. torch's counter has no formula for the CPU flash-attention kernels
 (`_scaled_dot_product_flash_attention_for_cpu` and its backward; it counts only the CUDA ones), so without
-`CPU_ATTENTION` below their work (a quarter to a third of the update's time) would count as zero FLOPs. The peak is a square matmul (`--matmul-size`) in the update's
-dtype (bf16 when the model trains under bf16 autocast, else fp32).
+`CPU_ATTENTION` below their work (a quarter to a third of the update's time) would count as zero FLOPs. The
+peak is a square matmul (`--matmul-size`) in the update's dtype (bf16 when the model trains under bf16
+autocast, else fp32).
 
 How far the update could get on these kernels: every counted call (matmuls and attention, with the shapes,
 strides and dtypes the update ran) is recorded and replayed alone on fresh inputs. Their time alone gives the
@@ -175,12 +176,12 @@ def measure(name: str, args) -> float:
     tokens = sum(len(t.ids) for t in trajs)
     mm_s, attn_s = replay_seconds(log.calls)
     print(f"{name}{' + LoRA, bf16 autocast' if lora else ', fp32'}: {len(trajs)} episodes, {tokens} tokens, "
-          f"{flops / 1e12:.2f} TFLOP executed per update ({attention / flops:.0%} attention) in {min(times):.2f} s = {achieved / 1e9:.1f} GFLOP/s | "
-          f"{args.matmul_size}^2 {str(dtype).split('.')[-1]} matmul {peak / 1e9:.1f} GFLOP/s | "
-          f"ratio {achieved / peak:.2f}", flush=True)
-    print(f"  its {len(log.calls)} counted kernel calls replayed alone: matmuls {mm_s:.2f} s + attention {attn_s:.2f} s "
-          f"of the update's {min(times):.2f} s ({(mm_s + attn_s) / min(times):.0%}); ceiling with all other work free: "
-          f"{flops / (mm_s + attn_s) / peak:.2f} of the matmul peak", flush=True)
+          f"{flops / 1e12:.2f} TFLOP executed per update ({attention / flops:.0%} attention) in {min(times):.2f} s "
+          f"= {achieved / 1e9:.1f} GFLOP/s | {args.matmul_size}^2 {str(dtype).split('.')[-1]} matmul "
+          f"{peak / 1e9:.1f} GFLOP/s | ratio {achieved / peak:.2f}", flush=True)
+    print(f"  its {len(log.calls)} counted kernel calls replayed alone: matmuls {mm_s:.2f} s + attention "
+          f"{attn_s:.2f} s of the update's {min(times):.2f} s ({(mm_s + attn_s) / min(times):.0%}); ceiling with "
+          f"all other work free: {flops / (mm_s + attn_s) / peak:.2f} of the matmul peak", flush=True)
     return achieved / peak
 
 
