@@ -119,21 +119,17 @@ def _materialise(x):
     return flat.as_strided(shape, stride)
 
 
-def replay_seconds(calls, passes: int = 1) -> tuple[float, float]:
+def replay_seconds(calls) -> tuple[float, float]:
     """(matmul seconds, attention seconds) of the recorded calls run alone, one after another on fresh inputs
-    (their creation not timed); the faster of `passes` passes. One pass by default: sampling the inputs of a
-    SmolLM2 update's ~7,000 calls takes half a minute, and two passes of them differed by ~1% here."""
-    best = None
-    for _ in range(passes):
-        spent = {"matmul": 0.0, "attention": 0.0}
-        for func, args, kwargs in calls:
-            args, kwargs = [_materialise(a) for a in args], {k: _materialise(v) for k, v in kwargs.items()}
-            t0 = time.perf_counter()
-            func(*args, **kwargs)
-            spent["attention" if func.overloadpacket in CPU_ATTENTION else "matmul"] += time.perf_counter() - t0
-        if best is None or sum(spent.values()) < sum(best):
-            best = (spent["matmul"], spent["attention"])
-    return best
+    (their creation not timed). One pass: sampling the inputs of a SmolLM2 update's ~7,000 calls takes half a
+    minute, and two passes of them differed by ~1% here."""
+    spent = {"matmul": 0.0, "attention": 0.0}
+    for func, args, kwargs in calls:
+        args, kwargs = [_materialise(a) for a in args], {k: _materialise(v) for k, v in kwargs.items()}
+        t0 = time.perf_counter()
+        func(*args, **kwargs)
+        spent["attention" if func.overloadpacket in CPU_ATTENTION else "matmul"] += time.perf_counter() - t0
+    return spent["matmul"], spent["attention"]
 
 
 def matmul_flops(size: int, dtype: torch.dtype, seconds: float = 2.0) -> float:
