@@ -120,8 +120,9 @@ def test_stacked_attention_converts_the_mask_once_and_equals_sdpa_with_the_boole
     import turnrl.attention as attention
 
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 6, 5, 8, generator=g, requires_grad=True)
-    k, v = (torch.randn(2, 2, 9, 8, generator=g, requires_grad=True) for _ in range(2))
+    # 64-wide heads: under autocast, narrower ones run in fp32 (test_small_attention_runs_in_fp32_under_autocast)
+    q = torch.randn(2, 6, 5, 64, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 2, 9, 64, generator=g, requires_grad=True) for _ in range(2))
     mask = torch.rand(2, 1, 5, 9, generator=g) > 0.3
     mask[..., 0] = True  # every query sees a key
     runs = []
@@ -144,3 +145,39 @@ def test_stacked_attention_converts_the_mask_once_and_equals_sdpa_with_the_boole
     assert cached is not None and cached[2].dtype == out.dtype
     assert torch.equal(cached[2] == 0, attention._fold_mask(mask, 3))
     attention._bias[0] = attention._folded_mask[0] = None
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_small_attention_runs_in_fp32_under_autocast(groups):
+    """Under CPU bf16 autocast, an attention call with heads of at most FP32_MAX_HEAD_DIM and fewer than
+    FP32_MAX_QUERIES queries runs in fp32 (torch's CPU bf16 flash backward is several times slower there): its
+    output is the fp32 attention rounded once to bf16, and its backward is the fp32 attention's. Through the
+    stacked grouped-query path (groups 3) and the delegated one (groups 1); 64-wide heads stay in bf16."""
+    import types
+
+    import turnrl.attention as attention
+
+    def run(d, autocast, grad_out=None):
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(2, 6, 5, d, generator=g, requires_grad=True)
+        k, v = (torch.randn(2, 6 // groups, 9, d, generator=g, requires_grad=True) for _ in range(2))
+        mask = torch.rand(2, 1, 5, 9, generator=g) > 0.3
+        mask[..., 0] = True
+        module = types.SimpleNamespace(num_key_value_groups=groups, is_causal=True, training=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out, _ = attention.gqa_sdpa_attention(module, q, k, v, mask)
+        attention._bias[0] = attention._folded_mask[0] = None
+        grad_out = 2 * out.detach().float() if grad_out is None else grad_out
+        return out, grad_out, torch.autograd.grad(out, (q, k, v), grad_out.to(out.dtype))
+
+    out, grad_out, grads = run(32, autocast=True)
+    ref, _, ref_grads = run(32, autocast=False, grad_out=grad_out)  # the same upstream gradient, in fp32
+    assert out.dtype == torch.bfloat16 and ref.dtype == torch.float32
+    torch.testing.assert_close(out, ref.to(torch.bfloat16), rtol=0, atol=0)
+    for a, b in zip(grads, ref_grads):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    wide, _, _ = run(64, autocast=True)
+    wide_ref, _, _ = run(64, autocast=False)
+    assert wide.dtype == torch.bfloat16
+    assert not torch.equal(wide, wide_ref.to(torch.bfloat16))  # computed in bf16, not the fp32 result rounded

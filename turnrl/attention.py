@@ -46,7 +46,8 @@ def gqa_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, s
     writing (groups - 1) copies of the whole KV cache at every layer of every prefill. On 2 CPU cores that copy
     took a third as long as the attention itself in a SmolLM2 turn's prefill (446 cached positions, 32 rows); in
     the update (autograd through the same ops) it also saves summing the copies' gradients back. Decode steps
-    (q = 1) already stack the group in transformers; everything else is delegated unchanged."""
+    (q = 1) already stack the group in transformers; everything else is delegated unchanged. Under bf16 autocast,
+    attention calls with narrow heads over short sequences run in fp32 (`_fp32_attention`)."""
     if _packed[0] is not None:
         if any(kw.get(name) is not None for name in ("sliding_window", "softcap", "position_bias")):
             raise RuntimeError("packed_rows supports plain causal attention only (see packable())")
@@ -55,17 +56,50 @@ def gqa_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, s
     b, heads, q, d = query.shape
     if (groups == 1 or q == 1 or attention_mask is None or attention_mask.shape[1] != 1 or kw.get("position_bias")
             is not None or kw.get("softcap") is not None or kw.get("output_attentions")):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kw)
+        def attend(query, key, value, mask):
+            return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
+                                          is_causal=is_causal, **kw)
+        if not _fp32_attention(query, q):
+            return attend(query, key, value, attention_mask)
+        out, weights = _in_fp32(attend, query, key, value, attention_mask)
+        return out.to(torch.get_autocast_dtype(query.device.type)), weights
     return _stacked(query, key, value, attention_mask, groups, dropout, scaling).transpose(1, 2).contiguous(), None
+
+
+# Smaller attention calls under bf16 autocast run in fp32 (`_fp32_attention`).
+FP32_MAX_HEAD_DIM = 32
+FP32_MAX_QUERIES = 768
+
+
+def _fp32_attention(query: torch.Tensor, queries: int) -> bool:
+    """Whether an attention call of `queries` queries (as SDPA receives them) should run in fp32 although bf16
+    autocast is on: a CPU call with heads of at most FP32_MAX_HEAD_DIM and fewer than FP32_MAX_QUERIES queries (the
+    tiny model's). Its forward + backward in torch's CPU flash kernel took up to 4.8x as long in bf16 as in fp32
+    there (1.6-4.8x below 192 queries, about equal at 512): the bf16 backward is slow on short sequences whatever
+    the head width. With 768 queries or more, or with 64-wide heads over a few hundred keys (SmolLM2's update), bf16
+    is as fast or faster (docs/performance.md; torch 2.13, 2 cores). fp32 is also the more exact of the two. The
+    decision depends only on shapes, so a forward with or without gradient, or a checkpointed layer's replay,
+    computes the same."""
+    device = query.device.type
+    return (device == "cpu" and torch.is_autocast_enabled(device)
+            and torch.get_autocast_dtype(device) == torch.bfloat16
+            and query.shape[-1] <= FP32_MAX_HEAD_DIM and queries < FP32_MAX_QUERIES)
+
+
+def _in_fp32(attend, query, key, value, mask):
+    """attend(query, key, value, mask) on fp32 copies of the inputs with autocast off (`_fp32_attention`)."""
+    mask = mask.float() if mask is not None and mask.is_floating_point() else mask
+    with torch.autocast(query.device.type, enabled=False):
+        return attend(query.float(), key.float(), value.float(), mask)
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean mask as the additive mask SDPA would make of it (0 where True, -inf where False) in the dtype SDPA
-    computes in. SDPA converts a boolean mask at every call, i.e. at every layer (in the SmolLM2 update: 60 passes
-    over an (8, 1, 879, 549) mask, ~2% of its time); the last result is reused while the tensor is the same."""
+    computes in (an additive mask is cast to it). SDPA converts a boolean mask at every call, i.e. at every layer
+    (in the SmolLM2 update: 60 passes over an (8, 1, 879, 549) mask, ~2% of its time); the last result is reused
+    while the tensor is the same."""
     if mask.dtype != torch.bool:
-        return mask
+        return mask.to(dtype)
     last = _bias[0]
     if last is not None and last[0] is mask and last[1] == dtype:
         return last[2]
@@ -79,11 +113,17 @@ def _stacked(query, key, value, mask, groups, dropout, scaling):
     heads stacked along the query axis; returns (b, heads, q, d)."""
     b, heads, q, d = query.shape
     device = query.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query.reshape(b, heads // groups, groups * q, d), key, value,
-        attn_mask=_additive(_fold_mask(mask, groups) if groups > 1 else mask, dtype), dropout_p=dropout,
-        scale=scaling)
+
+    def attend(query, key, value, mask):
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+        return torch.nn.functional.scaled_dot_product_attention(
+            query.reshape(b, heads // groups, groups * q, d), key, value, attn_mask=_additive(mask, dtype),
+            dropout_p=dropout, scale=scaling)
+    mask = _fold_mask(mask, groups) if groups > 1 else mask
+    if _fp32_attention(query, groups * q):
+        out = _in_fp32(attend, query, key, value, mask).to(torch.get_autocast_dtype(device))
+    else:
+        out = attend(query, key, value, mask)
     return out.reshape(b, heads, q, value.shape[-1])
 
 
