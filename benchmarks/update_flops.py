@@ -16,10 +16,18 @@ strides and dtypes the update ran) is recorded and replayed alone on fresh input
 ceiling, the ratio the update would reach if everything else it does (element-wise work, casts, copies,
 Python) took no time; the rest of the update's time is that other work.
 
-Rows: SmolLM2-135M + LoRA r=16 under bf16 autocast (as the smollm2 presets train) and the tiny model in
-fp32. The last line is the smallest achieved / peak ratio (the issue's goal: >= 0.40).
+The peer on the same batch: TRL's `GRPOTrainer` loss (`_compute_loss`, loss_type "grpo": per-sequence mean
+of per-token losses, as turnrl's `seq-mean-token-mean`) on the same model (LoRA r=16 on the same layers through
+TRL's `peft_config`), same dtype, then backward and one AdamW step. TRL takes an episode as a left-padded prompt
+(the first prompt) and a right-padded completion (everything after it) whose env tokens `tool_mask` leaves out of
+the loss, as for its multi-turn tool calls; it runs the whole padded sequence of every episode. Its FLOPs are
+counted and its update timed the same way; the script prints its ratio and the update time TRL / turnrl. Skipped
+when trl is not installed (`pip install 'turnrl[bench]'`) or with `--no-peer`.
 
-    python benchmarks/update_flops.py [--models smollm2-135m-instruct tiny] [--threads 2]
+Rows: SmolLM2-135M + LoRA r=16 under bf16 autocast (as the smollm2 presets train) and the tiny model in
+fp32. The last line is turnrl's smallest achieved / peak ratio (the issue's goal: >= 0.40).
+
+    python benchmarks/update_flops.py [--models smollm2-135m-instruct tiny] [--threads 2] [--no-peer]
 """
 
 from __future__ import annotations
@@ -142,6 +150,81 @@ def matmul_flops(size: int, dtype: torch.dtype, seconds: float = 2.0) -> float:
     return 2 * size ** 3 * n / (time.perf_counter() - t0)
 
 
+def trl_inputs(trajs: list[Trajectory], pad: int, advantages: torch.Tensor) -> dict:
+    """The batch as TRL's GRPO loss takes it: each episode's first prompt (the tokens before its first model token)
+    left-padded, the rest right-padded as the completion, `tool_mask` 1 on its model tokens only."""
+    starts = [next(i for i, m in enumerate(t.loss_mask) if m) for t in trajs]
+    width_p, width_c = max(starts), max(len(t.ids) - p for t, p in zip(trajs, starts))
+    prompt_ids = torch.full((len(trajs), width_p), pad)
+    completion_ids = torch.full((len(trajs), width_c), pad)
+    prompt_mask = torch.zeros_like(prompt_ids)
+    completion_mask, tool_mask = torch.zeros_like(completion_ids), torch.zeros_like(completion_ids)
+    for i, (t, p) in enumerate(zip(trajs, starts)):
+        n = len(t.ids) - p
+        prompt_ids[i, width_p - p:], prompt_mask[i, width_p - p:] = torch.tensor(t.ids[:p]), 1
+        completion_ids[i, :n], completion_mask[i, :n] = torch.tensor(t.ids[p:]), 1
+        tool_mask[i, :n] = torch.tensor(t.loss_mask[p:])
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+            "completion_mask": completion_mask, "tool_mask": tool_mask, "advantages": advantages,
+            "num_items_in_batch": tool_mask.sum()}
+
+
+def trl_update(name: str, trajs: list[Trajectory], args, lora: bool, bf16: bool):
+    """(TRL's GRPO update as a function with no arguments, its trainer) for `name` on `trajs` (module docstring).
+    None when trl is not installed."""
+    import tempfile
+    import warnings
+
+    try:
+        from datasets import Dataset
+        from trl import GRPOConfig, GRPOTrainer
+    except ImportError:
+        return None
+    from peft import LoraConfig
+
+    from turnrl.models import DEFAULT_LORA_TARGETS
+
+    policy = load_policy(name, seed=0)
+    advantages = torch.randn(len(trajs), generator=torch.Generator().manual_seed(0))
+    inputs = trl_inputs(trajs, policy.pad_token_id, advantages)
+    with tempfile.TemporaryDirectory() as out, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = GRPOConfig(output_dir=out, per_device_train_batch_size=len(trajs), num_generations=args.group_size,
+                            max_completion_length=inputs["completion_ids"].shape[1], learning_rate=1e-5, beta=0.0,
+                            num_iterations=1, loss_type="grpo", use_cpu=True, bf16=bf16, gradient_checkpointing=False,
+                            report_to="none", save_strategy="no", disable_tqdm=True, seed=0)
+        peft_config = LoraConfig(r=16, lora_alpha=32, target_modules=list(DEFAULT_LORA_TARGETS),
+                                 task_type="CAUSAL_LM") if lora else None
+        trainer = GRPOTrainer(model=policy.lm, processing_class=policy.tokenizer, args=config,
+                              reward_funcs=lambda completions, **_: [0.0] * len(completions),
+                              train_dataset=Dataset.from_list([{"prompt": "-"}] * len(trajs)), peft_config=peft_config)
+    trainer.current_gradient_accumulation_steps = 1  # set by its training loop, which this does not run
+    model = trainer.model
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def update():
+        loss = trainer._compute_loss(model, inputs)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return update, trainer
+
+
+def counted_and_timed(update, repeats: int) -> tuple[FlopCounterMode, float, list]:
+    """(the FLOP counter of one call of `update`, the fastest of `repeats` timed calls, the counted kernel calls
+    of the counted call), after one untimed warm-up call."""
+    update()
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter, KernelLog() as log:
+        update()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        update()
+        times.append(time.perf_counter() - t0)
+    return counter, min(times), log.calls
+
+
 def measure(name: str, args) -> float:
     lora = name != "tiny"
     bf16 = lora  # as the presets train: SmolLM2 with LoRA under bf16 autocast, the tiny model in fp32
@@ -155,29 +238,33 @@ def measure(name: str, args) -> float:
     def update():
         return ppo_update(policy, optimizer, scheduler, trajs, algo=algo, optim=optim, temperature=1.0)
 
-    update()  # warm-up
-    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter, KernelLog() as log:
-        update()
+    counter, seconds, calls = counted_and_timed(update, args.repeats)
     flops = counter.get_total_flops()
     counts = counter.get_flop_counts()["Global"]
     attention = sum(v for k, v in counts.items() if "attention" in str(k))
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        update()
-        times.append(time.perf_counter() - t0)
-    achieved = flops / min(times)
+    achieved = flops / seconds
     dtype = torch.bfloat16 if bf16 else torch.float32
     peak = matmul_flops(args.matmul_size, dtype)
     tokens = sum(len(t.ids) for t in trajs)
-    mm_s, attn_s = replay_seconds(log.calls)
+    mm_s, attn_s = replay_seconds(calls)
     print(f"{name}{' + LoRA, bf16 autocast' if lora else ', fp32'}: {len(trajs)} episodes, {tokens} tokens, "
-          f"{flops / 1e12:.2f} TFLOP executed per update ({attention / flops:.0%} attention) in {min(times):.2f} s "
+          f"{flops / 1e12:.2f} TFLOP executed per update ({attention / flops:.0%} attention) in {seconds:.2f} s "
           f"= {achieved / 1e9:.1f} GFLOP/s | {args.matmul_size}^2 {str(dtype).split('.')[-1]} matmul "
           f"{peak / 1e9:.1f} GFLOP/s | ratio {achieved / peak:.2f}", flush=True)
-    print(f"  its {len(log.calls)} counted kernel calls replayed alone: matmuls {mm_s:.2f} s + attention "
-          f"{attn_s:.2f} s of the update's {min(times):.2f} s ({(mm_s + attn_s) / min(times):.0%}); ceiling with "
+    print(f"  its {len(calls)} counted kernel calls replayed alone: matmuls {mm_s:.2f} s + attention "
+          f"{attn_s:.2f} s of the update's {seconds:.2f} s ({(mm_s + attn_s) / seconds:.0%}); ceiling with "
           f"all other work free: {flops / (mm_s + attn_s) / peak:.2f} of the matmul peak", flush=True)
+    if args.peer:
+        del policy, optimizer, scheduler, update
+        peer = trl_update(name, trajs, args, lora, bf16)
+        if peer is None:
+            print("  peer: trl is not installed (pip install 'turnrl[bench]'), skipped", flush=True)
+        else:
+            p_counter, p_seconds, _ = counted_and_timed(peer[0], args.repeats)
+            p_flops = p_counter.get_total_flops()
+            print(f"  peer, TRL GRPOTrainer's loss + backward + AdamW step on the same batch: {p_flops / 1e12:.2f} "
+                  f"TFLOP in {p_seconds:.2f} s = {p_flops / p_seconds / 1e9:.1f} GFLOP/s, ratio "
+                  f"{p_flops / p_seconds / peak:.2f} | update time TRL / turnrl {p_seconds / seconds:.2f}", flush=True)
     return achieved / peak
 
 
@@ -194,6 +281,7 @@ def main() -> int:
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--no-peer", dest="peer", action="store_false", help="skip TRL's update on the same batch")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     ratios = {name: measure(name, args) for name in args.models}

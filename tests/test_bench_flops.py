@@ -75,3 +75,51 @@ def test_kernel_log_records_the_counted_calls_and_replays_them():
     assert first[1][0] == "tensor" and (tuple(tensor.shape), tensor.stride(), tensor.dtype) == first[1][1:]
     matmul_s, attention_s = update_flops.replay_seconds(log.calls)
     assert matmul_s > 0 and attention_s > 0
+
+
+def _batch():
+    import argparse
+
+    args = argparse.Namespace(groups=2, group_size=2, prompt_tokens=12, turns=3, reply_tokens=6, env_tokens=5)
+    return update_flops.synthetic_batch(200, args), args
+
+
+def test_trl_inputs_rebuild_every_episode_with_the_loss_on_its_model_tokens_only():
+    """The peer's batch: prompt (left-padded) + completion (right-padded) give back each episode's ids, and
+    `tool_mask` marks exactly its model tokens (the env replies inside the completion carry no loss)."""
+    trajs, _ = _batch()
+    inputs = update_flops.trl_inputs(trajs, pad=0, advantages=torch.zeros(len(trajs)))
+    for i, t in enumerate(trajs):
+        prompt = inputs["prompt_ids"][i][inputs["prompt_mask"][i].bool()].tolist()
+        completion = inputs["completion_ids"][i][inputs["completion_mask"][i].bool()].tolist()
+        assert prompt + completion == list(t.ids)
+        assert inputs["prompt_mask"][i, -1] == 1 and inputs["completion_mask"][i, 0] == 1  # left / right padding
+        assert inputs["tool_mask"][i][: len(completion)].tolist() == list(t.loss_mask[len(prompt):])
+        assert not any(t.loss_mask[: len(prompt)]) and t.loss_mask[len(prompt)] == 1
+    assert inputs["num_items_in_batch"] == sum(sum(t.loss_mask) for t in trajs)
+
+
+def test_the_trl_peer_scores_the_same_tokens_with_the_same_model():
+    """TRL's log-probabilities on the peer's batch equal the model's own at every model token: the peer computes
+    the same quantity as turnrl's update, on the same weights."""
+    pytest.importorskip("trl")
+    from turnrl.models import load_policy
+
+    trajs, args = _batch()
+    update, trainer = update_flops.trl_update("tiny", trajs, args, lora=False, bf16=False)
+    inputs = update_flops.trl_inputs(trajs, trainer.processing_class.pad_token_id, torch.zeros(len(trajs)))
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    width = inputs["completion_ids"].shape[1]
+    with torch.no_grad():
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, width)
+    lm = load_policy("tiny", seed=0).lm.eval()
+    for i, t in enumerate(trajs):
+        with torch.no_grad():
+            own = torch.log_softmax(lm(input_ids=torch.tensor([t.ids])).logits[0, :-1].float(), -1)
+        expected = own.gather(-1, torch.tensor(t.ids[1:])[:, None])[:, 0]
+        start = len(t.ids) - int(inputs["completion_mask"][i].sum())
+        at = inputs["tool_mask"][i].bool()
+        torch.testing.assert_close(logps[i][at], expected[start - 1:][at[: len(t.ids) - start]], rtol=1e-4,
+                                   atol=1e-4)
+    update()  # and its update runs
