@@ -132,3 +132,39 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path, m
     assert assert_run_dir_intact(tmp_path) == int(expected[0][-1])
     remove_stale_temps(tmp_path)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == expected
+
+
+def test_a_signal_between_two_iterations_still_checkpoints_every_finished_one(tmp_path, monkeypatch):
+    """SIGINT landing in the gap between two iterations (here: while the loop fetches the next one) is deferred like
+    one inside an iteration: the run finishes an iteration, checkpoints it and stops, so every logged iteration is
+    in the checkpoint (with per-iteration deferral it stopped at once, and the resume redid the logged iterations)."""
+    import turnrl.train as train_module
+    from test_train import tiny_config
+    from turnrl.faults import Interrupted
+
+    real_tqdm = train_module.tqdm
+
+    def signalling_tqdm(iterable, **kwargs):
+        bar = real_tqdm(iterable, **kwargs)
+
+        class Bar:
+            def __iter__(self):
+                for i in bar:
+                    if i == 2:  # iterations 0 and 1 are done and logged; none is checkpointed (save_every)
+                        os.kill(os.getpid(), signal.SIGINT)
+                    yield i
+
+            def __getattr__(self, name):
+                return getattr(bar, name)
+        return Bar()
+
+    monkeypatch.setattr(train_module, "tqdm", signalling_tqdm)
+    cfg = tiny_config(tmp_path / "run", iterations=10)
+    cfg.sft.episodes = 0
+    cfg.save_every = 1000
+    cfg.eval.episodes, cfg.eval.k, cfg.eval.greedy = 1, 1, False
+    with pytest.raises(Interrupted):
+        train_module.train(cfg, log=lambda *_: None)
+    logged = len(MetricsLog(tmp_path / "run" / "metrics.jsonl").read())
+    assert logged == 3
+    assert assert_run_dir_intact(tmp_path / "run") == logged

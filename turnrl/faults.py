@@ -28,8 +28,8 @@ class Interrupted(KeyboardInterrupt):
 class StopSignals:
     """SIGINT and SIGTERM, handled alike while training runs in the main thread.
 
-    Inside `deferred()` (one RL iteration) the first signal is only recorded: the trainer finishes the
-    iteration, writes a checkpoint and raises `Interrupted`. Outside it, or on a second signal, the
+    Inside `deferred()` (the RL loop) the first signal is only recorded: the trainer finishes the current (or
+    next) iteration, writes a checkpoint and raises `Interrupted`. Outside it, or on a second signal, the
     handler raises `Interrupted` at once; nothing is corrupted because checkpoints are renamed into
     place and a torn metrics line is dropped on resume. In another thread (signal handlers can only be
     installed in the main one) the handlers are left as they are.

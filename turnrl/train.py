@@ -299,9 +299,13 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
     t_run = time.perf_counter()
     bad_streak = state.get("bad_updates", 0)
     try:
-        for iteration in bar:
-            # A first SIGINT/SIGTERM only marks the stop: the iteration ends, is checkpointed, then we exit.
-            with stop.deferred():
+        # A first SIGINT/SIGTERM only marks the stop: the iteration ends, is checkpointed, then we exit. Deferred
+        # over the whole loop, not per iteration: a signal landing between two iterations would otherwise stop the
+        # run at once, before the last finished iteration was checkpointed, and the resume would redo the logged
+        # iterations since the last periodic checkpoint. (One landing after an iteration's check of `stop` runs one
+        # more iteration before stopping.)
+        with stop.deferred():
+            for iteration in bar:
                 t0 = time.perf_counter()
                 # rollout (n_groups start states x group_size samples each), reward shaping, then the group
                 # filter: StarPO-S keeps the groups whose raw env returns vary most; DAPO dynamic sampling
@@ -368,13 +372,14 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
                         f"(optim.max_bad_updates={cfg.optim.max_bad_updates}) at iteration {iteration}; the last "
                         f"good checkpoint is {last}. Lower optim.lr or check the rewards.")
                 state = {"phase": "rl", "iteration": iteration + 1, "bad_updates": bad_streak}
-                if (iteration + 1) % cfg.save_every == 0 or iteration + 1 == cfg.iterations or stop.requested:
+                stopping = stop.requested  # read once: a signal after this line stops the run one iteration later
+                if (iteration + 1) % cfg.save_every == 0 or iteration + 1 == cfg.iterations or stopping:
                     save_checkpoint(run_dir, iteration + 1, policy, optimizer, scheduler, state, generators,
                                     cfg.keep_checkpoints)
-            if stop.requested:
-                log(f"[interrupted] saved checkpoint at iteration {iteration + 1} in {run_dir}; continue with "
-                    f"`turnrl train --resume {run_dir}`")
-                raise Interrupted(stop.requested)
+                if stopping:
+                    log(f"[interrupted] saved checkpoint at iteration {iteration + 1} in {run_dir}; continue with "
+                        f"`turnrl train --resume {run_dir}`")
+                    raise Interrupted(stopping)
     finally:
         bar.close()
 
