@@ -118,6 +118,15 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """Writes `text` to `path` through a temporary file renamed into place: a reader (or a crash) never sees half
+    a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 class MetricsLog:
     """metrics.jsonl: one JSON object per line, flushed and fsynced per record."""
 
@@ -137,9 +146,7 @@ class MetricsLog:
 
     def truncate_to(self, records: list[dict]) -> None:
         """Rewrites the log with `records` (drops a torn tail or iterations after the resumed checkpoint)."""
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in records))
 
     def append(self, record: dict) -> None:
         """Appends one line. NaN/inf become null (strict JSON; actor/skipped_steps says why)."""

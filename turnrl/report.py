@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from turnrl.checkpoint import MetricsLog
+from turnrl.checkpoint import MetricsLog, atomic_write_text
 
 # (panel title, metric keys drawn in it); a panel is left out when none of its keys has a value in the run.
 PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -280,7 +280,5 @@ both; observations in grey, the model's replies in blue.</p>
 </body></html>
 """
     out = Path(out) if out is not None else runs[0].path / "report.html"
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(page)
-    tmp.replace(out)  # a reader never sees half a page
+    atomic_write_text(out, page)  # a reader never sees half a page
     return out, panels

@@ -22,8 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from turnrl.algos.filters import dynamic_sampling_keep, filter_by_reward_std
-from turnrl.checkpoint import (MetricsLog, latest_checkpoint, remove_stale_temps, save_checkpoint, save_model_atomic,
-                               set_rng_state)
+from turnrl.checkpoint import (MetricsLog, atomic_write_text, latest_checkpoint, remove_stale_temps, save_checkpoint,
+                               save_model_atomic, set_rng_state)
 from turnrl.config import DYNAMIC_SEED_OFFSET, TRAIN_SEED_BASE, ConfigError, TrainConfig, diff_configs
 from turnrl.diagnostics import collapse_metrics
 from turnrl.engines import SamplingParams
@@ -150,9 +150,7 @@ def rollout_metrics(trajs: list[Trajectory], cfg: TrainConfig) -> dict[str, floa
 
 
 def write_eval(path: Path, evals: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(evals, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(evals, indent=2))
 
 
 def eval_points(cfg: TrainConfig, name: str) -> list[tuple[str, str | None]]:
