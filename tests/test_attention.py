@@ -120,10 +120,10 @@ def test_stacked_attention_converts_the_mask_once_and_equals_sdpa_with_the_boole
     import turnrl.attention as attention
 
     g = torch.Generator().manual_seed(0)
-    # 64-wide heads: under autocast, narrower ones run in fp32 (test_small_attention_runs_in_fp32_under_autocast)
+    # 200 keys of width 64: under autocast, shorter calls run in fp32 (test_short_attention_runs_in_fp32_under_autocast)
     q = torch.randn(2, 6, 5, 64, generator=g, requires_grad=True)
-    k, v = (torch.randn(2, 2, 9, 64, generator=g, requires_grad=True) for _ in range(2))
-    mask = torch.rand(2, 1, 5, 9, generator=g) > 0.3
+    k, v = (torch.randn(2, 2, 200, 64, generator=g, requires_grad=True) for _ in range(2))
+    mask = torch.rand(2, 1, 5, 200, generator=g) > 0.3
     mask[..., 0] = True  # every query sees a key
     runs = []
     for ours in (True, False):
@@ -148,20 +148,23 @@ def test_stacked_attention_converts_the_mask_once_and_equals_sdpa_with_the_boole
 
 
 @pytest.mark.parametrize("groups", [1, 3])
-def test_small_attention_runs_in_fp32_under_autocast(groups):
-    """Under CPU bf16 autocast, an attention call with heads of at most FP32_MAX_HEAD_DIM and fewer than
-    FP32_MAX_QUERIES queries runs in fp32 (torch's CPU bf16 flash backward is several times slower there): its
-    output is the fp32 attention rounded once to bf16, and its backward is the fp32 attention's. Through the
-    stacked grouped-query path (groups 3) and the delegated one (groups 1); 64-wide heads stay in bf16."""
+@pytest.mark.parametrize("width, n_queries, n_keys, fp32", [(32, 5, 9, True), (64, 5, 9, True), (64, 5, 200, False),
+                                                            (16, 800, 9, False)])
+def test_short_attention_runs_in_fp32_under_autocast(groups, width, n_queries, n_keys, fp32):
+    """Under CPU bf16 autocast, an attention call with fewer than FP32_MAX_QUERIES queries (as SDPA gets them: the
+    stacked grouped-query path multiplies them by `groups`) and keys x head width at most FP32_MAX_KEY_WIDTH runs in
+    fp32 (torch's CPU bf16 flash backward is several times slower there): its output is the fp32 attention rounded
+    once to bf16, and its backward is the fp32 attention's. Longer calls stay in bf16. Through the stacked
+    grouped-query path (groups 3) and the delegated one (groups 1)."""
     import types
 
     import turnrl.attention as attention
 
-    def run(d, autocast, grad_out=None):
+    def run(autocast, grad_out=None):
         g = torch.Generator().manual_seed(0)
-        q = torch.randn(2, 6, 5, d, generator=g, requires_grad=True)
-        k, v = (torch.randn(2, 6 // groups, 9, d, generator=g, requires_grad=True) for _ in range(2))
-        mask = torch.rand(2, 1, 5, 9, generator=g) > 0.3
+        q = torch.randn(2, 6, n_queries, width, generator=g, requires_grad=True)
+        k, v = (torch.randn(2, 6 // groups, n_keys, width, generator=g, requires_grad=True) for _ in range(2))
+        mask = torch.rand(2, 1, n_queries, n_keys, generator=g) > 0.3
         mask[..., 0] = True
         module = types.SimpleNamespace(num_key_value_groups=groups, is_causal=True, training=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -170,14 +173,11 @@ def test_small_attention_runs_in_fp32_under_autocast(groups):
         grad_out = 2 * out.detach().float() if grad_out is None else grad_out
         return out, grad_out, torch.autograd.grad(out, (q, k, v), grad_out.to(out.dtype))
 
-    out, grad_out, grads = run(32, autocast=True)
-    ref, _, ref_grads = run(32, autocast=False, grad_out=grad_out)  # the same upstream gradient, in fp32
+    out, grad_out, grads = run(autocast=True)
+    ref, _, ref_grads = run(autocast=False, grad_out=grad_out)  # the same upstream gradient, in fp32
     assert out.dtype == torch.bfloat16 and ref.dtype == torch.float32
-    torch.testing.assert_close(out, ref.to(torch.bfloat16), rtol=0, atol=0)
-    for a, b in zip(grads, ref_grads):
-        assert a.dtype == torch.float32
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-    wide, _, _ = run(64, autocast=True)
-    wide_ref, _, _ = run(64, autocast=False)
-    assert wide.dtype == torch.bfloat16
-    assert not torch.equal(wide, wide_ref.to(torch.bfloat16))  # computed in bf16, not the fp32 result rounded
+    assert torch.equal(out, ref.to(torch.bfloat16)) == fp32  # computed in bf16: not the fp32 result rounded
+    if fp32:
+        for a, b in zip(grads, ref_grads):
+            assert a.dtype == torch.float32
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

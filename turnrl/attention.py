@@ -47,7 +47,7 @@ def gqa_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, s
     took a third as long as the attention itself in a SmolLM2 turn's prefill (446 cached positions, 32 rows); in
     the update (autograd through the same ops) it also saves summing the copies' gradients back. Decode steps
     (q = 1) already stack the group in transformers; everything else is delegated unchanged. Under bf16 autocast,
-    attention calls with narrow heads over short sequences run in fp32 (`_fp32_attention`)."""
+    attention calls over short sequences run in fp32 (`_fp32_attention`)."""
     if _packed[0] is not None:
         if any(kw.get(name) is not None for name in ("sliding_window", "softcap", "position_bias")):
             raise RuntimeError("packed_rows supports plain causal attention only (see packable())")
@@ -59,31 +59,33 @@ def gqa_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, s
         def attend(query, key, value, mask):
             return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
                                           is_causal=is_causal, **kw)
-        if not _fp32_attention(query, q):
+        if not _fp32_attention(query, q, key.shape[-2]):
             return attend(query, key, value, attention_mask)
         out, weights = _in_fp32(attend, query, key, value, attention_mask)
         return out.to(torch.get_autocast_dtype(query.device.type)), weights
     return _stacked(query, key, value, attention_mask, groups, dropout, scaling).transpose(1, 2).contiguous(), None
 
 
-# Smaller attention calls under bf16 autocast run in fp32 (`_fp32_attention`).
-FP32_MAX_HEAD_DIM = 32
+# Attention calls with fewer queries and a smaller keys x head width than these run in fp32 under bf16 autocast
+# (`_fp32_attention`).
 FP32_MAX_QUERIES = 768
+FP32_MAX_KEY_WIDTH = 12288
 
 
-def _fp32_attention(query: torch.Tensor, queries: int) -> bool:
-    """Whether an attention call of `queries` queries (as SDPA receives them) should run in fp32 although bf16
-    autocast is on: a CPU call with heads of at most FP32_MAX_HEAD_DIM and fewer than FP32_MAX_QUERIES queries (the
-    tiny model's). Its forward + backward in torch's CPU flash kernel took up to 4.8x as long in bf16 as in fp32
-    there (1.6-4.8x below 192 queries, about equal at 512): the bf16 backward is slow on short sequences whatever
-    the head width. With 768 queries or more, or with 64-wide heads over a few hundred keys (SmolLM2's update), bf16
-    is as fast or faster (docs/performance.md; torch 2.13, 2 cores). fp32 is also the more exact of the two. The
-    decision depends only on shapes, so a forward with or without gradient, or a checkpointed layer's replay,
-    computes the same."""
+def _fp32_attention(query: torch.Tensor, queries: int, keys: int) -> bool:
+    """Whether an attention call of `queries` queries over `keys` keys (as SDPA receives them) should run in fp32
+    although bf16 autocast is on: a CPU call with fewer than FP32_MAX_QUERIES queries and keys x head width at most
+    FP32_MAX_KEY_WIDTH. There torch's CPU flash kernel took 1.2-4.8x as long for forward + backward in bf16 as in
+    fp32: its bf16 backward is slow on short query blocks whatever the head width, while fp32's cost grows with the
+    keys and the width. Past these bounds bf16 was as fast or up to 1.8x faster (docs/performance.md; torch 2.13,
+    2 cores, AMX). It covers the tiny model's SFT and SmolLM2's updates on short episodes (the bandit), not
+    SmolLM2's multi-turn update (over 768 stacked queries). fp32 is also the more exact of the two. The decision
+    depends only on shapes, so a forward with or without gradient (the KL reference's, a checkpointed layer's
+    replay) computes the same."""
     device = query.device.type
     return (device == "cpu" and torch.is_autocast_enabled(device)
             and torch.get_autocast_dtype(device) == torch.bfloat16
-            and query.shape[-1] <= FP32_MAX_HEAD_DIM and queries < FP32_MAX_QUERIES)
+            and queries < FP32_MAX_QUERIES and keys * query.shape[-1] <= FP32_MAX_KEY_WIDTH)
 
 
 def _in_fp32(attend, query, key, value, mask):
@@ -120,7 +122,7 @@ def _stacked(query, key, value, mask, groups, dropout, scaling):
             query.reshape(b, heads // groups, groups * q, d), key, value, attn_mask=_additive(mask, dtype),
             dropout_p=dropout, scale=scaling)
     mask = _fold_mask(mask, groups) if groups > 1 else mask
-    if _fp32_attention(query, groups * q):
+    if _fp32_attention(query, groups * q, key.shape[-2]):
         out = _in_fp32(attend, query, key, value, mask).to(torch.get_autocast_dtype(device))
     else:
         out = attend(query, key, value, mask)
