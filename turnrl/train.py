@@ -301,7 +301,7 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
         # over the whole loop, not per iteration: a signal landing between two iterations would otherwise stop the
         # run at once, before the last finished iteration was checkpointed, and the resume would redo the logged
         # iterations since the last periodic checkpoint. (One landing after an iteration's check of `stop` runs one
-        # more iteration before stopping.)
+        # more iteration before stopping; after the last iteration's, it stops the run before the final evaluation.)
         with stop.deferred():
             for iteration in bar:
                 t0 = time.perf_counter()
@@ -375,9 +375,11 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
                     save_checkpoint(run_dir, iteration + 1, policy, optimizer, scheduler, state, generators,
                                     cfg.keep_checkpoints)
                 if stopping:
-                    log(f"[interrupted] saved checkpoint at iteration {iteration + 1} in {run_dir}; continue with "
-                        f"`turnrl train --resume {run_dir}`")
-                    raise Interrupted(stopping)
+                    break
+        if stop.requested:  # also one that came after the last iteration's check (the last one is checkpointed)
+            log(f"[interrupted] saved checkpoint at iteration {state['iteration']} in {run_dir}; continue with "
+                f"`turnrl train --resume {run_dir}`")
+            raise Interrupted(stop.requested)
     finally:
         bar.close()
 
