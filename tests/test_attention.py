@@ -181,3 +181,20 @@ def test_short_attention_runs_in_fp32_under_autocast(groups, width, n_queries, n
         for a, b in zip(grads, ref_grads):
             assert a.dtype == torch.float32
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_short_attention_stays_in_bf16_in_inference_mode():
+    """The engines sample in inference mode: there the fp32 switch is off (no backward to win on)."""
+    import types
+
+    import turnrl.attention as attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 6, 5, 32, generator=g)
+    k, v = (torch.randn(2, 6, 9, 32, generator=g) for _ in range(2))
+    module = types.SimpleNamespace(num_key_value_groups=1, is_causal=True, training=False)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = attention.gqa_sdpa_attention(module, q, k, v, None)
+        bf16 = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, bf16)

@@ -81,9 +81,10 @@ def _fp32_attention(query: torch.Tensor, queries: int, keys: int) -> bool:
     2 cores, AMX). It covers the tiny model's SFT and SmolLM2's updates on short episodes (the bandit), not
     SmolLM2's multi-turn update (over 768 stacked queries). fp32 is also the more exact of the two. The decision
     depends only on shapes, so a forward with or without gradient (the KL reference's, a checkpointed layer's
-    replay) computes the same."""
+    replay) computes the same. Not in inference mode (the engines' sampling under `engine.hf_dtype=bfloat16`):
+    there is no backward there, and the forward alone is as fast or faster in bf16."""
     device = query.device.type
-    return (device == "cpu" and torch.is_autocast_enabled(device)
+    return (device == "cpu" and torch.is_autocast_enabled(device) and not torch.is_inference_mode_enabled()
             and torch.get_autocast_dtype(device) == torch.bfloat16
             and queries < FP32_MAX_QUERIES and keys * query.shape[-1] <= FP32_MAX_KEY_WIDTH)
 
