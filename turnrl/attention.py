@@ -75,14 +75,14 @@ FP32_MAX_KEY_WIDTH = 12288
 def _fp32_attention(query: torch.Tensor, queries: int, keys: int) -> bool:
     """Whether an attention call of `queries` queries over `keys` keys (as SDPA receives them) should run in fp32
     although bf16 autocast is on: a CPU call with fewer than FP32_MAX_QUERIES queries and keys x head width at most
-    FP32_MAX_KEY_WIDTH. There torch's CPU flash kernel took up to 4.8x as long for forward + backward in bf16 as in
-    fp32 (about as long at the bounds): its bf16 backward is slow on short query blocks whatever the head width,
-    while fp32's cost grows with the keys and the width. Past these bounds bf16 was about as fast or up to 2x faster
-    (docs/performance.md, scripts/attention_precision.py; torch 2.13, 2 cores, AMX). It covers the tiny model's SFT and SmolLM2's updates on short episodes (the bandit), not
-    SmolLM2's multi-turn update (over 768 stacked queries). fp32 is also the more exact of the two. The decision
-    depends only on shapes, so a forward with or without gradient (the KL reference's, a checkpointed layer's
-    replay) computes the same. Not in inference mode (the engines' sampling under `engine.hf_dtype=bfloat16`):
-    there is no backward there, and the forward alone is as fast or faster in bf16."""
+    FP32_MAX_KEY_WIDTH. There torch's CPU flash kernel took up to 4.8x as long for forward + backward in bf16 as in fp32
+    (about as long at the bounds): its bf16 backward is slow on short query blocks whatever the head width, while fp32's
+    cost grows with the keys and the width. Past these bounds bf16 was about as fast or up to 2x faster
+    (docs/performance.md, scripts/attention_precision.py; torch 2.13, 2 cores, AMX). It covers the tiny model's SFT and
+    SmolLM2's updates on short episodes (the bandit), not SmolLM2's multi-turn update (over 768 stacked queries). fp32
+    is also the more exact of the two. The decision depends only on shapes, so a forward with or without gradient (the
+    KL reference's, a checkpointed layer's replay) computes the same. Not in inference mode (the engines' sampling under
+    `engine.hf_dtype=bfloat16`): there is no backward there, and the forward alone is as fast or faster in bf16."""
     device = query.device.type
     return (device == "cpu" and torch.is_autocast_enabled(device) and not torch.is_inference_mode_enabled()
             and torch.get_autocast_dtype(device) == torch.bfloat16
