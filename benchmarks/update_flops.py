@@ -150,6 +150,10 @@ def matmul_flops(size: int, dtype: torch.dtype, seconds: float = 2.0) -> float:
     return 2 * size ** 3 * n / (time.perf_counter() - t0)
 
 
+# The adapter of the SmolLM2 row, on turnrl's side and (as a peft LoraConfig) on TRL's.
+LORA = LoraSpec(rank=16, alpha=32.0)
+
+
 def trl_inputs(trajs: list[Trajectory], pad: int, advantages: torch.Tensor) -> dict:
     """The batch as TRL's GRPO loss takes it: each episode's first prompt (the tokens before its first model token)
     left-padded, the rest right-padded as the completion, `tool_mask` 1 on its model tokens only."""
@@ -182,8 +186,6 @@ def trl_update(name: str, trajs: list[Trajectory], args, lora: bool, bf16: bool)
         return None
     from peft import LoraConfig
 
-    from turnrl.models import DEFAULT_LORA_TARGETS
-
     policy = load_policy(name, seed=0)
     advantages = torch.randn(len(trajs), generator=torch.Generator().manual_seed(0))
     inputs = trl_inputs(trajs, policy.pad_token_id, advantages)
@@ -193,8 +195,8 @@ def trl_update(name: str, trajs: list[Trajectory], args, lora: bool, bf16: bool)
                             max_completion_length=inputs["completion_ids"].shape[1], learning_rate=1e-5, beta=0.0,
                             num_iterations=1, loss_type="grpo", use_cpu=True, bf16=bf16, gradient_checkpointing=False,
                             report_to="none", save_strategy="no", disable_tqdm=True, seed=0)
-        peft_config = LoraConfig(r=16, lora_alpha=32, target_modules=list(DEFAULT_LORA_TARGETS),
-                                 task_type="CAUSAL_LM") if lora else None
+        peft_config = LoraConfig(r=LORA.rank, lora_alpha=LORA.alpha, lora_dropout=LORA.dropout,
+                                 target_modules=list(LORA.targets), task_type="CAUSAL_LM") if lora else None
         trainer = GRPOTrainer(model=policy.lm, processing_class=policy.tokenizer, args=config,
                               reward_funcs=lambda completions, **_: [0.0] * len(completions),
                               train_dataset=Dataset.from_list([{"prompt": "-"}] * len(trajs)), peft_config=peft_config)
@@ -228,7 +230,7 @@ def counted_and_timed(update, repeats: int) -> tuple[FlopCounterMode, float, lis
 def measure(name: str, args) -> float:
     lora = name != "tiny"
     bf16 = lora  # as the presets train: SmolLM2 with LoRA under bf16 autocast, the tiny model in fp32
-    policy = load_policy(name, seed=0, lora=LoraSpec(rank=16, alpha=32.0) if lora else None)
+    policy = load_policy(name, seed=0, lora=LORA if lora else None)
     trajs = synthetic_batch(len(policy.tokenizer), args)
     algo = AlgoConfig(estimator="grpo", filter="none", loss_agg="seq-mean-token-mean", entropy_coef=0.0)
     optim = OptimConfig(lr=1e-5, warmup_steps=0, bf16=bf16, micro_batch_tokens=args.micro_batch_tokens)
