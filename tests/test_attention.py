@@ -198,3 +198,40 @@ def test_short_attention_stays_in_bf16_in_inference_mode():
         bf16 = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, bf16)
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("n_queries, masked", [(1, True), (1, False), (4, True), (4, False)])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_shared_head_equals_attention_over_the_head_and_the_rows_keys(groups, n_queries, masked, autocast):
+    """Inside `shared_head`, attention over one head shared by every row and each row's own keys (the cascade
+    merge of two partial attentions by their logsumexps) equals SDPA over each row's whole sequence, head then own
+    keys: decode (1 query) and prefill (4), with a padding mask and without one (then causal over the last
+    queries), plain and grouped-query, fp32 and bf16 autocast. Each layer reads its own head."""
+    import types
+
+    import turnrl.attention as attention
+
+    g = torch.Generator().manual_seed(0)
+    b, heads, d, n_head, n_own = 3, 6, 16, 10, 7
+    q = torch.randn(b, heads, n_queries, d, generator=g)
+    k, v = (torch.randn(b, heads // groups, n_own, d, generator=g) for _ in range(2))
+    head_k, head_v = ([torch.randn(heads // groups, n_head, d, generator=g) for _ in range(2)] for _ in range(2))
+    mask = torch.rand(b, 1, n_queries, n_own, generator=g) > 0.3
+    mask[..., -1] = True  # every query sees its own position
+    module = types.SimpleNamespace(num_key_value_groups=groups, is_causal=True, training=False, layer_idx=1)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with attention.shared_head(head_k, head_v):
+            out, _ = attention.gqa_sdpa_attention(module, q, k, v, mask if masked else None)
+        assert attention._shared[0] is None
+        own_mask = mask if masked else torch.ones(n_own, n_own, dtype=torch.bool).tril()[-n_queries:]
+        full_mask = torch.cat([torch.ones(b, 1, n_queries, n_head, dtype=torch.bool),
+                               own_mask.expand(b, 1, n_queries, n_own)], -1)
+        full_k, full_v = (torch.cat([head[1].expand(b, -1, -1, -1), own], 2).repeat_interleave(groups, dim=1)
+                          for head, own in ((head_k, k), (head_v, v)))
+        ref = torch.nn.functional.scaled_dot_product_attention(q, full_k, full_v, attn_mask=full_mask).transpose(1, 2)
+    assert out.dtype == ref.dtype == (torch.bfloat16 if autocast else torch.float32)
+    assert out.shape == (b, n_queries, heads, d)
+    tol = 2e-2 if autocast else 1e-6
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    attention._bias[0] = attention._folded_mask[0] = None

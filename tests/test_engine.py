@@ -355,3 +355,98 @@ def test_engine_with_grouped_query_attention_matches_full_forward_and_restores_s
             assert max(abs(a - b) for a, b in zip(ref, logprobs)) < 1e-4
     monkeypatch.setattr(hf, "gqa_attention", lambda lm: contextlib.nullcontext())
     assert rollout() == ours
+
+
+def test_shared_head_read_once_and_stored_once_across_turns(monkeypatch):
+    """Distinct prompts with a common head on a grouped-query model: every prefill and decode step attends to the
+    head through `shared_head` (one copy for all rows) and the kept caches hold only each episode's own
+    positions; over three turns, with finished rows leaving the batch, every logprob equals a full forward."""
+    import turnrl.attention as attention
+
+    tiny = load_policy("tiny", seed=0)
+    lm = gqa_lm(tiny.tokenizer)
+    policy = type("P", (), {"lm": lm})()
+    calls = []
+    with_head = attention._with_head
+    monkeypatch.setattr(attention, "_with_head", lambda *a: calls.append(a[1].shape[2]) or with_head(*a))
+    engine = HFEngine(lm, eos_token_id=tiny.eos_token_id, pad_token_id=tiny.pad_token_id,
+                      generator=torch.Generator().manual_seed(2))
+    engine.compact_fraction = 1e-9
+    rng = random.Random(6)
+    head = [rng.randrange(0, 250) for _ in range(20)]
+    prompts = [head + [rng.randrange(0, 250) for _ in range(n)] for n in (1, 4, 4, 9, 2, 6)]
+    prompts[2] = list(prompts[1])  # a group of two: prefilled once
+    params = SamplingParams(max_new_tokens=6, temperature=3.0)
+    for turn in range(3):
+        before = len(calls)
+        comps = engine.generate(prompts, params, keys=list(range(6)))
+        assert len(calls) - before >= 2 * (1 + min(len(c.ids) for c in comps) - 1)  # every forward, both layers
+        if turn == 0:
+            assert max(calls) > 1 and min(calls) == 1  # prefill and decode
+        for prompt, c in zip(prompts, comps):
+            ref = full_forward_logprobs(policy, prompt, c.ids, temperature=3.0)
+            assert max(abs(a - b) for a, b in zip(ref, c.logprobs)) < 1e-4
+        shared = engine._cache[0].head
+        for key in range(6):
+            kept = engine._cache[key]
+            assert kept.head is shared and kept.head.tokens == head
+            assert kept.keys[0].shape[1] == len(kept.tokens) - len(head)
+        prompts = [p + list(c.ids) + [rng.randrange(0, 250) for _ in range(rng.randrange(1, 5))]
+                   for p, c in zip(prompts, comps)]
+    assert engine.stats["compactions"] > 0
+    assert attention._shared[0] is None
+
+
+def test_rows_cached_under_different_heads_are_served_exactly(monkeypatch):
+    """Episodes whose caches came from different calls (each with its own shared head) meet in one call: their
+    heads are copied into the rows' caches (no shared head) and the logprobs still equal a full forward."""
+    import turnrl.attention as attention
+
+    tiny = load_policy("tiny", seed=0)
+    lm = gqa_lm(tiny.tokenizer)
+    policy = type("P", (), {"lm": lm})()
+    engine = HFEngine(lm, eos_token_id=tiny.eos_token_id, pad_token_id=tiny.pad_token_id,
+                      generator=torch.Generator().manual_seed(1))
+    rng = random.Random(7)
+    head = [rng.randrange(0, 250) for _ in range(16)]
+    prompts = [head + [rng.randrange(0, 250) for _ in range(n)] for n in (2, 5, 3, 8)]
+    params = SamplingParams(max_new_tokens=4)
+    comps = engine.generate(prompts[:2], params, keys=[0, 1]) + engine.generate(prompts[2:], params, keys=[2, 3])
+    assert engine._cache[0].head is not engine._cache[2].head
+    prompts = [p + list(c.ids) + [rng.randrange(0, 250) for _ in range(3)] for p, c in zip(prompts, comps)]
+    calls = []
+    with_head = attention._with_head
+    monkeypatch.setattr(attention, "_with_head", lambda *a: calls.append(1) or with_head(*a))
+    cached, reused = sum(len(engine._cache[k].tokens) for k in range(4)), engine.stats["reused_tokens"]
+    comps = engine.generate(prompts, params, keys=[0, 1, 2, 3])
+    assert not calls
+    assert engine.stats["reused_tokens"] - reused == cached  # the heads too, from each row's own call
+    for prompt, c in zip(prompts, comps):
+        ref = full_forward_logprobs(policy, prompt, c.ids)
+        assert max(abs(a - b) for a, b in zip(ref, c.logprobs)) < 1e-4
+
+
+def test_bf16_engine_attends_to_the_shared_head_in_bf16(monkeypatch):
+    """dtype="bfloat16" with a shared head: the head and the rows' keys meet in bf16 (as SDPA under autocast) and
+    the logprobs are those of a bf16-autocast forward up to bf16 rounding, on the first and the next turn."""
+    import turnrl.attention as attention
+
+    tiny = load_policy("tiny", seed=0)
+    lm = gqa_lm(tiny.tokenizer)
+    dtypes = []
+    with_head = attention._with_head
+    monkeypatch.setattr(attention, "_with_head", lambda *a: dtypes.append(with_head(*a).dtype) or with_head(*a))
+    engine = HFEngine(lm, eos_token_id=tiny.eos_token_id, pad_token_id=tiny.pad_token_id, dtype="bfloat16")
+    rng = random.Random(8)
+    head = [rng.randrange(0, 250) for _ in range(12)]
+    prompts = [head + [rng.randrange(0, 250) for _ in range(n)] for n in (3, 6, 2)]
+    for _turn in range(2):
+        comps = engine.generate(prompts, SamplingParams(max_new_tokens=5), keys=[0, 1, 2])
+        for prompt, c in zip(prompts, comps):
+            ids = torch.tensor([prompt + list(c.ids)])
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                logp = torch.log_softmax(lm(ids).logits[0].float(), -1)
+            ref = [logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(c.ids)]
+            assert max(abs(a - b) for a, b in zip(ref, c.logprobs)) < 2e-2
+        prompts = [p + list(c.ids) + [70, 71] for p, c in zip(prompts, comps)]
+    assert dtypes and set(dtypes) == {torch.bfloat16}

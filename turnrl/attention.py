@@ -25,6 +25,7 @@ GQA_ATTENTION = "turnrl_gqa_sdpa"
 _folded_mask: list = [None]  # (mask, groups, folded) of the last forward's mask
 _bias: list = [None]  # (mask, dtype, additive) of the last forward's mask
 _packed: list = [None]  # (flat index rows * width + slots, width, mask) while `packed_rows` is active
+_shared: list = [None]  # (per-layer keys, per-layer values) of the head all rows share, while `shared_head` is active
 
 
 def _fold_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
@@ -48,10 +49,12 @@ def gqa_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, s
     the update (autograd through the same ops) it also saves summing the copies' gradients back. Decode steps
     (q = 1) already stack the group in transformers; everything else is delegated unchanged. Under bf16 autocast,
     attention calls over short sequences run in fp32 (`_fp32_attention`)."""
-    if _packed[0] is not None:
+    if _packed[0] is not None or _shared[0] is not None:
         if any(kw.get(name) is not None for name in ("sliding_window", "softcap", "position_bias")):
-            raise RuntimeError("packed_rows supports plain causal attention only (see packable())")
-        return _packed_attention(module, query, key, value, dropout, scaling)
+            raise RuntimeError("packed_rows and shared_head support plain causal attention only (see packable())")
+        if _packed[0] is not None:
+            return _packed_attention(module, query, key, value, dropout, scaling)
+        return _with_head(module, query, key, value, attention_mask, scaling).transpose(1, 2).contiguous(), None
     groups = getattr(module, "num_key_value_groups", 1)
     b, heads, q, d = query.shape
     if (groups == 1 or q == 1 or attention_mask is None or attention_mask.shape[1] != 1 or kw.get("position_bias")
@@ -139,8 +142,75 @@ def _packed_attention(module, query, key, value, dropout, scaling):
     b, heads, d = key.shape[0], query.shape[1], query.shape[-1]
     per_row = query.new_zeros((b * width, heads, d)).index_copy(0, at, query[0].transpose(0, 1))
     per_row = per_row.view(b, width, heads, d).transpose(1, 2)
-    out = _stacked(per_row, key, value, mask, getattr(module, "num_key_value_groups", 1), dropout, scaling)
+    if _shared[0] is not None:
+        out = _with_head(module, per_row, key, value, mask, scaling)
+    else:
+        out = _stacked(per_row, key, value, mask, getattr(module, "num_key_value_groups", 1), dropout, scaling)
     return out.transpose(1, 2).reshape(b * width, heads, -1).index_select(0, at).unsqueeze(0), None
+
+
+def _attention_lse(query, key, value, mask, scale):
+    """Attention output and its logsumexp per query, (b, h, q) in fp32. `mask` is additive in the query's dtype
+    (or None). A query whose keys are all masked gets output 0 (logsumexp 0 on CPU, -inf elsewhere): finite, and
+    only padding slots have no key (every real token attends to itself)."""
+    if query.device.type == "cpu":  # SDPA's CPU flash kernel computes the logsumexp anyway; SDPA drops it
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, False,
+                                                                          attn_mask=mask, scale=scale)
+    scores = (query.float() @ key.float().transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores + mask.float()
+    lse = torch.logsumexp(scores, -1)
+    return (torch.softmax(scores, -1).nan_to_num(0.0) @ value.float()).to(query.dtype), lse
+
+
+def _with_head(module, query, key, value, mask, scaling):
+    """Attention of (b, heads, q, d) queries over the shared head (`shared_head`, the same keys/values for every
+    row) followed by each row's own (b, kv_heads, kv, d) keys/values under `mask` (b, 1, q, kv) (None: causal
+    over the last q keys); returns (b, heads, q, d).
+
+    Cascade attention (Juravsky et al., 2024, "Hydragen: High-Throughput LLM Inference with Shared Prefixes"):
+    softmax attention over a concatenation of keys is the two partial attentions weighted by their
+    logsumexps, so the head's keys/values are read once for all rows, with every row's queries stacked into one
+    call, instead of once per row from a copy in each row's cache. Decode is bound by memory traffic on CPU
+    (weights and cache), and the head (system prompt, rules) was ~40% of a Sokoban episode's cache."""
+    head_keys, head_values = (part[module.layer_idx] for part in _shared[0])
+    device = query.device.type
+    if torch.is_autocast_enabled(device):  # as SDPA under autocast (rotary leaves the queries and keys in fp32)
+        dtype = torch.get_autocast_dtype(device)
+        query, key, value, head_keys, head_values = (x.to(dtype) for x in (query, key, value, head_keys, head_values))
+    groups = getattr(module, "num_key_value_groups", 1)
+    b, heads, q, d = query.shape
+    kv_heads, length = key.shape[1], key.shape[-2]
+    scale = scaling if scaling is not None else d ** -0.5
+    if mask is None:  # transformers leaves the mask out when no position is padded
+        mask = (torch.arange(length, device=query.device) <= torch.arange(length - q, length, device=query.device)[:, None])
+        mask = mask.expand(b, 1, q, length)
+    mask = _fold_mask(mask, groups) if groups > 1 else mask
+    stacked = query.reshape(b, kv_heads, groups * q, d)
+    own, own_lse = _attention_lse(stacked, key, value, _additive(mask, query.dtype).expand(b, 1, groups * q, length),
+                                  scale)
+    every_row = stacked.transpose(0, 1).reshape(1, kv_heads, b * groups * q, d)
+    top, top_lse = _attention_lse(every_row, head_keys[None], head_values[None], None, scale)
+    top = top.view(kv_heads, b, groups * q, d).transpose(0, 1)
+    top_lse = top_lse.view(kv_heads, b, groups * q).transpose(0, 1)
+    lse = torch.logaddexp(own_lse, top_lse)
+    out = own * (own_lse - lse).exp()[..., None] + top * (top_lse - lse).exp()[..., None]
+    return out.to(query.dtype).reshape(b, heads, q, d)
+
+
+@contextlib.contextmanager
+def shared_head(keys: list[torch.Tensor], values: list[torch.Tensor]):
+    """Within: every attention call of a model running `gqa_sdpa_attention` (inside `gqa_attention`, `packable`)
+    attends, ahead of each row's own keys/values (its KV cache), to one head shared by all rows: per layer
+    `keys[layer]`, `values[layer]` (kv_heads, head_len, head_dim), at positions 0..head_len - 1 of every row
+    (the position ids of the rows' tokens count them; the cache and the 2-D attention mask do not). The HF engine
+    uses it for the system prompt its rows share (`_with_head`)."""
+    _shared[0] = (keys, values)
+    try:
+        yield
+    finally:
+        _shared[0] = None
+        _folded_mask[0] = _bias[0] = None
 
 
 def pack_layout(lengths: list[int], width: int, *, right_aligned: bool, device=None):

@@ -26,7 +26,9 @@ for all of them; only the last position's logits are computed during prefill; fi
 batch (their cache is kept for the next turn first) once they are a quarter of it, since every
 compaction copies the live buffer. A grouped-query model (SmolLM2: 9 query heads, 3 key/value heads) prefills
 with each key/value head's group of queries stacked (`gqa_sdpa_attention`) instead of transformers' `repeat_kv`
-copy of the whole cache at every layer (`turnrl.attention`).
+copy of the whole cache at every layer (`turnrl.attention`). With that attention, the head the rows share is kept
+once (`shared_head`): the rows' buffers and kept caches hold only the positions after it, and attention reads it
+once per call for all rows (on a CPU, decode is bound by memory traffic; docs/engines.md).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from collections.abc import Hashable
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from turnrl.attention import gqa_attention, pack_layout, packable, packed_rows
+from turnrl.attention import gqa_attention, pack_layout, packable, packed_rows, shared_head
 from turnrl.engines.base import Completion, SamplingParams, check_prompts
 from turnrl.lora import merged_lora
 from turnrl.shared_prefix import common_head
@@ -80,12 +82,26 @@ def _cache_argument(lm) -> str:
 
 
 class _Cached:
-    """One episode's cached tokens and their per-layer keys/values, each (heads, len, head_dim)."""
+    """One episode's cached tokens and their per-layer keys/values, each (heads, len, head_dim). With a `head` (the
+    shared head of the call that cached it, itself a `_Cached`), the keys/values hold only the positions after
+    the head's: the head's are stored once for all the episodes that share it."""
 
-    __slots__ = ("tokens", "keys", "values")
+    __slots__ = ("tokens", "keys", "values", "head")
 
-    def __init__(self, tokens: list[int], keys: list[torch.Tensor], values: list[torch.Tensor]):
-        self.tokens, self.keys, self.values = tokens, keys, values
+    def __init__(self, tokens: list[int], keys: list[torch.Tensor], values: list[torch.Tensor],
+                 head: _Cached | None = None):
+        self.tokens, self.keys, self.values, self.head = tokens, keys, values, head
+
+    def span(self, layer: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions start..stop - 1 at `layer`."""
+        skip = len(self.head.tokens) if self.head is not None else 0
+        if start >= skip:
+            return self.keys[layer][:, start - skip:stop - skip], self.values[layer][:, start - skip:stop - skip]
+        head_keys, head_values = self.head.span(layer, start, min(stop, skip))
+        if stop <= skip:
+            return head_keys, head_values
+        return (torch.cat([head_keys, self.keys[layer][:, :stop - skip]], 1),
+                torch.cat([head_values, self.values[layer][:, :stop - skip]], 1))
 
     def prefix_of(self, prompt: list[int]) -> int:
         """How many leading prompt tokens can be served from this cache (at most len(prompt) - 1): the
@@ -276,10 +292,13 @@ class HFEngine:
                 self.lm.train()
         return results  # type: ignore[return-value]
 
-    def _prefill(self, prompts: list[list[int]], cached: list, reuse: list[int], capacity: int, device):
-        """One forward over the uncached tokens of every row. Returns (cache, last logits, real, positions)."""
+    def _prefill(self, prompts: list[list[int]], cached: list, reuse: list[int], capacity: int, device,
+                 head: _Cached | None = None):
+        """One forward over the uncached tokens of every row. Returns (cache, last logits, real, positions). With a
+        shared `head` (inside `shared_head`), the buffer holds the positions after it."""
         batch = len(prompts)
-        width_c = max(reuse)
+        skip = len(head.tokens) if head is not None else 0
+        width_c = max(reuse) - skip
         suffixes = [p[r:] for p, r in zip(prompts, reuse)]
         width_s = max(len(s) for s in suffixes)
         # Layout: [pad | cached prefix (reuse_i) | pad | suffix_i]; `real` marks tokens of the sequence.
@@ -289,10 +308,10 @@ class HFEngine:
         for row, (suffix, r) in enumerate(zip(suffixes, reuse)):
             input_ids[row, width_s - len(suffix):] = torch.tensor(suffix, dtype=torch.long)
             positions[row, width_s - len(suffix):] = torch.arange(r, r + len(suffix))
-            real[row, width_c - r:width_c] = True
+            real[row, width_c - (r - skip):width_c] = True
             real[row, width_c + width_s - len(suffix):width_c + width_s] = True
-        if width_c > 0:
-            ref = next(c for c in cached if c is not None)
+        if width_c > 0 or head is not None:
+            ref = head if head is not None else next(c for c in cached if c is not None)
             layers = []
             for layer in range(len(ref.keys)):
                 h, _, d = ref.keys[layer].shape
@@ -301,17 +320,17 @@ class HFEngine:
                 v = torch.empty((batch, ref.values[layer].shape[0], capacity, ref.values[layer].shape[2]),
                                 dtype=ref.values[layer].dtype, device=device)
                 for row, (c, r) in enumerate(zip(cached, reuse)):
+                    r -= skip
                     if r < width_c:  # the gap before a shorter prefix (only it: zeroing all touched every page)
                         k[row, :, :width_c - r].zero_()
                         v[row, :, :width_c - r].zero_()
                     if r:
-                        k[row, :, width_c - r:width_c] = c.keys[layer][:, :r]
-                        v[row, :, width_c - r:width_c] = c.values[layer][:, :r]
+                        k[row, :, width_c - r:width_c], v[row, :, width_c - r:width_c] = c.span(layer, skip, skip + r)
                 layers.append(_BufferLayer(capacity, k, v, width_c))
         else:
             layers = [_BufferLayer(capacity) for _ in range(self.lm.config.num_hidden_layers)]
         cache = _BufferCache(layers)
-        if width_c > 0 and batch > 1 and packable(self.lm):
+        if (width_c > 0 or head is not None) and batch > 1 and packable(self.lm):
             return self._packed_prefill(cache, suffixes, reuse, real, width_c, width_s)
         out = self.lm(input_ids=input_ids, attention_mask=real[:, :width_c + width_s].long(), position_ids=positions,
                       use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
@@ -367,16 +386,40 @@ class HFEngine:
             unique = [list(p) for p in first]
             self.stats["shared_prefill_tokens"] += sum(len(p) for p in prompts) - sum(len(p) for p in unique)
             head = self._head(unique, device)
-            cache, logits, real, next_pos = self._prefill(unique, [head] * len(unique),
-                                                          [len(head.tokens) if head else 0] * len(unique),
-                                                          capacity, device)
+            shared = head if head is not None and packable(self.lm) else None
+            with self._attending(shared):
+                cache, logits, real, next_pos = self._prefill(unique, [head] * len(unique),
+                                                              [len(head.tokens) if head else 0] * len(unique),
+                                                              capacity, device, shared)
             if len(unique) < batch:
                 expand = torch.tensor(inverse, dtype=torch.long, device=device)
                 cache.select_rows(expand)
                 logits, real, next_pos = logits[expand], real[expand], next_pos[expand]
         else:
-            cache, logits, real, next_pos = self._prefill(prompts, cached, reuse, capacity, device)
+            shared = cached[0].head if cached[0] is not None and packable(self.lm) else None
+            if shared is not None and not all(c is not None and c.head is shared and r >= len(shared.tokens)
+                                              for c, r in zip(cached, reuse)):
+                shared = None  # rows cached by different calls, or a prompt that left the head: copy it per row
+            with self._attending(shared):
+                cache, logits, real, next_pos = self._prefill(prompts, cached, reuse, capacity, device, shared)
         length = cache.layers[0].length
+        with self._attending(shared):
+            completions = self._decode(cache, logits, real, next_pos, length, prompts, params, keys, streams,
+                                       shared)
+        self.stats["generated_tokens"] += sum(len(c.ids) for c in completions)
+        return completions
+
+    @staticmethod
+    def _attending(head: _Cached | None):
+        """Within: the model attends to `head` ahead of every row's cache (`shared_head`), when there is one."""
+        return shared_head(head.keys, head.values) if head is not None else contextlib.nullcontext()
+
+    def _decode(self, cache: _BufferCache, logits: torch.Tensor, real: torch.Tensor, next_pos: torch.Tensor,
+                length: int, prompts: list[list[int]], params: SamplingParams, keys: list[Hashable] | None,
+                streams: list[torch.Generator] | None, head: _Cached | None) -> list[Completion]:
+        """Samples every row's reply from the prefilled `cache` and the logits of its prompt's last token, and keeps
+        each keyed row's keys/values (after the shared `head`, if any) for its next turn."""
+        device, batch = logits.device, len(prompts)
 
         out_tokens = torch.full((batch, params.max_new_tokens), self.pad, dtype=torch.long, device=device)
         out_logps = torch.zeros((batch, params.max_new_tokens), dtype=torch.float32, device=device)
@@ -429,15 +472,15 @@ class HFEngine:
             ids = tokens_l[row][:counts[row]]
             reason = "stop" if ids and ids[-1] == self.eos else "length"
             completions.append(Completion(tuple(ids), tuple(logps_l[row][:counts[row]]), reason))
-        self.stats["generated_tokens"] += sum(counts)
 
         if keys is not None:  # keep each episode's keys/values for its next turn
+            skip = len(head.tokens) if head is not None else 0
             for b, row in enumerate(rows.tolist()):
                 kept[row] = self._row_state(cache, real, b, length)
             for row, key in enumerate(keys):
                 sel, ks, vs = kept[row]
                 seq = prompts[row] + list(completions[row].ids)
-                self._cache[key] = _Cached(seq[:sel], ks, vs)
+                self._cache[key] = _Cached(seq[:skip + sel], ks, vs, head)
         return completions
 
     def _head(self, prompts: list[list[int]], device) -> _Cached | None:
