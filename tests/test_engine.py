@@ -450,3 +450,31 @@ def test_bf16_engine_attends_to_the_shared_head_in_bf16(monkeypatch):
             assert max(abs(a - b) for a, b in zip(ref, c.logprobs)) < 2e-2
         prompts = [p + list(c.ids) + [70, 71] for p, c in zip(prompts, comps)]
     assert dtypes and set(dtypes) == {torch.bfloat16}
+
+
+def test_batches_of_one_call_share_one_head_on_every_turn(monkeypatch):
+    """With more prompts than `batch_size`, the call's uncached prompts get one shared head, so the next turn,
+    which sorts the rows into other batches, still attends to one copy of it; logprobs equal a full forward."""
+    import turnrl.attention as attention
+
+    tiny = load_policy("tiny", seed=0)
+    lm = gqa_lm(tiny.tokenizer)
+    policy = type("P", (), {"lm": lm})()
+    engine = HFEngine(lm, eos_token_id=tiny.eos_token_id, pad_token_id=tiny.pad_token_id, batch_size=2,
+                      generator=torch.Generator().manual_seed(5))
+    calls = []
+    with_head = attention._with_head
+    monkeypatch.setattr(attention, "_with_head", lambda *a: calls.append(1) or with_head(*a))
+    rng = random.Random(9)
+    head = [rng.randrange(0, 250) for _ in range(14)]
+    prompts = [head + [rng.randrange(0, 250) for _ in range(n)] for n in (5, 1, 3, 8, 2, 6)]
+    for _turn in range(2):
+        before = len(calls)
+        comps = engine.generate(prompts, SamplingParams(max_new_tokens=4), keys=list(range(6)))
+        assert len(calls) - before >= 3 * 2  # every batch of two rows, both layers
+        assert len({id(engine._cache[k].head) for k in range(6)}) == 1
+        for prompt, c in zip(prompts, comps):
+            ref = full_forward_logprobs(policy, prompt, c.ids)
+            assert max(abs(a - b) for a, b in zip(ref, c.logprobs)) < 1e-4
+        prompts = [p + list(c.ids) + [rng.randrange(0, 250) for _ in range(rng.randrange(1, 6))]
+                   for p, c in zip(prompts, comps)]

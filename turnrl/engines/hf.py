@@ -280,12 +280,16 @@ class HFEngine:
             merged = (merged_lora(self.lm) if self.merge_lora and self.dtype == "float32"
                       else contextlib.nullcontext())
             with merged, precision, gqa_attention(self.lm):
+                # The head the uncached prompts share is prefilled once for the whole call, so that all its batches'
+                # rows share one copy, also when the next turn sorts them into other batches (`shared_head`).
+                uncached = {tuple(p) for i, p in enumerate(prompts) if keys is None or keys[i] not in self._cache}
+                head = self._head([list(p) for p in uncached], next(self.lm.parameters()).device)
                 for start in range(0, len(order), self.batch_size):
                     idx = order[start:start + self.batch_size]
                     batch_keys = [keys[i] for i in idx] if keys is not None else None
                     streams = [torch.Generator().manual_seed(seeds[i]) for i in idx] if seeds is not None else None
                     for i, completion in zip(idx, self._generate_batch([prompts[i] for i in idx], params, batch_keys,
-                                                                       streams)):
+                                                                       streams, head)):
                         results[i] = completion
         finally:
             if was_training:
@@ -367,7 +371,8 @@ class HFEngine:
 
     @torch.inference_mode()
     def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, keys: list[Hashable] | None,
-                        streams: list[torch.Generator] | None = None) -> list[Completion]:
+                        streams: list[torch.Generator] | None = None, head: _Cached | None = None) -> list[Completion]:
+        """Samples the replies to `prompts`; `head`: the head all the call's uncached prompts share (`_head`)."""
         device = next(self.lm.parameters()).device
         batch = len(prompts)
         cached = [self._cache.get(k) if keys is not None else None for k in (keys or [None] * batch)]
@@ -385,7 +390,9 @@ class HFEngine:
             inverse = [first.setdefault(tuple(p), len(first)) for p in prompts]
             unique = [list(p) for p in first]
             self.stats["shared_prefill_tokens"] += sum(len(p) for p in prompts) - sum(len(p) for p in unique)
-            head = self._head(unique, device)
+            if head is not None and not all(len(p) > len(head.tokens) and p[:len(head.tokens)] == head.tokens
+                                            for p in unique):
+                head = None  # a keyed row whose cache shares nothing with its prompt is not among the call's uncached
             shared = head if head is not None and packable(self.lm) else None
             with self._attending(shared):
                 cache, logits, real, next_pos = self._prefill(unique, [head] * len(unique),
@@ -483,9 +490,12 @@ class HFEngine:
                 self._cache[key] = _Cached(seq[:skip + sel], ks, vs, head)
         return completions
 
+    @torch.inference_mode()
     def _head(self, prompts: list[list[int]], device) -> _Cached | None:
         """The keys/values of the longest head all `prompts` share (each keeps at least one token of its own),
-        or None when there is one prompt or the head is shorter than shared_prefix.MIN_HEAD tokens."""
+        or None when there are fewer than two prompts or the head is shorter than shared_prefix.MIN_HEAD tokens."""
+        if len(prompts) < 2:
+            return None
         n = min(len(p) for p in prompts) - 1
         x = torch.tensor([p[:n] for p in prompts])
         size = common_head(x)
