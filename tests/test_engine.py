@@ -478,3 +478,16 @@ def test_batches_of_one_call_share_one_head_on_every_turn(monkeypatch):
             assert max(abs(a - b) for a, b in zip(ref, c.logprobs)) < 1e-4
         prompts = [p + list(c.ids) + [rng.randrange(0, 250) for _ in range(rng.randrange(1, 6))]
                    for p, c in zip(prompts, comps)]
+
+
+def test_cached_span_reads_across_the_shared_head():
+    """`_Cached.span` serves any range of an episode stored as a shared head plus its own positions: inside the
+    head, across the boundary and after it, equal to the same range of the whole sequence."""
+    from turnrl.engines.hf import _Cached
+
+    whole_k, whole_v = torch.randn(2, 3, 11, 4).unbind(0)
+    head = _Cached(list(range(5)), [whole_k[:, :5]], [whole_v[:, :5]])
+    episode = _Cached(list(range(11)), [whole_k[:, 5:]], [whole_v[:, 5:]], head)
+    for start, stop in [(0, 3), (0, 5), (2, 9), (0, 11), (5, 8), (7, 11), (5, 5)]:
+        k, v = episode.span(0, start, stop)
+        assert torch.equal(k, whole_k[:, start:stop]) and torch.equal(v, whole_v[:, start:stop])
