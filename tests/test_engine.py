@@ -491,3 +491,33 @@ def test_cached_span_reads_across_the_shared_head():
     for start, stop in [(0, 3), (0, 5), (2, 9), (0, 11), (5, 8), (7, 11), (5, 5)]:
         k, v = episode.span(0, start, stop)
         assert torch.equal(k, whole_k[:, start:stop]) and torch.equal(v, whole_v[:, start:stop])
+
+
+def test_bf16_engine_keeps_keys_in_bf16_and_samples_as_with_fp32_keys(monkeypatch):
+    """In bf16 mode the KV buffers hold bf16 keys (rotary hands over fp32 ones, which attention under autocast
+    would round to bf16 at every call anyway): the samples and logprobs are exactly those of fp32-stored keys."""
+    import turnrl.engines.hf as hf
+
+    tiny = load_policy("tiny", seed=0)
+    lm = gqa_lm(tiny.tokenizer)
+    rng = random.Random(10)
+    head = [rng.randrange(0, 250) for _ in range(10)]
+    firsts = [head + [rng.randrange(0, 250) for _ in range(n)] for n in (3, 6, 2)] + [[7, 8, 9]]
+
+    def rollout():
+        engine = HFEngine(lm, eos_token_id=tiny.eos_token_id, pad_token_id=tiny.pad_token_id, dtype="bfloat16",
+                          generator=torch.Generator().manual_seed(2))
+        prompts, out = [list(p) for p in firsts[:3]], []
+        for _turn in range(2):
+            comps = engine.generate(prompts, SamplingParams(max_new_tokens=5), keys=[0, 1, 2])
+            out.append([(c.ids, c.logprobs) for c in comps])
+            prompts = [p + list(c.ids) + [70, 71] for p, c in zip(prompts, comps)]
+        out.append([(c.ids, c.logprobs) for c in engine.generate(firsts[3:], SamplingParams(max_new_tokens=5))])
+        return out, {engine._cache[k].keys[0].dtype for k in range(3)} | {engine._cache[0].head.keys[0].dtype}
+
+    ours, dtypes = rollout()
+    assert dtypes == {torch.bfloat16}
+    monkeypatch.setattr(hf, "_stored", lambda states: states.dtype)
+    theirs, dtypes = rollout()
+    assert torch.float32 in dtypes  # rotary's fp32 keys, stored as they come
+    assert ours == theirs

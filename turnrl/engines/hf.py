@@ -121,6 +121,14 @@ class _Cached:
         return lo
 
 
+def _stored(states: torch.Tensor) -> torch.dtype:
+    """The dtype keys/values are kept in: the one attention reads them in. Under bf16 autocast (the engine's bf16
+    mode) that is bf16, although rotary embeddings hand over fp32 keys: SDPA would round them to bf16 at every
+    call, so storing them rounded once computes the same and reads half the bytes at each step."""
+    device = states.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else states.dtype
+
+
 class _BufferLayer(DynamicLayer):
     """One layer's keys/values in a buffer preallocated for the whole call, (rows, heads, capacity, head_dim).
 
@@ -141,9 +149,9 @@ class _BufferLayer(DynamicLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, d = key_states.shape
         self.device, self.is_initialized = key_states.device, True
-        self.kbuf = torch.empty((b, h, self.capacity, d), dtype=key_states.dtype, device=self.device)
+        self.kbuf = torch.empty((b, h, self.capacity, d), dtype=_stored(key_states), device=self.device)
         self.vbuf = torch.empty((b, value_states.shape[1], self.capacity, value_states.shape[-1]),
-                                dtype=value_states.dtype, device=self.device)
+                                dtype=_stored(value_states), device=self.device)
 
     def update(self, key_states, value_states, *args, **kwargs):
         if self.scatter is not None:
