@@ -183,8 +183,8 @@ def _with_head(module, query, key, value, mask, scaling):
     kv_heads, length = key.shape[1], key.shape[-2]
     scale = scaling if scaling is not None else d ** -0.5
     if mask is None:  # transformers leaves the mask out when no position is padded
-        mask = (torch.arange(length, device=query.device) <= torch.arange(length - q, length, device=query.device)[:, None])
-        mask = mask.expand(b, 1, q, length)
+        positions = torch.arange(length, device=query.device)
+        mask = (positions <= positions[length - q:, None]).expand(b, 1, q, length)
     mask = _fold_mask(mask, groups) if groups > 1 else mask
     stacked = query.reshape(b, kv_heads, groups * q, d)
     own, own_lse = _attention_lse(stacked, key, value, _additive(mask, query.dtype).expand(b, 1, groups * q, length),
