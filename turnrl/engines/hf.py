@@ -124,7 +124,7 @@ class _Cached:
 def _stored(states: torch.Tensor) -> torch.dtype:
     """The dtype keys/values are kept in: the one attention reads them in. Under bf16 autocast (the engine's bf16
     mode) that is bf16, although rotary embeddings hand over fp32 keys: SDPA would round them to bf16 at every
-    call, so storing them rounded once computes the same and reads half the bytes at each step."""
+    call, so storing them rounded once computes the same and reads half the key bytes at each step."""
     device = states.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else states.dtype
 
