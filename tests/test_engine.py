@@ -483,7 +483,7 @@ def test_batches_of_one_call_share_one_head_on_every_turn(monkeypatch):
 def test_cached_span_reads_across_the_shared_head():
     """`_Cached.span` serves any range of an episode stored as a shared head plus its own positions: inside the
     head, across the boundary and after it, equal to the same range of the whole sequence."""
-    from turnrl.engines.hf import _Cached
+    from turnrl.engines.kv_cache import _Cached
 
     whole_k, whole_v = torch.randn(2, 3, 11, 4).unbind(0)
     head = _Cached(list(range(5)), [whole_k[:, :5]], [whole_v[:, :5]])
@@ -496,7 +496,7 @@ def test_cached_span_reads_across_the_shared_head():
 def test_bf16_engine_keeps_keys_in_bf16_and_samples_as_with_fp32_keys(monkeypatch):
     """In bf16 mode the KV buffers hold bf16 keys (rotary hands over fp32 ones, which attention under autocast
     would round to bf16 at every call anyway): the samples and logprobs are exactly those of fp32-stored keys."""
-    import turnrl.engines.hf as hf
+    import turnrl.engines.kv_cache as kv_cache
 
     tiny = load_policy("tiny", seed=0)
     lm = gqa_lm(tiny.tokenizer)
@@ -517,7 +517,7 @@ def test_bf16_engine_keeps_keys_in_bf16_and_samples_as_with_fp32_keys(monkeypatc
 
     ours, dtypes = rollout()
     assert dtypes == {torch.bfloat16}
-    monkeypatch.setattr(hf, "_stored", lambda states: states.dtype)
+    monkeypatch.setattr(kv_cache, "_stored", lambda states: states.dtype)
     theirs, dtypes = rollout()
     assert torch.float32 in dtypes  # rotary's fp32 keys, stored as they come
     assert ours == theirs
