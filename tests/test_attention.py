@@ -235,3 +235,21 @@ def test_shared_head_equals_attention_over_the_head_and_the_rows_keys(groups, n_
     tol = 2e-2 if autocast else 1e-6
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
     attention._bias[0] = attention._folded_mask[0] = None
+
+
+def test_attention_logsumexp_by_explicit_products_equals_the_cpu_kernel():
+    """`_with_head` merges partial attentions by their logsumexps: off CPU they come from explicit products
+    (`_attention_lse_math`), which give the CPU flash kernel's outputs and logsumexps."""
+    import turnrl.attention as attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 5, 16, generator=g)
+    k, v = (torch.randn(2, 3, 9, 16, generator=g) for _ in range(2))
+    mask = torch.rand(2, 1, 5, 9, generator=g) > 0.4
+    mask[..., 0] = True
+    additive = attention._additive(mask, torch.float32)
+    attention._bias[0] = None
+    out, lse = attention._attention_lse(q, k, v, additive, 0.25)
+    ref_out, ref_lse = attention._attention_lse_math(q, k, v, additive, 0.25)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)

@@ -156,6 +156,11 @@ def _attention_lse(query, key, value, mask, scale):
     if query.device.type == "cpu":  # SDPA's CPU flash kernel computes the logsumexp anyway; SDPA drops it
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, False,
                                                                           attn_mask=mask, scale=scale)
+    return _attention_lse_math(query, key, value, mask, scale)
+
+
+def _attention_lse_math(query, key, value, mask, scale):
+    """`_attention_lse` by explicit products in fp32, on devices without the CPU kernel."""
     scores = (query.float() @ key.float().transpose(-1, -2)) * scale
     if mask is not None:
         scores = scores + mask.float()
