@@ -330,6 +330,20 @@ class EngineConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Ray rollout workers (turnrl.distributed, docs/distributed.md): training rollouts played by separate
+    processes, each with its own copy of the policy and its own envs; the update stays in the trainer."""
+
+    workers: int = 0  # rollout worker processes (pip install 'turnrl[ray]'); 0 = rollouts in the training process. The trajectories do not depend on it
+    address: str = ""  # Ray cluster to join ("auto", "ray://host:10001"); "" = start a local Ray instance on loopback for the run
+    cpus_per_worker: float = 1.0  # CPUs Ray reserves per worker; a CPU worker runs that many torch threads (at least 1)
+
+    def __post_init__(self):
+        _check(self.workers >= 0, f"distributed.workers must be >= 0, got {self.workers}")
+        _check(self.cpus_per_worker > 0, f"distributed.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
@@ -341,6 +355,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     diag: DiagConfig = field(default_factory=DiagConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     iterations: int = 200  # RL iterations
     seed: int = 0  # seed of model init, sampling and the RL seed stream
     out: str = "runs/latest"  # run directory (config.json, metrics.jsonl, eval.json, checkpoints/, final/)
@@ -379,6 +394,9 @@ class TrainConfig:
         _check(self.engine.vllm_weight_sync != "lora" or self.model.lora_rank > 0,
                "engine.vllm_weight_sync='lora' pushes LoRA adapters, but model.lora_rank=0: set model.lora_rank or "
                "use vllm_weight_sync='full'")
+        _check(self.distributed.workers == 0 or self.engine.name == "hf",
+               "distributed.workers runs the hf engine in each worker; the vllm engine in Ray workers is not "
+               "supported yet: set distributed.workers=0 or engine.name='hf'")
         _check(self.reward.dense_until == 0 or self.reward.dense_until < self.iterations,
                f"reward.dense_until={self.reward.dense_until} >= iterations={self.iterations}: rewards never turn "
                "sparse; lower dense_until (0 = off) or raise iterations")
@@ -394,7 +412,7 @@ class TrainConfig:
         """Builds a config from JSON data (a run's config.json), checking every field's name and type."""
         nested = {"model": ModelConfig, "env": EnvConfig, "rollout": RolloutConfig, "algo": AlgoConfig,
                   "reward": RewardConfig, "optim": OptimConfig, "sft": SFTConfig, "eval": EvalConfig,
-                  "engine": EngineConfig, "diag": DiagConfig}
+                  "engine": EngineConfig, "diag": DiagConfig, "distributed": DistributedConfig}
         kwargs = {}
         for key, value in _typed_fields(cls, data, "").items():
             if key in nested:

@@ -59,6 +59,12 @@ def settings_for(cfg: TrainConfig) -> RolloutSettings:
                            turn_rows=r.turn_rows, max_live=r.max_live_episodes)
 
 
+def rollout_params(cfg: TrainConfig) -> SamplingParams:
+    """The sampling of training rollouts."""
+    r = cfg.rollout
+    return SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p)
+
+
 @dataclass(frozen=True)
 class EvalResult:
     success_rate: float

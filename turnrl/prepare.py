@@ -50,13 +50,17 @@ def check_model_fits(policy, cfg: TrainConfig, run_dir: Path) -> None:
 
 
 def check_engine(cfg: TrainConfig) -> None:
-    """Fails early (ConfigError) when the vllm engine is chosen but vLLM is not installed."""
+    """Fails early (ConfigError) when the vllm engine or Ray rollout workers are chosen but not installed."""
     import importlib.util
 
     if cfg.engine.name == "vllm" and importlib.util.find_spec("vllm") is None:
         from turnrl.engines.vllm import INSTALL_HINT
 
         raise ConfigError(f"engine.name='vllm': {INSTALL_HINT}")
+    if cfg.distributed.workers and importlib.util.find_spec("ray") is None:
+        from turnrl.distributed import INSTALL_HINT
+
+        raise ConfigError(INSTALL_HINT)
 
 
 def check_env_config(cfg: TrainConfig) -> None:
@@ -71,12 +75,14 @@ def check_env_config(cfg: TrainConfig) -> None:
             raise ConfigError(str(err)) from err
 
 
-def build_policy(cfg: TrainConfig, name: str | None = None):
+def build_policy(cfg: TrainConfig, name: str | None = None, *, value_head: bool | None = None):
+    """The policy `cfg.model` names (or the saved model `name`), with a value head if the estimator needs one
+    (`value_head` overrides: rollout workers sample only)."""
     m = cfg.model
     spec = TinyModelSpec(hidden_size=m.tiny_hidden, num_layers=m.tiny_layers, num_heads=m.tiny_heads,
                          intermediate_size=m.tiny_ff)
     lora = LoraSpec(m.lora_rank, m.lora_alpha, m.lora_dropout, m.lora_targets) if m.lora_rank else None
-    return load_policy(name or m.name, value_head=cfg.algo.needs_critic, seed=cfg.seed, tiny=spec,
+    return load_policy(name or m.name, value_head=cfg.algo.needs_critic if value_head is None else value_head, seed=cfg.seed, tiny=spec,
                        gguf_file=None if name else m.gguf_file, lora=lora,
                        gradient_checkpointing=m.gradient_checkpointing)
 

@@ -119,7 +119,7 @@ def _check_observation(obs) -> None:
 
 def run_episodes(engine: Engine, renderer: ChatRenderer, make_env: Callable[[], object], seeds: list[int],
                  group_size: int, settings: RolloutSettings, params: SamplingParams,
-                 env_name: str = "") -> list[Trajectory]:
+                 env_name: str = "", *, first_group: int = 0, base: int | None = None) -> list[Trajectory]:
     """Plays `group_size` episodes per seed (a group shares its seed, hence its start state).
 
     All active episodes of a turn are generated in one engine call; an episode leaves the batch as
@@ -131,16 +131,27 @@ def run_episodes(engine: Engine, renderer: ChatRenderer, make_env: Callable[[], 
     or takes longer than `settings.env_timeout`, loses only its own episode: it ends with end_reason
     "env_error" and the traceback in `error` (Trajectory.failed), and the others play on.
     Trajectories come back in episode order (group by group).
+
+    A share of a larger rollout (turnrl.distributed: one worker's groups) passes the index of its first group
+    in the whole and the whole's stream `base` (`draw_base`): group ids and sampling streams are then those of
+    the whole rollout, so its shares played apart give the trajectories it gives played at once. By default the
+    base is drawn from the engine's generator (`stream_base`).
     """
-    episodes = [_Episode(seed=seed, group_id=group_id) for group_id, seed in enumerate(seeds)
+    episodes = [_Episode(seed=seed, group_id=first_group + group_id) for group_id, seed in enumerate(seeds)
                 for _ in range(group_size)]
+    first_episode = first_group * group_size
     # Keys are unique per call so an engine's per-episode cache never outlives this rollout (the
     # weights change after it).
     call = next(_CALLS)
-    base = stream_base(engine)
+    if base is None:
+        base = stream_base(engine)
+    elif not takes_seeds(engine):
+        raise ValueError(f"{type(engine).__name__}.generate takes no per-row seeds: a rollout share cannot "
+                         "sample its episodes' own streams")
 
     def turn(live: list[int]) -> None:
-        streams = {} if base is None else {"seeds": [stream_seed(base, i, episodes[i].turns) for i in live]}
+        streams = {} if base is None else {"seeds": [stream_seed(base, first_episode + i, episodes[i].turns)
+                                                     for i in live]}
         completions: list[Completion] = engine.generate([episodes[i].ctx.prompt for i in live], params,
                                                         keys=[(call, i) for i in live], **streams)
         for i, completion in zip(live, completions):
@@ -279,8 +290,16 @@ def stream_base(engine) -> int | None:
     episode's replies do not depend on which episodes share an engine batch (`rollout.gen_batch_size` is a speed
     setting only). None when the engine has no generator or its `generate` takes no `seeds`."""
     generator = getattr(engine, "generator", None)
-    if generator is None or "seeds" not in inspect.signature(engine.generate).parameters:
-        return None
+    return draw_base(generator) if generator is not None and takes_seeds(engine) else None
+
+
+def takes_seeds(engine) -> bool:
+    """Whether `engine.generate` samples each row from a seed of its own (`seeds=`)."""
+    return "seeds" in inspect.signature(engine.generate).parameters
+
+
+def draw_base(generator: torch.Generator) -> int:
+    """The stream base of one rollout, drawn from `generator` (what `stream_base` draws from an engine's)."""
     return int(torch.randint(0, 2**62, (1,), generator=generator))
 
 

@@ -26,23 +26,24 @@ from turnrl.checkpoint import (MetricsLog, atomic_write_text, latest_checkpoint,
                                save_model_atomic, set_rng_state)
 from turnrl.config import DYNAMIC_SEED_OFFSET, TRAIN_SEED_BASE, ConfigError, TrainConfig, diff_configs
 from turnrl.diagnostics import collapse_metrics
-from turnrl.engines import SamplingParams
 from turnrl.envs import make
-from turnrl.evaluate import engine_for, evaluate, renderer_for, settings_for
+from turnrl.evaluate import engine_for, evaluate, renderer_for, rollout_params, settings_for
 from turnrl.faults import EnvFailureError, Interrupted, StopSignals
 from turnrl.prepare import (build_policy, check_engine, check_env_config, check_model_fits, check_output_dir,
                             reference_model, rl_optimizer, run_sft)
-from turnrl.rollout import run_episodes
+from turnrl.distributed import RolloutPool
+from turnrl.rollout import draw_base, run_episodes
 from turnrl.shaping import shape_rewards
 from turnrl.trajectory import Trajectory
 from turnrl.update import ppo_update
 
 # Config fields that may change when a run is resumed (they do not shape what is learned). gen_batch_size,
 # max_live_episodes and the vLLM memory settings only size the engine's batches and caches: every episode samples
-# from its own stream.
+# from its own stream. For the same reason Ray rollout workers (distributed.*) play the same trajectories.
 RESUMABLE_CHANGES = ("iterations", "progress", "threads", "out", "rollout.gen_batch_size", "rollout.max_live_episodes",
                      "engine.vllm_gpu_memory_utilization", "engine.vllm_cpu_kv_cache_gib", "diag.mi_every",
-                     "diag.mi_replies", "samples_per_iteration", "eval.every", "eval.every_episodes")
+                     "diag.mi_replies", "samples_per_iteration", "eval.every", "eval.every_episodes",
+                     "distributed.workers", "distributed.address", "distributed.cpus_per_worker")
 
 
 def iteration_seeds(cfg: TrainConfig, iteration: int, round_: int = 0) -> list[int]:
@@ -254,6 +255,11 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
     shared = engine_for(policy, cfg, generators["rollout"]) if cfg.engine.name == "vllm" else None
     if shared is not None:
         cleanup.callback(shared.close)
+    # Ray rollout workers (distributed.workers) hold copies of the policy too: weights pushed at the start of RL
+    # and after every update, the workers and their Ray instance ended however the run ends.
+    pool = RolloutPool(cfg) if cfg.distributed.workers else None
+    if pool is not None:
+        cleanup.callback(pool.close)
     # Keep only the iterations the checkpoint knows about (a crash may have logged more).
     for log_file in (metrics, samples):
         log_file.truncate_to([r for r in log_file.read() if r.get("iteration", 0) < state["iteration"]])
@@ -283,14 +289,17 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
     ref_lm = reference_model(run_dir, policy, cfg, state["iteration"], log) if cfg.algo.kl_coef > 0 else None
     engine = shared if shared is not None else engine_for(policy, cfg, generators["rollout"])
     renderer, settings = renderer_for(policy, cfg), settings_for(cfg)
-    params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-                            top_p=cfg.rollout.top_p)
+    params = rollout_params(cfg)
     make_env = lambda: make(cfg.env.name, **cfg.env.kwargs)  # noqa: E731
 
     def play(seeds: list[int]) -> list[Trajectory]:
+        if pool is not None:  # the same trajectories as below, played by the workers (turnrl.distributed)
+            return pool.play(seeds, base=draw_base(generators["rollout"]))
         return run_episodes(engine, renderer, make_env, seeds, cfg.rollout.group_size, settings, params,
                             env_name=cfg.env.name)
 
+    if pool is not None:
+        pool.sync(policy.lm)
     start = state["iteration"]
     bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="RL",
                disable=not cfg.progress, dynamic_ncols=True)
@@ -329,6 +338,8 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
                                               generator=generators["update"], critic_only=critic_only)
                     if shared is not None:
                         shared.sync(policy.lm)  # the next rollout samples from the updated policy
+                    if pool is not None:
+                        pool.sync(policy.lm)
                 else:  # every group had identical returns: nothing to learn from this batch
                     update_stats = {}
                 t_update = time.perf_counter() - t1

@@ -1,0 +1,146 @@
+"""Ray rollout workers: training rollouts played by separate processes, on one machine or a cluster.
+
+Each worker (`RolloutWorker`, a Ray actor) holds its own copy of the policy, its own engine and its own envs; the
+trainer keeps the policy it updates and pushes its weights to every worker before the first rollout and after
+every update (`RolloutPool.sync`: every tensor the first time, then only the trained ones, e.g. a LoRA adapter).
+`RolloutPool.play` splits a rollout's groups over the workers in contiguous shares and gathers the trajectories
+in group order. The trainer draws the rollout's stream base from its own rollout generator, as a single-process
+rollout does, and every share samples its episodes' own streams under their indices in the whole rollout
+(`turnrl.rollout.run_episodes`'s `first_group` and `base`): the trajectories are those of a single-process rollout,
+whatever the number of workers, so a run can be resumed with another number (or none).
+
+Ray is an optional extra (`pip install 'turnrl[ray]'`), imported only when `distributed.workers` > 0. Without a
+cluster address the pool starts a local Ray instance bound to loopback and shuts it down when it closes. Ray runs
+our actors and moves the weights and trajectories; what is written here is only the split of a rollout over the
+actors and the weight push, which are specific to turnrl's rollout and policy.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from turnrl.config import ConfigError, TrainConfig
+from turnrl.envs.registry import ENVS
+from turnrl.trajectory import Trajectory
+
+INSTALL_HINT = "distributed.workers needs Ray: pip install 'turnrl[ray]' (or set distributed.workers=0)"
+
+
+def shares(n_groups: int, workers: int) -> list[tuple[int, int]]:
+    """Contiguous (start, stop) group ranges, one per worker with work, sizes differing by at most one."""
+    size, extra = divmod(n_groups, workers)
+    bounds, start = [], 0
+    for w in range(workers):
+        stop = start + size + (w < extra)
+        if stop > start:
+            bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def trained_state(lm: torch.nn.Module, full: bool) -> dict[str, torch.Tensor]:
+    """The tensors a worker needs to hold `lm`'s weights: all of them (`full`), or only those the optimizer
+    changes (parameters with requires_grad; a LoRA policy's adapters)."""
+    if full:
+        return {k: v.detach().cpu() for k, v in lm.state_dict().items()}
+    return {k: p.detach().cpu() for k, p in lm.named_parameters() if p.requires_grad}
+
+
+class RolloutWorker:
+    """One rollout process: builds the policy `cfg` names (weights from the trainer's `load`), an engine on it and
+    the env; `play` runs one share of a rollout. A plain class, so tests can run it without Ray."""
+
+    def __init__(self, cfg_data: dict, env_factory=None, threads: int = 1):
+        from turnrl.evaluate import engine_for, renderer_for, rollout_params, settings_for
+        from turnrl.prepare import build_policy
+
+        torch.set_num_threads(max(1, threads))
+        self.cfg = cfg = TrainConfig.from_dict(cfg_data)
+        if env_factory is not None:  # an env registered in the trainer's process only (a user's script)
+            ENVS[cfg.env.name] = env_factory
+        self.policy = build_policy(cfg, value_head=False)
+        self.policy.lm.eval()
+        self.engine = engine_for(self.policy, cfg, torch.Generator())
+        self.renderer, self.settings, self.params = renderer_for(self.policy, cfg), settings_for(cfg), rollout_params(cfg)
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def load(self, state: dict[str, torch.Tensor], full: bool) -> None:
+        """Takes the trainer's weights (`trained_state`); `full` ones must name every tensor of the policy."""
+        missing, unexpected = self.policy.lm.load_state_dict(state, strict=False)
+        if unexpected or (full and missing):
+            raise RuntimeError(f"rollout worker: the trainer's weights do not fit this worker's policy "
+                               f"(unexpected {unexpected[:3]}, missing {missing[:3]})")
+
+    def play(self, seeds: list[int], first_group: int, base: int) -> list[Trajectory]:
+        from turnrl.envs import make
+        from turnrl.rollout import run_episodes
+
+        cfg = self.cfg
+        return run_episodes(self.engine, self.renderer, lambda: make(cfg.env.name, **cfg.env.kwargs), seeds,
+                            cfg.rollout.group_size, self.settings, self.params, env_name=cfg.env.name,
+                            first_group=first_group, base=base)
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError as err:
+        raise ConfigError(INSTALL_HINT) from err
+    return ray
+
+
+class RolloutPool:
+    """`cfg.distributed.workers` Ray actors playing the training rollouts of `cfg` (see the module docstring).
+    `close` ends the actors, and the local Ray instance if the pool started one."""
+
+    def __init__(self, cfg: TrainConfig):
+        ray = self._ray = import_ray()
+        d = cfg.distributed
+        self._own_ray = not ray.is_initialized()
+        if self._own_ray:
+            if d.address:
+                ray.init(address=d.address, logging_level="warning")
+            else:  # a private instance on loopback, sized for the workers (the trainer waits while they play)
+                ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(d.workers * d.cpus_per_worker)),
+                         include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="warning")
+        actor = ray.remote(num_cpus=d.cpus_per_worker)(RolloutWorker)
+        self._workers = []
+        try:
+            self._workers = [actor.remote(cfg.to_dict(), ENVS.get(cfg.env.name), int(d.cpus_per_worker))
+                             for _ in range(d.workers)]
+            ray.get([w.ready.remote() for w in self._workers])  # a worker that cannot start fails the run here
+        except BaseException:
+            self.close()
+            raise
+        self._synced = False
+
+    @property
+    def workers(self) -> int:
+        return len(self._workers)
+
+    def sync(self, lm: torch.nn.Module) -> None:
+        """Pushes `lm`'s weights to every worker: all of them the first time, then the trained ones."""
+        full = not self._synced
+        ref = self._ray.put(trained_state(lm, full))
+        self._ray.get([w.load.remote(ref, full) for w in self._workers])
+        self._synced = True
+
+    def play(self, seeds: list[int], base: int) -> list[Trajectory]:
+        """The trajectories of `seeds` (one group each), as `run_episodes` on all of them with stream `base`."""
+        if not self._synced:
+            raise RuntimeError("RolloutPool.play before sync: the workers do not hold the policy's weights yet")
+        futures = [w.play.remote(seeds[a:b], a, base) for w, (a, b) in zip(self._workers, shares(len(seeds), self.workers))]
+        return [t for part in self._ray.get(futures) for t in part]
+
+    def close(self) -> None:
+        for w in self._workers:
+            self._ray.kill(w)
+        self._workers = []
+        if self._own_ray and self._ray.is_initialized():
+            self._ray.shutdown()
+        self._own_ray = False
