@@ -13,7 +13,7 @@ from turnrl.checkpoint import MetricsLog
 from turnrl.config import ConfigError, DistributedConfig, EngineConfig, TrainConfig
 from turnrl.distributed import RolloutWorker, shares, trained_state
 from turnrl.envs import make
-from turnrl.evaluate import engine_for, renderer_for, rollout_params, settings_for
+from turnrl.evaluate import engine_for, evaluate, renderer_for, rollout_params, settings_for
 from turnrl.prepare import build_policy, check_engine
 from turnrl.rollout import run_episodes
 from turnrl.train import train
@@ -45,11 +45,21 @@ def one_process_rollout(policy, cfg, seeds, base):
                         settings_for(cfg), rollout_params(cfg), env_name=cfg.env.name, base=base)
 
 
-def played_by(workers, seeds, base):
+def played_by(workers, seeds, base, **share):
     out = []
     for w, (a, b) in zip(workers, shares(len(seeds), len(workers))):
-        out += w.play(seeds[a:b], a, base)
+        out += w.play(seeds[a:b], a, base, **share)
     return out
+
+
+class InProcessPool:
+    """RolloutPool's `play` over in-process workers (no Ray)."""
+
+    def __init__(self, workers):
+        self.workers = workers
+
+    def play(self, seeds, base, **share):
+        return played_by(self.workers, seeds, base, **share)
 
 
 def assert_same_trajectories(a, b):
@@ -89,6 +99,21 @@ def test_workers_play_the_shares_of_one_rollout_and_follow_the_trainers_weights(
     assert_same_trajectories(played_by(workers, seeds, base), reference)
 
 
+def test_an_evaluation_played_by_workers_is_the_one_played_here(tmp_path):
+    """Sampled and greedy held-out episodes on the eval env (not the training env), k samples per start state."""
+    cfg = rollout_config(tmp_path, env__eval_name="frozen_lake_det", env__name="frozen_lake")
+    cfg.env.kwargs = {"size": 4}
+    policy = build_policy(cfg)
+    workers = [RolloutWorker(cfg.to_dict(), threads=torch.get_num_threads()) for _ in range(3)]
+    for w in workers:
+        w.load(trained_state(policy.lm, full=True), full=True)
+    here, here_trajs = evaluate(policy, cfg, episodes=7, k=3, greedy=True)
+    there, there_trajs = evaluate(policy, cfg, episodes=7, k=3, greedy=True, pool=InProcessPool(workers))
+    assert len(there_trajs) == 21 and {t.env_name for t in there_trajs} == {"frozen_lake_det"}
+    assert_same_trajectories(there_trajs, here_trajs)
+    assert there == here
+
+
 def test_a_push_that_does_not_fit_the_workers_policy_fails(tmp_path):
     cfg = rollout_config(tmp_path)
     worker = RolloutWorker(cfg.to_dict(), threads=torch.get_num_threads())
@@ -104,6 +129,9 @@ def test_distributed_settings_are_checked():
         DistributedConfig(workers=-1)
     with pytest.raises(ConfigError, match="cpus_per_worker"):
         DistributedConfig(workers=2, cpus_per_worker=0)
+    for unused in (dict(address="auto"), dict(cpus_per_worker=2.0)):  # a setting that would do nothing
+        with pytest.raises(ConfigError, match=f"distributed.{next(iter(unused))} configures Ray rollout workers"):
+            DistributedConfig(**unused)
     with pytest.raises(ConfigError, match="vllm engine in Ray workers"):
         TrainConfig(distributed=DistributedConfig(workers=2), engine=EngineConfig(name="vllm"))
 
@@ -121,11 +149,11 @@ def test_a_run_with_two_ray_workers_is_the_single_process_run(tmp_path):
     the rollouts played by two Ray actors on a local Ray instance that the run starts and shuts down."""
     import ray
 
-    straight = small_config(tmp_path / "straight")
-    train(straight, log=lambda *_: None)
-    spread = small_config(tmp_path / "ray")
+    straight, spread = small_config(tmp_path / "straight"), small_config(tmp_path / "ray")
     spread.distributed = DistributedConfig(workers=2)
-    train(spread, log=lambda *_: None)
+    for cfg in (straight, spread):  # evaluations (greedy too, and during training) played by the workers as well
+        cfg.eval.greedy, cfg.eval.every, cfg.eval.episodes, cfg.eval.k = True, 2, 3, 2
+        train(cfg, log=lambda *_: None)
     assert not ray.is_initialized()
 
     a, b = (without_timing(MetricsLog(Path(c.out) / "metrics.jsonl").read()) for c in (straight, spread))
@@ -144,6 +172,8 @@ def test_a_run_with_two_ray_workers_is_the_single_process_run(tmp_path):
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+    evals = [json.loads((Path(c.out) / "eval.json").read_text()) for c in (straight, spread)]
+    assert evals[0] == evals[1] and set(evals[0]) == {"untrained", "after_sft", "after_rl"}
     assert json.loads((Path(spread.out) / "config.json").read_text())["distributed"]["workers"] == 2
 
 

@@ -331,16 +331,20 @@ class EngineConfig:
 
 @dataclass
 class DistributedConfig:
-    """Ray rollout workers (turnrl.distributed, docs/distributed.md): training rollouts played by separate
-    processes, each with its own copy of the policy and its own envs; the update stays in the trainer."""
+    """Ray rollout workers (turnrl.distributed, docs/distributed.md): training rollouts and evaluations played by
+    separate processes, each with its own copy of the policy and its own envs; the update stays in the trainer."""
 
     workers: int = 0  # rollout worker processes (pip install 'turnrl[ray]'); 0 = rollouts in the training process. The trajectories do not depend on it
-    address: str = ""  # Ray cluster to join ("auto", "ray://host:10001"); "" = start a local Ray instance on loopback for the run
+    address: str = ""  # Ray cluster to join ("auto", "host:6379"); "" = start a local Ray instance for the run
     cpus_per_worker: float = 1.0  # CPUs Ray reserves per worker; a CPU worker runs that many torch threads (at least 1)
 
     def __post_init__(self):
         _check(self.workers >= 0, f"distributed.workers must be >= 0, got {self.workers}")
         _check(self.cpus_per_worker > 0, f"distributed.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        unused = [k for k, default in (("address", ""), ("cpus_per_worker", 1.0)) if getattr(self, k) != default]
+        _check(self.workers > 0 or not unused, f"distributed.{unused[0] if unused else ''} configures Ray rollout "
+               "workers, but distributed.workers=0 (rollouts in the training process): set distributed.workers or "
+               "remove it")
 
 
 @dataclass

@@ -1,7 +1,7 @@
-"""Ray rollout workers: training rollouts played by separate processes, on one machine or a cluster.
+"""Ray rollout workers: training rollouts and evaluations played by separate processes, on one machine or a cluster.
 
 Each worker (`RolloutWorker`, a Ray actor) holds its own copy of the policy, its own engine and its own envs; the
-trainer keeps the policy it updates and pushes its weights to every worker before the first rollout and after
+trainer keeps the policy it updates and pushes its weights to every worker when they start, after SFT and after
 every update (`RolloutPool.sync`: every tensor the first time, then only the trained ones, e.g. a LoRA adapter).
 `RolloutPool.play` splits a rollout's groups over the workers in contiguous shares and gathers the trajectories
 in group order. The trainer draws the rollout's stream base from its own rollout generator, as a single-process
@@ -10,7 +10,7 @@ rollout does, and every share samples its episodes' own streams under their indi
 whatever the number of workers, so a run can be resumed with another number (or none).
 
 Ray is an optional extra (`pip install 'turnrl[ray]'`), imported only when `distributed.workers` > 0. Without a
-cluster address the pool starts a local Ray instance bound to loopback and shuts it down when it closes. Ray runs
+cluster address the pool starts a local Ray instance (node address 127.0.0.1) and shuts it down when it closes. Ray runs
 our actors and moves the weights and trajectories; what is written here is only the split of a rollout over the
 actors and the weight push, which are specific to turnrl's rollout and policy.
 """
@@ -23,6 +23,7 @@ import os
 import torch
 
 from turnrl.config import ConfigError, TrainConfig
+from turnrl.engines.base import SamplingParams
 from turnrl.envs.registry import ENVS
 from turnrl.trajectory import Trajectory
 
@@ -53,18 +54,18 @@ class RolloutWorker:
     """One rollout process: builds the policy `cfg` names (weights from the trainer's `load`), an engine on it and
     the env; `play` runs one share of a rollout. A plain class, so tests can run it without Ray."""
 
-    def __init__(self, cfg_data: dict, env_factory=None, threads: int = 1):
+    def __init__(self, cfg_data: dict, env_factories: dict | None = None, threads: int = 1):
         from turnrl.evaluate import engine_for, renderer_for, rollout_params, settings_for
         from turnrl.prepare import build_policy
 
         torch.set_num_threads(max(1, threads))
         self.cfg = cfg = TrainConfig.from_dict(cfg_data)
-        if env_factory is not None:  # an env registered in the trainer's process only (a user's script)
-            ENVS[cfg.env.name] = env_factory
+        ENVS.update(env_factories or {})  # envs registered in the trainer's process only (a user's script)
         self.policy = build_policy(cfg, value_head=False)
         self.policy.lm.eval()
         self.engine = engine_for(self.policy, cfg, torch.Generator())
-        self.renderer, self.settings, self.params = renderer_for(self.policy, cfg), settings_for(cfg), rollout_params(cfg)
+        self.renderer = renderer_for(self.policy, cfg)
+        self.settings, self.params = settings_for(cfg), rollout_params(cfg)
 
     def ready(self) -> int:
         return os.getpid()
@@ -76,14 +77,17 @@ class RolloutWorker:
             raise RuntimeError(f"rollout worker: the trainer's weights do not fit this worker's policy "
                                f"(unexpected {unexpected[:3]}, missing {missing[:3]})")
 
-    def play(self, seeds: list[int], first_group: int, base: int) -> list[Trajectory]:
+    def play(self, seeds: list[int], first_group: int, base: int, env_name: str | None = None,
+             group_size: int | None = None, params: SamplingParams | None = None) -> list[Trajectory]:
+        """One share of a rollout: the training rollout's env, group size and sampling unless given (an
+        evaluation's)."""
         from turnrl.envs import make
         from turnrl.rollout import run_episodes
 
-        cfg = self.cfg
-        return run_episodes(self.engine, self.renderer, lambda: make(cfg.env.name, **cfg.env.kwargs), seeds,
-                            cfg.rollout.group_size, self.settings, self.params, env_name=cfg.env.name,
-                            first_group=first_group, base=base)
+        cfg, env_name = self.cfg, env_name or self.cfg.env.name
+        return run_episodes(self.engine, self.renderer, lambda: make(env_name, **cfg.env.kwargs), seeds,
+                            group_size or cfg.rollout.group_size, self.settings, params or self.params,
+                            env_name=env_name, first_group=first_group, base=base)
 
 
 def import_ray():
@@ -95,7 +99,7 @@ def import_ray():
 
 
 class RolloutPool:
-    """`cfg.distributed.workers` Ray actors playing the training rollouts of `cfg` (see the module docstring).
+    """`cfg.distributed.workers` Ray actors playing the rollouts and evaluations of `cfg` (module docstring).
     `close` ends the actors, and the local Ray instance if the pool started one."""
 
     def __init__(self, cfg: TrainConfig):
@@ -105,14 +109,14 @@ class RolloutPool:
         if self._own_ray:
             if d.address:
                 ray.init(address=d.address, logging_level="warning")
-            else:  # a private instance on loopback, sized for the workers (the trainer waits while they play)
+            else:  # a private instance for the run, sized for the workers (the trainer waits while they play)
                 ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(d.workers * d.cpus_per_worker)),
                          include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="warning")
         actor = ray.remote(num_cpus=d.cpus_per_worker)(RolloutWorker)
         self._workers = []
         try:
-            self._workers = [actor.remote(cfg.to_dict(), ENVS.get(cfg.env.name), int(d.cpus_per_worker))
-                             for _ in range(d.workers)]
+            envs = {name: ENVS[name] for name in (cfg.env.name, cfg.env.eval_name) if name in ENVS}
+            self._workers = [actor.remote(cfg.to_dict(), envs, int(d.cpus_per_worker)) for _ in range(d.workers)]
             ray.get([w.ready.remote() for w in self._workers])  # a worker that cannot start fails the run here
         except BaseException:
             self.close()
@@ -130,11 +134,13 @@ class RolloutPool:
         self._ray.get([w.load.remote(ref, full) for w in self._workers])
         self._synced = True
 
-    def play(self, seeds: list[int], base: int) -> list[Trajectory]:
-        """The trajectories of `seeds` (one group each), as `run_episodes` on all of them with stream `base`."""
+    def play(self, seeds: list[int], base: int, **share) -> list[Trajectory]:
+        """The trajectories of `seeds` (one group each), as `run_episodes` on all of them with stream `base`;
+        `share`: `RolloutWorker.play`'s env_name, group_size and params (an evaluation's)."""
         if not self._synced:
             raise RuntimeError("RolloutPool.play before sync: the workers do not hold the policy's weights yet")
-        futures = [w.play.remote(seeds[a:b], a, base) for w, (a, b) in zip(self._workers, shares(len(seeds), self.workers))]
+        futures = [w.play.remote(seeds[a:b], a, base, **share)
+                   for w, (a, b) in zip(self._workers, shares(len(seeds), self.workers))]
         return [t for part in self._ray.get(futures) for t in part]
 
     def close(self) -> None:

@@ -17,7 +17,7 @@ from turnrl.engines import HFEngine, SamplingParams
 from turnrl.envs import make
 from turnrl.parsing import parse_reply
 from turnrl.qa_metrics import mean_turns_to_success, mean_unique_answer_ratio, succ_at_k
-from turnrl.rollout import RolloutSettings, run_episodes
+from turnrl.rollout import RolloutSettings, draw_base, run_episodes
 from turnrl.trajectory import Trajectory
 
 
@@ -144,17 +144,23 @@ def eval_arguments(cfg: TrainConfig, env_name: str | None, episodes: int | None,
 
 def evaluate(policy, cfg: TrainConfig, *, env_name: str | None = None, episodes: int | None = None,
              k: int | None = None, temperature: float | None = None, greedy: bool | None = None,
-             seed: int | None = None, engine=None) -> tuple[EvalResult, list[Trajectory]]:
+             seed: int | None = None, engine=None, pool=None) -> tuple[EvalResult, list[Trajectory]]:
     """Plays `episodes` held-out start states `k` times each with the policy (sampling at `temperature`).
 
     Arguments default to `cfg.eval`; the env defaults to `cfg.env.eval_name` or `cfg.env.name`.
     `engine`: a running engine already synced with the policy (the trainer's vLLM engine); its sampling
     generator is swapped for the evaluation's for the duration. Default: the engine `cfg.engine` names,
-    built here (and closed again when it is a vLLM engine).
+    built here (and closed again when it is a vLLM engine). `pool`: Ray rollout workers holding the policy's
+    weights (turnrl.distributed.RolloutPool), which then play the episodes, the same ones.
     Returns the summary and the sampled trajectories (for logs).
     """
     env_name, episodes, k, temperature, greedy = eval_arguments(cfg, env_name, episodes, k, temperature, greedy)
     gen = torch.Generator().manual_seed(cfg.eval.seed if seed is None else seed)
+    if pool is not None:  # the stream bases the engine below would draw from `gen`, drawn here
+        def play_pool(seeds, group_size, params):
+            return pool.play(seeds, draw_base(gen), env_name=env_name, group_size=group_size, params=params)
+
+        return _evaluate(cfg, play_pool, env_name, episodes, k, temperature, greedy)
     if engine is None:
         engine = engine_for(policy, cfg, gen)
         try:
@@ -165,25 +171,27 @@ def evaluate(policy, cfg: TrainConfig, *, env_name: str | None = None, episodes:
                 engine.close()
     saved = engine.generator
     engine.generator = gen
+    renderer, settings = renderer_for(policy, cfg), settings_for(cfg)
+
+    def play_here(seeds, group_size, params):
+        return run_episodes(engine, renderer, lambda: make(env_name, **cfg.env.kwargs), seeds, group_size, settings,
+                            params, env_name=env_name)
+
     try:
-        return _evaluate(policy, cfg, engine, env_name, episodes, k, temperature, greedy)
+        return _evaluate(cfg, play_here, env_name, episodes, k, temperature, greedy)
     finally:
         engine.generator = saved
 
 
-def _evaluate(policy, cfg: TrainConfig, engine, env_name, episodes, k, temperature, greedy
+def _evaluate(cfg: TrainConfig, play: Callable, env_name, episodes, k, temperature, greedy
               ) -> tuple[EvalResult, list[Trajectory]]:
-    renderer = renderer_for(policy, cfg)
     settings = settings_for(cfg)
     seeds = list(range(episodes))
     make_env = lambda: make(env_name, **cfg.env.kwargs)  # noqa: E731
-    params = SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=temperature)
-    trajs = run_episodes(engine, renderer, make_env, seeds, k, settings, params, env_name=env_name)
+    trajs = play(seeds, k, SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=temperature))
     greedy_trajs = None
     if greedy:
-        greedy_trajs = run_episodes(engine, renderer, make_env, seeds, 1, settings,
-                                    SamplingParams(max_new_tokens=settings.max_new_tokens, greedy=True),
-                                    env_name=env_name)
+        greedy_trajs = play(seeds, 1, SamplingParams(max_new_tokens=settings.max_new_tokens, greedy=True))
     return eval_result(trajs, greedy_trajs, k=k, episodes=episodes, temperature=temperature, make_env=make_env,
                        settings=settings), trajs
 

@@ -82,7 +82,8 @@ def build_policy(cfg: TrainConfig, name: str | None = None, *, value_head: bool 
     spec = TinyModelSpec(hidden_size=m.tiny_hidden, num_layers=m.tiny_layers, num_heads=m.tiny_heads,
                          intermediate_size=m.tiny_ff)
     lora = LoraSpec(m.lora_rank, m.lora_alpha, m.lora_dropout, m.lora_targets) if m.lora_rank else None
-    return load_policy(name or m.name, value_head=cfg.algo.needs_critic if value_head is None else value_head, seed=cfg.seed, tiny=spec,
+    value_head = cfg.algo.needs_critic if value_head is None else value_head
+    return load_policy(name or m.name, value_head=value_head, seed=cfg.seed, tiny=spec,
                        gguf_file=None if name else m.gguf_file, lora=lora,
                        gradient_checkpointing=m.gradient_checkpointing)
 

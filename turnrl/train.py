@@ -163,11 +163,11 @@ def eval_points(cfg: TrainConfig, name: str) -> list[tuple[str, str | None]]:
     return points
 
 
-def _run_eval(policy, cfg: TrainConfig, evals: dict, name: str, path: Path, log, engine=None) -> None:
+def _run_eval(policy, cfg: TrainConfig, evals: dict, name: str, path: Path, log, engine=None, pool=None) -> None:
     for key, env_name in eval_points(cfg, name):
         if key in evals:  # a resumed run that already measured it
             continue
-        result, trajs = evaluate(policy, cfg, env_name=env_name, engine=engine)
+        result, trajs = evaluate(policy, cfg, env_name=env_name, engine=engine, pool=pool)
         if cfg.samples_per_iteration:  # a few of its episodes for turnrl report (eval_samples.json)
             _write_eval_samples(path, {key: sample_episodes(trajs, cfg.samples_per_iteration)})
         evals[key] = result.to_dict()
@@ -255,28 +255,31 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
     shared = engine_for(policy, cfg, generators["rollout"]) if cfg.engine.name == "vllm" else None
     if shared is not None:
         cleanup.callback(shared.close)
-    # Ray rollout workers (distributed.workers) hold copies of the policy too: weights pushed at the start of RL
-    # and after every update, the workers and their Ray instance ended however the run ends.
+    # Ray rollout workers (distributed.workers) hold copies of the policy too, and play the rollouts and the
+    # evaluations: weights pushed now, after SFT and after every update; the workers and their Ray instance ended
+    # however the run ends.
     pool = RolloutPool(cfg) if cfg.distributed.workers else None
     if pool is not None:
         cleanup.callback(pool.close)
+        pool.sync(policy.lm)
     # Keep only the iterations the checkpoint knows about (a crash may have logged more).
     for log_file in (metrics, samples):
         log_file.truncate_to([r for r in log_file.read() if r.get("iteration", 0) < state["iteration"]])
 
     # ---- evaluation before training and SFT warm start --------------------------------------------
-    _run_eval(policy, cfg, evals, "untrained", eval_path, log, shared)
+    _run_eval(policy, cfg, evals, "untrained", eval_path, log, shared, pool)
     if state["phase"] == "start":
         if cfg.sft.episodes > 0:
             run_sft(policy, cfg, log)
-            if shared is not None:
-                shared.sync(policy.lm)
+            for copy in (shared, pool):
+                if copy is not None:
+                    copy.sync(policy.lm)
         state = {"phase": "rl", "iteration": 0}
         save_checkpoint(run_dir, 0, policy, None, None, state, generators, cfg.keep_checkpoints)
     if cfg.sft.episodes == 0:  # same model, same eval seeds and sampling seed: the same result, no need to rerun
         _copy_eval(cfg, evals, "untrained", "after_sft", eval_path)
     else:
-        _run_eval(policy, cfg, evals, "after_sft", eval_path, log, shared)
+        _run_eval(policy, cfg, evals, "after_sft", eval_path, log, shared, pool)
 
     # ---- RL ---------------------------------------------------------------------------------------
     optimizer, scheduler = rl_optimizer(policy, cfg)
@@ -298,8 +301,6 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
         return run_episodes(engine, renderer, make_env, seeds, cfg.rollout.group_size, settings, params,
                             env_name=cfg.env.name)
 
-    if pool is not None:
-        pool.sync(policy.lm)
     start = state["iteration"]
     bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="RL",
                disable=not cfg.progress, dynamic_ncols=True)
@@ -336,10 +337,9 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
                     update_stats = ppo_update(policy, optimizer, scheduler, kept, algo=cfg.algo, optim=cfg.optim,
                                               temperature=cfg.rollout.temperature, ref_lm=ref_lm,
                                               generator=generators["update"], critic_only=critic_only)
-                    if shared is not None:
-                        shared.sync(policy.lm)  # the next rollout samples from the updated policy
-                    if pool is not None:
-                        pool.sync(policy.lm)
+                    for copy in (shared, pool):  # the next rollout samples from the updated policy
+                        if copy is not None:
+                            copy.sync(policy.lm)
                 else:  # every group had identical returns: nothing to learn from this batch
                     update_stats = {}
                 t_update = time.perf_counter() - t1
@@ -364,7 +364,8 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
                     # held-out progress during training; evaluation samples from its own generator, so training
                     # goes on exactly as without it
                     t_eval = time.perf_counter()
-                    result, _ = evaluate(policy, cfg, episodes=cfg.eval.every_episodes or None, engine=shared)
+                    result, _ = evaluate(policy, cfg, episodes=cfg.eval.every_episodes or None, engine=shared,
+                                           pool=pool)
                     record.update(periodic_eval_metrics(result))
                     record["perf/eval_seconds"] = time.perf_counter() - t_eval
                 metrics.append(record)
@@ -400,7 +401,7 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
     else:
         for key, _ in eval_points(cfg, "after_rl"):  # a resumed run with more iterations: measure the new end
             evals.pop(key, None)
-        _run_eval(policy, cfg, evals, "after_rl", eval_path, log, shared)
+        _run_eval(policy, cfg, evals, "after_rl", eval_path, log, shared, pool)
     save_model_atomic(policy, run_dir / "final")
     return evals
 
