@@ -183,7 +183,6 @@ def test_smollm2_lora_rollout_through_a_ray_pool_is_the_one_process_rollout(tmp_
     """SmolLM2-135M with the smollm2-bandit preset's LoRA adapters: the pool's two actors build the model from the
     wheel, take the full push, then an adapter-only push after the adapters change, and play the one-process
     rollout's episodes each time."""
-    from test_real_model import needs_wheel  # noqa: F401  (the skip below is the same condition)
     from turnrl.distributed import RolloutPool
     from turnrl.models import KNOWN_MODELS, wheel_gguf_path
     from turnrl.presets import get_preset
