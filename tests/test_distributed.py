@@ -11,7 +11,7 @@ from test_resume_exact import small_config, without_timing
 from test_train import tiny_config, weights
 from turnrl.checkpoint import MetricsLog
 from turnrl.config import ConfigError, DistributedConfig, EngineConfig, TrainConfig
-from turnrl.distributed import RolloutWorker, shares, trained_state
+from turnrl.distributed import RolloutWorker, check_pushed, shares, trained_state, weights_digest
 from turnrl.envs import make
 from turnrl.evaluate import engine_for, evaluate, renderer_for, rollout_params, settings_for
 from turnrl.prepare import build_policy, check_engine
@@ -94,9 +94,28 @@ def test_workers_play_the_shares_of_one_rollout_and_follow_the_trainers_weights(
     reference = one_process_rollout(policy, cfg, seeds, base)
     stale = played_by(workers, seeds, base)
     assert any(x.logprobs != y.logprobs for x, y in zip(stale, reference))  # the workers' weights are the old ones
-    for w in workers:
-        w.load(trained_state(policy.lm, full=False), full=False)
+    pushed = trained_state(policy.lm, full=False)
+    check_pushed([w.load(pushed, full=False) for w in workers], weights_digest(pushed))
     assert_same_trajectories(played_by(workers, seeds, base), reference)
+
+
+def test_a_push_that_does_not_arrive_is_caught_by_the_digest(tmp_path, monkeypatch):
+    """The failure that masquerades as staleness: the worker reports success but samples the old weights."""
+    cfg = rollout_config(tmp_path, model__lora_rank=4)
+    policy = build_policy(cfg)
+    good, lost = (RolloutWorker(cfg.to_dict(), threads=torch.get_num_threads()) for _ in range(2))
+    full = trained_state(policy.lm, full=True)
+    check_pushed([w.load(full, full=True) for w in (good, lost)], weights_digest(full))
+    with torch.no_grad():
+        for p in policy.lm.parameters():
+            if p.requires_grad:
+                p.add_(0.01)
+    pushed = trained_state(policy.lm, full=False)
+    monkeypatch.setattr(lost.policy.lm, "load_state_dict", lambda state, strict: ([], []))
+    digests = [w.load(pushed, full=False) for w in (good, lost)]
+    assert digests[0] == weights_digest(pushed) != digests[1]
+    with pytest.raises(RuntimeError, match=r"rollout workers \[1\] do not hold the weights"):
+        check_pushed(digests, weights_digest(pushed))
 
 
 def test_an_evaluation_played_by_workers_is_the_one_played_here(tmp_path):
@@ -175,6 +194,24 @@ def test_a_run_with_two_ray_workers_is_the_single_process_run(tmp_path):
     evals = [json.loads((Path(c.out) / "eval.json").read_text()) for c in (straight, spread)]
     assert evals[0] == evals[1] and set(evals[0]) == {"untrained", "after_sft", "after_rl"}
     assert json.loads((Path(spread.out) / "config.json").read_text())["distributed"]["workers"] == 2
+
+
+@pytest.mark.skipif(not HAS_RAY, reason="needs Ray: pip install 'turnrl[ray]'")
+def test_a_run_started_with_workers_and_resumed_without_them_is_the_straight_run(tmp_path):
+    straight = small_config(tmp_path / "straight")
+    train(straight, log=lambda *_: None)
+    first_half = small_config(tmp_path / "resumed")
+    first_half.iterations, first_half.distributed = straight.iterations // 2, DistributedConfig(workers=2)
+    train(first_half, log=lambda *_: None)
+    train(small_config(tmp_path / "resumed"), resume=True, log=lambda *_: None)
+
+    a, b = (without_timing(MetricsLog(Path(out) / "metrics.jsonl").read()) for out in (straight.out, first_half.out))
+    assert [r["iteration"] for r in b] == list(range(straight.iterations))
+    assert [{k: v for k, v in r.items() if k.startswith("rollout/")} for r in a] == \
+           [{k: v for k, v in r.items() if k.startswith("rollout/")} for r in b]
+    wa, wb = weights(Path(straight.out) / "final"), weights(Path(first_half.out) / "final")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ actors and the weight push, which are specific to turnrl's rollout and policy.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 
@@ -50,6 +51,18 @@ def trained_state(lm: torch.nn.Module, full: bool) -> dict[str, torch.Tensor]:
     return {k: p.detach().cpu() for k, p in lm.named_parameters() if p.requires_grad}
 
 
+def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the named tensors' bytes, in name order: what the trainer pushed against what a worker holds
+    after loading it. A push that silently did not arrive (a LoRA adapter that never reached the sampler, the
+    failure that looks like a stale policy) fails the run at once instead."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 class RolloutWorker:
     """One rollout process: builds the policy `cfg` names (weights from the trainer's `load`), an engine on it and
     the env; `play` runs one share of a rollout. A plain class, so tests can run it without Ray."""
@@ -70,12 +83,15 @@ class RolloutWorker:
     def ready(self) -> int:
         return os.getpid()
 
-    def load(self, state: dict[str, torch.Tensor], full: bool) -> None:
-        """Takes the trainer's weights (`trained_state`); `full` ones must name every tensor of the policy."""
+    def load(self, state: dict[str, torch.Tensor], full: bool) -> str:
+        """Takes the trainer's weights (`trained_state`); `full` ones must name every tensor of the policy.
+        Returns the digest of the same tensors read back from the policy (`weights_digest`)."""
         missing, unexpected = self.policy.lm.load_state_dict(state, strict=False)
         if unexpected or (full and missing):
             raise RuntimeError(f"rollout worker: the trainer's weights do not fit this worker's policy "
                                f"(unexpected {unexpected[:3]}, missing {missing[:3]})")
+        held = self.policy.lm.state_dict()
+        return weights_digest({k: held[k] for k in state})
 
     def play(self, seeds: list[int], first_group: int, base: int, env_name: str | None = None,
              group_size: int | None = None, params: SamplingParams | None = None) -> list[Trajectory]:
@@ -88,6 +104,14 @@ class RolloutWorker:
         return run_episodes(self.engine, self.renderer, lambda: make(env_name, **cfg.env.kwargs), seeds,
                             group_size or cfg.rollout.group_size, self.settings, params or self.params,
                             env_name=env_name, first_group=first_group, base=base)
+
+
+def check_pushed(held: list[str], pushed: str) -> None:
+    """RuntimeError unless every worker's digest after a push (`RolloutWorker.load`) is the pushed weights'."""
+    wrong = [i for i, digest in enumerate(held) if digest != pushed]
+    if wrong:
+        raise RuntimeError(f"rollout workers {wrong} do not hold the weights the trainer pushed (digest mismatch "
+                           "after loading them); their rollouts would sample another policy")
 
 
 def import_ray():
@@ -128,10 +152,12 @@ class RolloutPool:
         return len(self._workers)
 
     def sync(self, lm: torch.nn.Module) -> None:
-        """Pushes `lm`'s weights to every worker: all of them the first time, then the trained ones."""
+        """Pushes `lm`'s weights to every worker: all of them the first time, then the trained ones; checks that
+        every worker then holds exactly them."""
         full = not self._synced
-        ref = self._ray.put(trained_state(lm, full))
-        self._ray.get([w.load.remote(ref, full) for w in self._workers])
+        state = trained_state(lm, full)
+        ref = self._ray.put(state)
+        check_pushed(self._ray.get([w.load.remote(ref, full) for w in self._workers]), weights_digest(state))
         self._synced = True
 
     def play(self, seeds: list[int], base: int, **share) -> list[Trajectory]:
