@@ -109,5 +109,5 @@ def test_same_seed_same_config_same_metrics(tmp_path):
     assert without_timing(runs[0]) == without_timing(runs[1])
     # the timing keys really are the only ones left out
     assert {k for r in runs[0] for k in r if k.startswith(TIMING_PREFIXES)} == {
-        "perf/rollout_seconds", "perf/update_seconds", "perf/iteration_seconds", "perf/gen_tokens_per_second",
-        "perf/tokens_per_second", "time/elapsed_seconds"}
+        "perf/rollout_seconds", "perf/env_seconds", "perf/update_seconds", "perf/iteration_seconds",
+        "perf/gen_tokens_per_second", "perf/tokens_per_second", "time/elapsed_seconds"}

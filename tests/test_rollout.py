@@ -187,3 +187,51 @@ def test_rollout_config_reaches_the_rollout_settings():
     assert (s.strict_format, s.max_live, s.think) == (True, 3, False)
     s = settings_for(TrainConfig())
     assert (s.strict_format, s.max_live) == (False, 0)
+
+
+def test_each_episode_records_the_time_spent_in_its_env(tiny_tokenizer, monkeypatch):
+    """A clock that moves only inside env calls: the episodes' env_seconds add up to all of it, each one's is its
+    own env's share, and none of the model's time is counted."""
+    import turnrl.rollout as rollout
+    from turnrl.envs.frozen_lake import FrozenLakeEnv
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(rollout, "perf_counter", lambda: clock["now"])
+    spent: dict[int, float] = {}
+
+    class TimedLake(FrozenLakeEnv):  # construction 0.125 s, reset 0.5 s, each step 1 s, close 0.25 s
+        def __init__(self):
+            super().__init__(slippery=False)
+            self.tick(0.125)
+
+        def tick(self, seconds):
+            clock["now"] += seconds
+            spent[id(self)] = spent.get(id(self), 0.0) + seconds
+
+        def reset(self, *, seed=None, options=None):
+            self.tick(0.5)
+            return super().reset(seed=seed, options=options)
+
+        def step(self, action):
+            self.tick(1.0)
+            return super().step(action)
+
+        def close(self):
+            self.tick(0.25)
+            super().close()
+
+    engine = ScriptedEngine(tiny_tokenizer, ["Right</answer><|im_end|>", "oops<|im_end|>", "Down</answer><|im_end|>"])
+    engine_generate = engine.generate
+
+    def generate(*args, **kwargs):  # the model's time must not count as env time
+        clock["now"] += 100.0
+        return engine_generate(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "generate", generate)
+    settings = RolloutSettings(max_turns=3, max_actions_per_turn=1, max_new_tokens=16, think=False)
+    trajs = run_episodes(engine, renderer(tiny_tokenizer, system=None), TimedLake, [3, 4], 2, settings,
+                         SamplingParams(max_new_tokens=16), env_name="timed")
+    assert sum(t.env_seconds for t in trajs) == sum(spent.values())
+    assert sorted(t.env_seconds for t in trajs) == sorted(spent.values())
+    assert all(t.env_seconds >= 0.875 for t in trajs)  # construction, reset and close at least
+    assert dataclasses.replace(trajs[0], env_seconds=-1.0) == trajs[0]  # a timing: not part of equality

@@ -38,7 +38,8 @@ PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Gradient norm", ("actor/grad_norm",)),
     ("Logprob mismatch, engine vs. trainer", ("actor/logprob_mismatch",)),
     ("Collapse: mutual information (nats)", ("collapse/mi", "collapse/mi_max")),
-    ("Seconds per iteration", ("perf/rollout_seconds", "perf/update_seconds", "perf/iteration_seconds")),
+    ("Seconds per iteration", ("perf/rollout_seconds", "perf/env_seconds", "perf/update_seconds",
+                               "perf/iteration_seconds")),
 )
 EVAL_COLUMNS = (("success_rate", "success"), ("greedy_success_rate", "greedy"), ("mean_return", "return"),
                 ("pass_at_k", "pass@k"), ("valid_turn_rate", "valid turns"), ("mean_turns", "turns"),

@@ -8,9 +8,11 @@ very ids the engine produced.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Callable
 
 import numpy as np
@@ -63,6 +65,7 @@ class EpisodeState:
     end_reason: str = ""  # as Trajectory.end_reason
     error: str = ""
     turns: int = 0  # replies generated so far
+    env_seconds: float = 0.0  # wall time in the env's construction, reset, steps and close (`env_call`)
 
     def fail(self, err: BaseException, env_name: str, during: str) -> None:
         self.done, self.end_reason = True, "env_error"
@@ -176,7 +179,8 @@ def run_episodes(engine: Engine, renderer: ChatRenderer, make_env: Callable[[], 
             turn_rewards=tuple(b.rewards), terminated=ep.terminated, truncated=ep.truncated, success=ep.success,
             env_name=env_name, seed=ep.seed, group_id=ep.group_id, num_actions=ep.num_actions,
             valid_turns=ep.valid_turns, end_reason=ep.end_reason, transcript=tuple(b.transcript), error=ep.error,
-            row_starts=(None if ep.ctx is None or ep.ctx.row_starts is None else tuple(ep.ctx.row_starts))))
+            row_starts=(None if ep.ctx is None or ep.ctx.row_starts is None else tuple(ep.ctx.row_starts)),
+            env_seconds=ep.env_seconds))
     return trajectories
 
 
@@ -220,11 +224,22 @@ def play(episodes: list, group_size: int, max_live: int, *, start: Callable[[int
         finish(range(begun))
 
 
+@contextlib.contextmanager
+def env_call(ep: EpisodeState, settings: RolloutSettings):
+    """A call into the episode's env: under `settings.env_timeout`, its wall time added to `ep.env_seconds`."""
+    start = perf_counter()
+    try:
+        with time_limit(settings.env_timeout):
+            yield
+    finally:
+        ep.env_seconds += perf_counter() - start
+
+
 def open_env(ep: EpisodeState, make_env: Callable[[], object], settings: RolloutSettings, env_name: str) -> str | None:
     """Makes and resets the episode's env; its first observation, or None when the env failed (the episode
     then ends as an env error)."""
     try:
-        with time_limit(settings.env_timeout):
+        with env_call(ep, settings):
             ep.env = make_env()
             obs, _info = ep.env.reset(seed=ep.seed)
             _check_observation(obs)
@@ -238,7 +253,7 @@ def step_env(ep: EpisodeState, actions: tuple[str, ...], parsed_ok: bool, settin
              ) -> tuple[str, float, bool, bool, bool, int, bool] | None:
     """`act` on the episode's env under `settings.env_timeout`; None when the env failed (the episode ends)."""
     try:
-        with time_limit(settings.env_timeout):
+        with env_call(ep, settings):
             return act(ep.env, actions, parsed_ok)
     except Exception as err:  # user code, as above
         ep.fail(err, env_name, "step")
@@ -266,7 +281,7 @@ def close_env(ep: EpisodeState, settings: RolloutSettings, env_name: str) -> Non
     if env is None:
         return
     try:
-        with time_limit(settings.env_timeout):
+        with env_call(ep, settings):
             env.close()
     except Exception as err:  # user code, as above
         if not ep.error:

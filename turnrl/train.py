@@ -87,9 +87,10 @@ def rollout_and_filter(cfg: TrainConfig, iteration: int, play: Callable[[list[in
     played_all: list[Trajectory] = []
     kept: list[Trajectory] = []
     shaped_returns: list[float] = []
-    env_errors = 0
+    env_errors, env_seconds = 0, 0.0
     for round_ in range(rounds):
         played = play(iteration_seeds(cfg, iteration, round_))
+        env_seconds += sum(t.env_seconds for t in played)  # failed episodes too: a hanging env is where time goes
         failed = [t for t in played if t.failed]
         check_env_errors(failed, len(played), cfg)
         env_errors += len(failed)
@@ -112,7 +113,7 @@ def rollout_and_filter(cfg: TrainConfig, iteration: int, play: Callable[[list[in
         if len({t.group_id for t in kept}) >= n:
             break
     metrics = {"filter/kept_fraction": len(kept) / len(played_all), "filter/rollout_rounds": float(round_ + 1),
-               "rollout/env_errors": float(env_errors)}
+               "rollout/env_errors": float(env_errors), "perf/env_seconds": env_seconds}
     if cfg.reward.active:
         metrics["reward/shaped_mean"] = sum(shaped_returns) / len(shaped_returns)
     return played_all, kept, metrics

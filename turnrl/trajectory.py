@@ -30,6 +30,8 @@ class Trajectory:
     # ids[row_starts[k]:turn_spans[k][1]], the exact prompt the engine was given then the sampled reply;
     # the rows are packed back to back in `ids`. None: the whole of `ids` is one training row.
     row_starts: tuple[int, ...] | None = None
+    # Wall time spent in this episode's env (construction, reset, steps, close): a timing, left out of comparisons.
+    env_seconds: float = field(default=0.0, compare=False)
 
     @property
     def failed(self) -> bool:
