@@ -214,6 +214,22 @@ def test_a_run_started_with_workers_and_resumed_without_them_is_the_straight_run
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.skipif(not HAS_RAY, reason="needs Ray: pip install 'turnrl[ray]'")
+def test_turnrl_eval_with_workers_gives_the_evaluation_of_one_process(tmp_path, capsys):
+    """A LoRA run's final model: the workers build it from the run directory, as the command does."""
+    from turnrl.cli import main
+
+    cfg = tiny_config(tmp_path / "run", iterations=1, model__lora_rank=4)
+    train(cfg, log=lambda *_: None)
+    results = []
+    for workers in ("0", "2"):
+        assert main(["eval", cfg.out, "--episodes", "5", "--k", "2", "--greedy", "--workers", workers]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert results[0] == results[1] and results[0]["episodes"] == 5
+    assert main(["eval", cfg.out, "--workers", "-1"]) == 2
+    assert "--workers must be >= 0" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_RAY, reason="needs Ray: pip install 'turnrl[ray]'")
 def test_smollm2_lora_rollout_through_a_ray_pool_is_the_one_process_rollout(tmp_path):

@@ -8,6 +8,7 @@ Bad input exits with status 2 and a one-line message.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -172,6 +173,9 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--max-live-episodes", type=int, default=None,
                    help="episodes played at once (each holds a KV cache; bounds memory, not the draws); 0 = all")
     p.add_argument("--out", default=None, help="write the result as JSON here")
+    p.add_argument("--workers", type=int, default=0,
+                   help="Ray rollout workers that play the episodes, the same ones (pip install 'turnrl[ray]'; "
+                        "docs/distributed.md); 0 = this process")
     served = p.add_argument_group("served models (--engine openai; evaluation only: a chat server returns text, "
                                   "not the token ids training needs)")
     served.add_argument("--engine", choices=("hf", "vllm", "openai"), default=None,
@@ -214,13 +218,39 @@ def cmd_eval(argv: list[str]) -> int:
                    "base_url": args.base_url, **result.to_dict()}
     else:
         policy = build_policy(cfg, model_name)
-        result, _ = evaluate(policy, cfg, episodes=args.episodes, k=args.k, temperature=args.temperature,
-                             greedy=args.greedy, seed=args.seed)
+        with _eval_pool(cfg, args.workers, model_name, policy) as pool:
+            result, _ = evaluate(policy, cfg, episodes=args.episodes, k=args.k, temperature=args.temperature,
+                                 greedy=args.greedy, seed=args.seed, pool=pool)
         payload = {"env": cfg.env.eval_name or cfg.env.name, "model": model_name or args.target, **result.to_dict()}
     print(json.dumps(payload, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(payload, indent=2))
     return 0
+
+
+@contextlib.contextmanager
+def _eval_pool(cfg, workers: int, model_name: str | None, policy):
+    """Ray rollout workers holding `policy` for `turnrl eval --workers N` (None for 0), closed afterwards."""
+    from turnrl.config import DistributedConfig
+    from turnrl.prepare import check_engine
+
+    if workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {workers}")
+    if workers == 0:
+        yield None
+        return
+    if cfg.engine.name != "hf":
+        raise UsageError("--workers runs the hf engine in each worker; it does not combine with --engine vllm")
+    cfg.distributed = DistributedConfig(workers=workers)
+    check_engine(cfg)
+    from turnrl.distributed import RolloutPool
+
+    pool = RolloutPool(cfg, model_name)
+    try:
+        pool.sync(policy.lm)
+        yield pool
+    finally:
+        pool.close()
 
 
 def _eval_served(cfg, args):

@@ -67,14 +67,15 @@ class RolloutWorker:
     """One rollout process: builds the policy `cfg` names (weights from the trainer's `load`), an engine on it and
     the env; `play` runs one share of a rollout. A plain class, so tests can run it without Ray."""
 
-    def __init__(self, cfg_data: dict, env_factories: dict | None = None, threads: int = 1):
+    def __init__(self, cfg_data: dict, env_factories: dict | None = None, threads: int = 1,
+                 model_name: str | None = None):
         from turnrl.evaluate import engine_for, renderer_for, rollout_params, settings_for
         from turnrl.prepare import build_policy
 
         torch.set_num_threads(max(1, threads))
         self.cfg = cfg = TrainConfig.from_dict(cfg_data)
         ENVS.update(env_factories or {})  # envs registered in the trainer's process only (a user's script)
-        self.policy = build_policy(cfg, value_head=False)
+        self.policy = build_policy(cfg, model_name, value_head=False)  # `model_name`: a saved run's model
         self.policy.lm.eval()
         self.engine = engine_for(self.policy, cfg, torch.Generator())
         self.renderer = renderer_for(self.policy, cfg)
@@ -123,10 +124,11 @@ def import_ray():
 
 
 class RolloutPool:
-    """`cfg.distributed.workers` Ray actors playing the rollouts and evaluations of `cfg` (module docstring).
+    """`cfg.distributed.workers` Ray actors playing the rollouts and evaluations of `cfg` (module docstring), with
+    policies built like the trainer's: from `cfg.model`, or from the saved model `model_name` (`turnrl eval RUN`).
     `close` ends the actors, and the local Ray instance if the pool started one."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, model_name: str | None = None):
         ray = self._ray = import_ray()
         d = cfg.distributed
         self._own_ray = not ray.is_initialized()
@@ -140,7 +142,8 @@ class RolloutPool:
         self._workers = []
         try:
             envs = {name: ENVS[name] for name in (cfg.env.name, cfg.env.eval_name) if name in ENVS}
-            self._workers = [actor.remote(cfg.to_dict(), envs, int(d.cpus_per_worker)) for _ in range(d.workers)]
+            self._workers = [actor.remote(cfg.to_dict(), envs, int(d.cpus_per_worker), model_name)
+                             for _ in range(d.workers)]
             ray.get([w.ready.remote() for w in self._workers])  # a worker that cannot start fails the run here
         except BaseException:
             self.close()
