@@ -230,6 +230,50 @@ def test_turnrl_eval_with_workers_gives_the_evaluation_of_one_process(tmp_path, 
     assert "--workers must be >= 0" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not HAS_RAY, reason="needs Ray: pip install 'turnrl[ray]'")
+def test_a_worker_that_dies_stops_the_run_and_its_checkpoint_resumes_it(tmp_path, monkeypatch):
+    """A worker's process is killed during the third iteration's rollout: the run stops with WorkerLostError,
+    the checkpoint of iteration 2 is intact, no Ray instance is left, and a resume finishes the run."""
+    import ray
+
+    from turnrl.checkpoint import latest_checkpoint
+    from turnrl.distributed import RolloutPool
+    from turnrl.faults import WorkerLostError
+
+    calls = {"n": 0}
+    real_play = RolloutPool.play
+
+    def play(self, seeds, base, **share):
+        if not share:  # a training rollout (evaluations pass their env and sampling)
+            calls["n"] += 1
+            if calls["n"] == 3:
+                ray.kill(self._workers[1])  # what SIGKILL or the OOM killer does to its process
+        return real_play(self, seeds, base, **share)
+
+    monkeypatch.setattr(RolloutPool, "play", play)
+    cfg = small_config(tmp_path / "run")
+    cfg.distributed = DistributedConfig(workers=2)
+    with pytest.raises(WorkerLostError, match=r"a Ray rollout worker .*died.*--resume"):
+        train(cfg, log=lambda *_: None)
+    assert not ray.is_initialized()
+    assert latest_checkpoint(Path(cfg.out)).name == "ckpt-000002"
+    monkeypatch.setattr(RolloutPool, "play", real_play)
+    train(cfg, resume=True, log=lambda *_: None)
+    assert len(MetricsLog(Path(cfg.out) / "metrics.jsonl").read()) == cfg.iterations
+
+
+def test_a_lost_worker_is_one_line_and_exit_status_1_on_the_cli(monkeypatch, capsys):
+    from turnrl import cli
+    from turnrl.faults import WorkerLostError
+
+    def lost(_rest):
+        raise WorkerLostError("a Ray rollout worker (pid 7) died: ...")
+
+    monkeypatch.setitem(cli.COMMANDS, "train", lost)
+    assert cli.main(["train"]) == 1
+    assert capsys.readouterr().err.strip() == "turnrl: error: a Ray rollout worker (pid 7) died: ..."
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_RAY, reason="needs Ray: pip install 'turnrl[ray]'")
 def test_smollm2_lora_rollout_through_a_ray_pool_is_the_one_process_rollout(tmp_path):

@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     from turnrl.config import ConfigError
     from turnrl.engines.openai import ServerError
     from turnrl.engines.vllm import VLLMUnavailable
-    from turnrl.faults import EnvFailureError, Interrupted
+    from turnrl.faults import EnvFailureError, Interrupted, WorkerLostError
     from turnrl.models import ModelLoadError
 
     try:
@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(err, UnknownEnvError) or "environment" in str(err):
             return _fail(str(err))
         raise
-    except (EnvFailureError, FloatingPointError) as err:  # the run stopped itself; its last checkpoint is intact
+    except (EnvFailureError, FloatingPointError, WorkerLostError) as err:  # the run stopped; last checkpoint intact
         print(f"turnrl: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:  # SIGINT, or SIGTERM during training (turnrl.faults.Interrupted)

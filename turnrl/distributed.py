@@ -20,12 +20,14 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 
 import torch
 
 from turnrl.config import ConfigError, TrainConfig
 from turnrl.engines.base import SamplingParams
 from turnrl.envs.registry import ENVS
+from turnrl.faults import WorkerLostError
 from turnrl.trajectory import Trajectory
 
 INSTALL_HINT = "distributed.workers needs Ray: pip install 'turnrl[ray]' (or set distributed.workers=0)"
@@ -160,7 +162,7 @@ class RolloutPool:
         full = not self._synced
         state = trained_state(lm, full)
         ref = self._ray.put(state)
-        check_pushed(self._ray.get([w.load.remote(ref, full) for w in self._workers]), weights_digest(state))
+        check_pushed(self._gather([w.load.remote(ref, full) for w in self._workers]), weights_digest(state))
         self._synced = True
 
     def play(self, seeds: list[int], base: int, **share) -> list[Trajectory]:
@@ -170,7 +172,18 @@ class RolloutPool:
             raise RuntimeError("RolloutPool.play before sync: the workers do not hold the policy's weights yet")
         futures = [w.play.remote(seeds[a:b], a, base, **share)
                    for w, (a, b) in zip(self._workers, shares(len(seeds), self.workers))]
-        return [t for part in self._ray.get(futures) for t in part]
+        return [t for part in self._gather(futures) for t in part]
+
+    def _gather(self, futures: list) -> list:
+        """The workers' results; a worker whose process died is one line (WorkerLostError), not Ray's report."""
+        try:
+            return self._ray.get(futures)
+        except self._ray.exceptions.RayActorError as err:
+            pid = re.search(r"\bpid: (\d+)", str(err))
+            raise WorkerLostError(
+                f"a Ray rollout worker{f' (pid {pid[1]})' if pid else ''} died: its process was killed, ran out of "
+                "memory or crashed; the run's last checkpoint is intact: continue with `turnrl train --resume "
+                "RUN_DIR` (with or without distributed.workers)") from err
 
     def close(self) -> None:
         for w in self._workers:

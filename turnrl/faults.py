@@ -103,3 +103,8 @@ def format_error(err: BaseException) -> str:
 class EnvFailureError(RuntimeError):
     """Too many env episodes failed in one iteration (`rollout.max_env_error_rate`); the message names
     the env, the seed and the traceback of the first failure."""
+
+
+class WorkerLostError(RuntimeError):
+    """A Ray rollout worker's process died (killed, out of memory, crashed) during a rollout or a weight push
+    (turnrl.distributed); the run stops and its last checkpoint is intact."""
