@@ -182,8 +182,8 @@ class RolloutPool:
             pid = re.search(r"\bpid: (\d+)", str(err))
             raise WorkerLostError(
                 f"a Ray rollout worker{f' (pid {pid[1]})' if pid else ''} died: its process was killed, ran out of "
-                "memory or crashed; the run's last checkpoint is intact: continue with `turnrl train --resume "
-                "RUN_DIR` (with or without distributed.workers)") from err
+                "memory or crashed; a training run's last checkpoint is intact: continue it with `turnrl train "
+                "--resume RUN_DIR` (with or without distributed.workers)") from err
 
     def close(self) -> None:
         for w in self._workers:

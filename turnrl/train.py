@@ -26,12 +26,12 @@ from turnrl.checkpoint import (MetricsLog, atomic_write_text, latest_checkpoint,
                                save_model_atomic, set_rng_state)
 from turnrl.config import DYNAMIC_SEED_OFFSET, TRAIN_SEED_BASE, ConfigError, TrainConfig, diff_configs
 from turnrl.diagnostics import collapse_metrics
+from turnrl.distributed import RolloutPool
 from turnrl.envs import make
 from turnrl.evaluate import engine_for, evaluate, renderer_for, rollout_params, settings_for
 from turnrl.faults import EnvFailureError, Interrupted, StopSignals
 from turnrl.prepare import (build_policy, check_engine, check_env_config, check_model_fits, check_output_dir,
                             reference_model, rl_optimizer, run_sft)
-from turnrl.distributed import RolloutPool
 from turnrl.rollout import draw_base, run_episodes
 from turnrl.shaping import shape_rewards
 from turnrl.trajectory import Trajectory
