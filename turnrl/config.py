@@ -92,9 +92,11 @@ class RolloutConfig:
     # -- fault tolerance (docs/reliability.md) --
     env_timeout: float = 60.0  # seconds an env reset/step may take before its episode fails (0 = no limit; Unix main thread)
     max_env_error_rate: float = 0.1  # fraction of an iteration's episodes whose env may fail before the run stops
+    env_threads: int = 0  # env steps and closes of a turn run concurrently in this many threads, for envs that wait (web, subprocess, sandbox); 0 = one after another in the main thread. Not the trajectories (envs are independent); a step past env_timeout in a thread is abandoned with its env
 
     def __post_init__(self):
         _check(self.env_timeout >= 0, f"rollout.env_timeout must be >= 0 seconds (0 = no limit), got {self.env_timeout}")
+        _check(self.env_threads >= 0, f"rollout.env_threads must be >= 0 (0 = main thread), got {self.env_threads}")
         _check(0 <= self.max_env_error_rate < 1,
                f"rollout.max_env_error_rate must be in [0, 1), got {self.max_env_error_rate}")
         for name in ("n_groups", "group_size", "max_turns", "max_actions_per_turn", "max_new_tokens", "gen_batch_size"):

@@ -56,7 +56,7 @@ def settings_for(cfg: TrainConfig) -> RolloutSettings:
                            max_new_tokens=r.max_new_tokens, max_context_tokens=r.max_context_tokens,
                            think=r.think, strict_format=r.strict_format, format_penalty=r.format_penalty,
                            env_timeout=r.env_timeout, context=r.context, context_window=r.context_window,
-                           turn_rows=r.turn_rows, max_live=r.max_live_episodes)
+                           turn_rows=r.turn_rows, max_live=r.max_live_episodes, env_threads=r.env_threads)
 
 
 def rollout_params(cfg: TrainConfig) -> SamplingParams:

@@ -9,6 +9,7 @@ very ids the engine produced.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import itertools
 from dataclasses import dataclass
@@ -20,7 +21,8 @@ import torch
 
 from turnrl.context import CONTEXTS, ChatRenderer, TurnContext
 from turnrl.engines.base import Completion, Engine, SamplingParams
-from turnrl.faults import format_error, time_limit
+from turnrl.env_threads import run_concurrently
+from turnrl.faults import EnvTimeout, format_error, time_limit
 from turnrl.parsing import parse_reply
 from turnrl.trajectory import EpisodeBuilder, Trajectory
 
@@ -41,6 +43,7 @@ class RolloutSettings:
     context_window: int = 2   # window: completed turns kept in the prompt
     turn_rows: bool = False   # one training row per turn (required by window and summary)
     max_live: int = 0         # episodes alive at once (envs + engine caches); 0 = all (run_episodes)
+    env_threads: int = 0      # env steps and closes run concurrently in this many threads (turnrl.env_threads); 0 = not
 
     def __post_init__(self):
         if self.context not in CONTEXTS:
@@ -49,6 +52,8 @@ class RolloutSettings:
             raise ValueError(f"context_window must be >= 1, got {self.context_window}")
         if self.max_live < 0:
             raise ValueError(f"max_live must be >= 0 (0 = all episodes at once), got {self.max_live}")
+        if self.env_threads < 0:
+            raise ValueError(f"env_threads must be >= 0 (0 = env calls in the main thread), got {self.env_threads}")
         if self.context != "full" and not self.turn_rows:
             raise ValueError(f"context {self.context!r} needs turn_rows=True: its prompts are not prefixes of one sequence")
         if self.context == "summary" and not self.think:
@@ -157,16 +162,21 @@ def run_episodes(engine: Engine, renderer: ChatRenderer, make_env: Callable[[], 
                                                      for i in live]}
         completions: list[Completion] = engine.generate([episodes[i].ctx.prompt for i in live], params,
                                                         keys=[(call, i) for i in live], **streams)
+        texts = []
         for i, completion in zip(live, completions):
+            # Decoding is for the env (and the summary policy's reflection) only; training uses the sampled ids.
+            text = renderer.prefix + renderer.tokenizer.decode(list(completion.ids), skip_special_tokens=True)
+            episodes[i].ctx.add_reply(completion.ids, completion.logprobs, text)
+            texts.append(text)
+        played = play_replies([episodes[i] for i in live], texts, settings, env_name)
+        for i, completion, outcome in zip(live, completions, played):
             ep = episodes[i]
-            _advance(ep, completion, renderer, settings, last_turn=ep.turns == settings.max_turns - 1,
-                     env_name=env_name)
+            _advance(ep, completion, outcome, settings, last_turn=ep.turns == settings.max_turns - 1)
             ep.turns += 1
 
     def end(ended: list[int]) -> None:
         engine.release([(call, i) for i in ended])
-        for i in ended:
-            close_env(episodes[i], settings, env_name)
+        close_envs([episodes[i] for i in ended], settings, env_name)
 
     play(episodes, group_size, settings.max_live,
          start=lambda i: _start(episodes[i], make_env, renderer, settings, env_name), turn=turn, end=end)
@@ -265,11 +275,39 @@ def play_reply(ep: EpisodeState, text: str, settings: RolloutSettings, env_name:
     """Parses a reply and plays its actions on the episode's env: (observation, turn reward with the format penalty
     when the reply was invalid, terminated, truncated, success, valid actions, reply valid), or None when the env
     failed (the episode then ends as an env error)."""
-    reply = parse_reply(text, think=settings.think, max_actions=settings.max_actions_per_turn,
-                        split=not ep.env.free_text, strict=settings.strict_format)
+    reply = _parse(ep, text, settings)
     outcome = step_env(ep, reply.actions, reply.ok, settings, env_name)
-    if outcome is None:
-        return None
+    return None if outcome is None else _scored(reply, outcome, settings)
+
+
+def play_replies(eps: list[EpisodeState], texts: list[str], settings: RolloutSettings, env_name: str) -> list:
+    """`play_reply` for every episode: one after another in the main thread, or their env steps concurrently in
+    `settings.env_threads` threads (turnrl.env_threads). An env step past `settings.env_timeout` in a thread is
+    abandoned with its env, which is then never closed (its thread may still be using it)."""
+    if not settings.env_threads:
+        return [play_reply(ep, text, settings, env_name) for ep, text in zip(eps, texts)]
+    replies = [_parse(ep, text, settings) for ep, text in zip(eps, texts)]
+    runs = run_concurrently([functools.partial(act, ep.env, r.actions, r.ok) for ep, r in zip(eps, replies)],
+                            settings.env_threads, settings.env_timeout)
+    out = []
+    for ep, reply, (outcome, err, seconds) in zip(eps, replies, runs):
+        ep.env_seconds += seconds
+        if err is None:
+            out.append(_scored(reply, outcome, settings))
+            continue
+        if isinstance(err, EnvTimeout):
+            ep.env = None
+        ep.fail(err, env_name, "step")
+        out.append(None)
+    return out
+
+
+def _parse(ep: EpisodeState, text: str, settings: RolloutSettings):
+    return parse_reply(text, think=settings.think, max_actions=settings.max_actions_per_turn,
+                       split=not ep.env.free_text, strict=settings.strict_format)
+
+
+def _scored(reply, outcome, settings: RolloutSettings) -> tuple[str, float, bool, bool, bool, int, bool]:
     obs, reward, terminated, truncated, success, n_valid, all_valid = outcome
     valid = reply.ok and all_valid
     return obs, reward + (0.0 if valid else settings.format_penalty), terminated, truncated, success, n_valid, valid
@@ -285,6 +323,22 @@ def close_env(ep: EpisodeState, settings: RolloutSettings, env_name: str) -> Non
             env.close()
     except Exception as err:  # user code, as above
         if not ep.error:
+            ep.fail(err, env_name, "close")
+
+
+def close_envs(eps: list[EpisodeState], settings: RolloutSettings, env_name: str) -> None:
+    """`close_env` for every episode, concurrently in `settings.env_threads` threads when set."""
+    if not settings.env_threads:
+        for ep in eps:
+            close_env(ep, settings, env_name)
+        return
+    closing = [(ep, ep.env) for ep in eps if ep.env is not None]
+    for ep, _ in closing:
+        ep.env = None
+    runs = run_concurrently([env.close for _, env in closing], settings.env_threads, settings.env_timeout)
+    for (ep, _), (_, err, seconds) in zip(closing, runs):
+        ep.env_seconds += seconds
+        if err is not None and not ep.error:
             ep.fail(err, env_name, "close")
 
 
@@ -323,13 +377,9 @@ def stream_seed(base: int, episode: int, turn: int) -> int:
     return int(np.random.SeedSequence([base, episode, turn]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
-def _advance(ep: _Episode, completion: Completion, renderer: ChatRenderer, settings: RolloutSettings,
-             *, last_turn: bool, env_name: str = "") -> None:
+def _advance(ep: _Episode, completion: Completion, played, settings: RolloutSettings, *, last_turn: bool) -> None:
+    """Records a turn whose reply was played (`play_replies`: its outcome, None when the env failed)."""
     ctx, b = ep.ctx, ep.builder
-    # Decoding is for the env (and the summary policy's reflection) only; training uses the sampled ids.
-    text = renderer.tokenizer.decode(list(completion.ids), skip_special_tokens=True)
-    ctx.add_reply(completion.ids, completion.logprobs, renderer.prefix + text)
-    played = play_reply(ep, renderer.prefix + text, settings, env_name)
     if played is None:
         b.rewards.append(0.0)
         return

@@ -22,7 +22,7 @@ from turnrl.engines.base import SamplingParams
 from turnrl.engines.openai import OpenAIEngine
 from turnrl.envs import make
 from turnrl.evaluate import EvalResult, eval_arguments, eval_result, settings_for
-from turnrl.rollout import EpisodeState, close_env, open_env, play, play_reply
+from turnrl.rollout import EpisodeState, close_envs, open_env, play, play_replies
 
 
 @dataclass(kw_only=True)
@@ -88,10 +88,10 @@ def run_chat_episodes(engine: OpenAIEngine, make_env: Callable[[], object], seed
 
     def turn(live: list[int]) -> None:
         replies = engine.chat([context_messages(episodes[i].messages, settings) for i in live], params)
-        for i, reply in zip(live, replies):
+        outcomes = play_replies([episodes[i] for i in live], [reply.text for reply in replies], settings, env_name)
+        for i, reply, played in zip(live, replies, outcomes):
             ep = episodes[i]
             ep.turns += 1
-            played = play_reply(ep, reply.text, settings, env_name)
             if played is None:
                 ep.turn_rewards.append(0.0)
                 continue
@@ -105,8 +105,7 @@ def run_chat_episodes(engine: OpenAIEngine, make_env: Callable[[], object], seed
                 ep.done, ep.end_reason = True, "turn_budget"
 
     def end(ended: list[int]) -> None:
-        for i in ended:
-            close_env(episodes[i], settings, env_name)
+        close_envs([episodes[i] for i in ended], settings, env_name)
 
     play(episodes, k, settings.max_live, start=start, turn=turn, end=end)
     return episodes

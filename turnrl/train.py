@@ -39,11 +39,12 @@ from turnrl.update import ppo_update
 
 # Config fields that may change when a run is resumed (they do not shape what is learned). gen_batch_size,
 # max_live_episodes and the vLLM memory settings only size the engine's batches and caches: every episode samples
-# from its own stream. For the same reason Ray rollout workers (distributed.*) play the same trajectories.
+# from its own stream. For the same reason Ray rollout workers (distributed.*) play the same trajectories;
+# env threads (rollout.env_threads) only overlap independent envs' calls.
 RESUMABLE_CHANGES = ("iterations", "progress", "threads", "out", "rollout.gen_batch_size", "rollout.max_live_episodes",
                      "engine.vllm_gpu_memory_utilization", "engine.vllm_cpu_kv_cache_gib", "diag.mi_every",
                      "diag.mi_replies", "samples_per_iteration", "eval.every", "eval.every_episodes",
-                     "distributed.workers", "distributed.address", "distributed.cpus_per_worker")
+                     "distributed.workers", "distributed.address", "distributed.cpus_per_worker", "rollout.env_threads")
 
 
 def iteration_seeds(cfg: TrainConfig, iteration: int, round_: int = 0) -> list[int]:
