@@ -56,8 +56,10 @@ class BarrierLake(FrozenLakeEnv):
     """Every step waits until `parties` steps are in flight at once: only concurrent env calls get past it."""
 
     barrier: threading.Barrier | None = None
+    reset_barrier: threading.Barrier | None = None
     closed = 0
-    hang: threading.Event | None = None
+    hang: threading.Event | None = None  # steps of seed 12 wait for it
+    reset_hang: threading.Event | None = None  # resets of seed 13 wait for it
 
     def __init__(self):
         super().__init__(slippery=False)
@@ -71,6 +73,10 @@ class BarrierLake(FrozenLakeEnv):
 
     def reset(self, *, seed=None, options=None):
         self.seed_ = seed
+        if self.reset_hang is not None and seed == 13:
+            self.reset_hang.wait(60)
+        if self.reset_barrier is not None:
+            self.reset_barrier.wait()
         return super().reset(seed=seed, options=options)
 
     def close(self):
@@ -78,9 +84,9 @@ class BarrierLake(FrozenLakeEnv):
         super().close()
 
 
-def play(tok, threads, timeout=0.0):
+def play(tok, threads, timeout=0.0, max_live=0):
     settings = RolloutSettings(max_turns=3, max_actions_per_turn=1, max_new_tokens=16, think=False,
-                               env_timeout=timeout, env_threads=threads)
+                               env_timeout=timeout, env_threads=threads, max_live=max_live)
     renderer = ChatRenderer(tok, system_prompt=None, response_prefix="<answer>")
     return run_episodes(ScriptedEngine(tok, REPLIES), renderer, BarrierLake, [11, 12, 13], 2, settings,
                         SamplingParams(max_new_tokens=16), env_name="barrier")
@@ -93,12 +99,15 @@ def fields(trajs):
 @pytest.fixture
 def lake():
     yield BarrierLake
-    BarrierLake.barrier, BarrierLake.hang, BarrierLake.closed = None, None, 0
+    BarrierLake.barrier, BarrierLake.reset_barrier, BarrierLake.closed = None, None, 0
+    BarrierLake.hang, BarrierLake.reset_hang = None, None
 
 
 def test_threaded_env_steps_play_the_same_episodes(tiny_tokenizer, lake):
     one_by_one = play(tiny_tokenizer, threads=0)
     assert fields(play(tiny_tokenizer, threads=4)) == fields(one_by_one)
+    # groups started as others end (the scripted engine's replies follow its calls, so compare like with like)
+    assert fields(play(tiny_tokenizer, threads=4, max_live=2)) == fields(play(tiny_tokenizer, threads=0, max_live=2))
     assert not any(t.failed for t in one_by_one) and {t.end_reason for t in one_by_one} - {"turn_budget"}
 
 
@@ -120,3 +129,24 @@ def test_a_hung_step_in_a_thread_loses_its_episodes_and_abandons_their_envs(tiny
     assert [t.seed for t in failed] == [12, 12] and all("exceeded rollout.env_timeout=0.3s" in t.error for t in failed)
     assert all(not t.failed for t in trajs if t.seed != 12)
     assert lake.closed == 4  # the two hung envs were abandoned, not closed under their running step
+
+
+def test_the_resets_of_the_groups_that_start_together_run_together(tiny_tokenizer, lake):
+    lake.reset_barrier = threading.Barrier(6, timeout=5)
+    assert not any(t.failed for t in play(tiny_tokenizer, threads=6))
+    lake.reset_barrier, lake.closed = threading.Barrier(6, timeout=0.2), 0
+    trajs = play(tiny_tokenizer, threads=0)
+    assert all(t.failed and "reset raised" in t.error and "BrokenBarrierError" in t.error for t in trajs)
+    assert lake.closed == 6  # an env whose reset failed is still closed
+
+
+def test_a_hung_reset_in_a_thread_loses_its_episodes_and_abandons_their_envs(tiny_tokenizer, lake):
+    lake.reset_hang = threading.Event()
+    try:
+        trajs = play(tiny_tokenizer, threads=4, timeout=0.3)
+    finally:
+        lake.reset_hang.set()
+    failed = [t for t in trajs if t.failed]
+    assert [t.seed for t in failed] == [13, 13] and all("reset raised" in t.error and "env_timeout=0.3s" in t.error
+                                                        for t in failed)
+    assert all(not t.failed for t in trajs if t.seed != 13) and lake.closed == 4

@@ -92,7 +92,7 @@ class RolloutConfig:
     # -- fault tolerance (docs/reliability.md) --
     env_timeout: float = 60.0  # seconds an env reset/step may take before its episode fails (0 = no limit; Unix main thread)
     max_env_error_rate: float = 0.1  # fraction of an iteration's episodes whose env may fail before the run stops
-    env_threads: int = 0  # env steps and closes of a turn run concurrently in this many threads, for envs that wait (web, subprocess, sandbox); 0 = one after another in the main thread. Not the trajectories (envs are independent); a step past env_timeout in a thread is abandoned with its env
+    env_threads: int = 0  # env resets, steps and closes run concurrently in this many threads, for envs that wait (web, subprocess, sandbox); 0 = one after another in the main thread. Not the trajectories (envs are independent); a call past env_timeout in a thread is abandoned with its env
 
     def __post_init__(self):
         _check(self.env_timeout >= 0, f"rollout.env_timeout must be >= 0 seconds (0 = no limit), got {self.env_timeout}")

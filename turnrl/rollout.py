@@ -43,7 +43,7 @@ class RolloutSettings:
     context_window: int = 2   # window: completed turns kept in the prompt
     turn_rows: bool = False   # one training row per turn (required by window and summary)
     max_live: int = 0         # episodes alive at once (envs + engine caches); 0 = all (run_episodes)
-    env_threads: int = 0      # env steps and closes run concurrently in this many threads (turnrl.env_threads); 0 = not
+    env_threads: int = 0      # env resets, steps, closes run concurrently in this many threads (turnrl.env_threads)
 
     def __post_init__(self):
         if self.context not in CONTEXTS:
@@ -137,7 +137,8 @@ def run_episodes(engine: Engine, renderer: ChatRenderer, make_env: Callable[[], 
     calls with later turns of others. Every episode samples from its own stream (rollout base, episode index,
     its own turn), so the trajectories do not depend on `max_live`. An env whose reset, step or close raises,
     or takes longer than `settings.env_timeout`, loses only its own episode: it ends with end_reason
-    "env_error" and the traceback in `error` (Trajectory.failed), and the others play on.
+    "env_error" and the traceback in `error` (Trajectory.failed), and the others play on. `settings.env_threads` > 0
+    runs the env calls of episodes that start, play a turn or end together concurrently (turnrl.env_threads).
     Trajectories come back in episode order (group by group).
 
     A share of a larger rollout (turnrl.distributed: one worker's groups) passes the index of its first group
@@ -179,7 +180,8 @@ def run_episodes(engine: Engine, renderer: ChatRenderer, make_env: Callable[[], 
         close_envs([episodes[i] for i in ended], settings, env_name)
 
     play(episodes, group_size, settings.max_live,
-         start=lambda i: _start(episodes[i], make_env, renderer, settings, env_name), turn=turn, end=end)
+         start=lambda indices: _start([episodes[i] for i in indices], make_env, renderer, settings, env_name),
+         turn=turn, end=end)
 
     trajectories = []
     for ep in episodes:
@@ -194,18 +196,19 @@ def run_episodes(engine: Engine, renderer: ChatRenderer, make_env: Callable[[], 
     return trajectories
 
 
-def play(episodes: list, group_size: int, max_live: int, *, start: Callable[[int], None],
+def play(episodes: list, group_size: int, max_live: int, *, start: Callable[[list[int]], None],
          turn: Callable[[list[int]], None], end: Callable[[list[int]], None]) -> None:
     """The episode loop of token-level rollouts and of served evaluation (turnrl.served): runs `episodes`
     (objects with a `done` flag; `group_size` consecutive ones form a group) until every one is done.
 
-    `start(i)` begins episode i (and may end it at once); `turn(live)` plays one turn of every live episode in
-    one batch; `end(ended)` frees what ended episodes hold (env, engine cache). `max_live` > 0 bounds the
-    episodes alive at once: whole groups start as earlier episodes end (always one group when nothing is alive).
-    `end` is called exactly once for every started episode, also when an exception leaves the loop."""
+    `start(indices)` begins those episodes (and may end some at once); `turn(live)` plays one turn of every live
+    episode in one batch; `end(ended)` frees what ended episodes hold (env, engine cache). `max_live` > 0 bounds
+    the episodes alive at once: whole groups start as earlier episodes end (always one group when nothing is
+    alive); the groups that start together are begun in one `start` call. `end` is called exactly once for every
+    episode `start` was called for, also when an exception leaves the loop."""
     live: list[int] = []
     started = 0  # whole groups episodes[:started] have been started
-    begun = 0  # episodes[:begun] have had `start` called (ahead of `started` while a group starts)
+    begun = 0  # episodes[:begun] have had `start` called (ahead of `started` while their groups start)
     ended: set[int] = set()
 
     def finish(indices) -> None:
@@ -216,15 +219,21 @@ def play(episodes: list, group_size: int, max_live: int, *, start: Callable[[int
 
     try:
         while True:
-            while started < len(episodes) and (max_live <= 0 or not live or len(live) + group_size <= max_live):
-                for i in range(started, started + group_size):
-                    begun = i + 1
-                    start(i)
+            while True:  # start the groups there is room for (counting their members live), then look again
+                starting = started
+                while starting < len(episodes) and (max_live <= 0 or not live and starting == started
+                                                    or len(live) + starting - started + group_size <= max_live):
+                    starting += group_size
+                if starting == started:
+                    break
+                begun = starting
+                start(list(range(started, starting)))
+                for i in range(started, starting):
                     if episodes[i].done:
                         finish([i])
                     else:
                         live.append(i)
-                started += group_size
+                started = starting
             if not live:
                 break
             turn(live)
@@ -257,6 +266,33 @@ def open_env(ep: EpisodeState, make_env: Callable[[], object], settings: Rollout
     except Exception as err:  # the env is user code: whatever it raises loses only this episode
         ep.fail(err, env_name, "reset")
         return None
+
+
+def open_envs(eps: list[EpisodeState], make_env: Callable[[], object], settings: RolloutSettings, env_name: str
+              ) -> list[str | None]:
+    """`open_env` for every episode, concurrently in `settings.env_threads` threads when set (an env past
+    `settings.env_timeout` is abandoned to its thread, never closed)."""
+    if not settings.env_threads:
+        return [open_env(ep, make_env, settings, env_name) for ep in eps]
+    holders: list[dict] = [{} for _ in eps]
+
+    def opening(ep: EpisodeState, holder: dict) -> str:
+        holder["env"] = make_env()
+        obs, _info = holder["env"].reset(seed=ep.seed)
+        _check_observation(obs)
+        return obs
+
+    runs = run_concurrently([functools.partial(opening, ep, h) for ep, h in zip(eps, holders)],
+                            settings.env_threads, settings.env_timeout)
+    out: list[str | None] = []
+    for ep, holder, (obs, err, seconds) in zip(eps, holders, runs):
+        ep.env_seconds += seconds
+        if not isinstance(err, EnvTimeout):
+            ep.env = holder.get("env")  # closed when the episode ends, also after a failed reset
+        if err is not None:
+            ep.fail(err, env_name, "reset")
+        out.append(None if err is not None else obs)
+    return out
 
 
 def step_env(ep: EpisodeState, actions: tuple[str, ...], parsed_ok: bool, settings: RolloutSettings, env_name: str
@@ -342,16 +378,16 @@ def close_envs(eps: list[EpisodeState], settings: RolloutSettings, env_name: str
             ep.fail(err, env_name, "close")
 
 
-def _start(ep: _Episode, make_env: Callable[[], object], renderer: ChatRenderer, settings: RolloutSettings,
+def _start(eps: list[_Episode], make_env: Callable[[], object], renderer: ChatRenderer, settings: RolloutSettings,
            env_name: str) -> None:
-    """Makes and resets the episode's env and renders its first prompt (or ends it: env error, no room)."""
-    obs = open_env(ep, make_env, settings, env_name)
-    if obs is None:
-        return
-    ep.ctx = TurnContext(renderer, settings, obs)
-    if len(ep.ctx.prompt) + settings.max_new_tokens > settings.max_context_tokens:
-        # the first observation alone leaves no room for a reply: no turn is played
-        ep.done, ep.truncated, ep.end_reason = True, True, "context_budget"
+    """Makes and resets the episodes' envs and renders their first prompts (or ends them: env error, no room)."""
+    for ep, obs in zip(eps, open_envs(eps, make_env, settings, env_name)):
+        if obs is None:
+            continue
+        ep.ctx = TurnContext(renderer, settings, obs)
+        if len(ep.ctx.prompt) + settings.max_new_tokens > settings.max_context_tokens:
+            # the first observation alone leaves no room for a reply: no turn is played
+            ep.done, ep.truncated, ep.end_reason = True, True, "context_budget"
 
 
 def stream_base(engine) -> int | None:

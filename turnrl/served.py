@@ -22,7 +22,7 @@ from turnrl.engines.base import SamplingParams
 from turnrl.engines.openai import OpenAIEngine
 from turnrl.envs import make
 from turnrl.evaluate import EvalResult, eval_arguments, eval_result, settings_for
-from turnrl.rollout import EpisodeState, close_envs, open_env, play, play_replies
+from turnrl.rollout import EpisodeState, close_envs, open_envs, play, play_replies
 
 
 @dataclass(kw_only=True)
@@ -74,17 +74,17 @@ def run_chat_episodes(engine: OpenAIEngine, make_env: Callable[[], object], seed
     rules = None
     episodes = [ChatEpisode(seed=seed, group_id=g) for g, seed in enumerate(seeds) for _ in range(k)]
 
-    def start(i: int) -> None:
+    def start(indices: list[int]) -> None:
         nonlocal rules
-        ep = episodes[i]
-        obs = open_env(ep, make_env, settings, env_name)
-        if obs is None:
-            return
-        if rules is None:  # the rules are the env's, the same for every episode
-            rules = ep.env.system_prompt() if cfg.env.system_prompt else ""
-            if settings.context == "summary":
-                rules = f"{rules}\n\n{SUMMARY_INSTRUCTION}" if rules else SUMMARY_INSTRUCTION
-        ep.messages = ([{"role": "system", "content": rules}] if rules else []) + [{"role": "user", "content": obs}]
+        eps = [episodes[i] for i in indices]
+        for ep, obs in zip(eps, open_envs(eps, make_env, settings, env_name)):
+            if obs is None:
+                continue
+            if rules is None:  # the rules are the env's, the same for every episode
+                rules = ep.env.system_prompt() if cfg.env.system_prompt else ""
+                if settings.context == "summary":
+                    rules = f"{rules}\n\n{SUMMARY_INSTRUCTION}" if rules else SUMMARY_INSTRUCTION
+            ep.messages = ([{"role": "system", "content": rules}] if rules else []) + [{"role": "user", "content": obs}]
 
     def turn(live: list[int]) -> None:
         replies = engine.chat([context_messages(episodes[i].messages, settings) for i in live], params)
