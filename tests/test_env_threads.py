@@ -119,18 +119,6 @@ def test_the_steps_of_a_turn_really_run_together(tiny_tokenizer, lake):
     assert all("BrokenBarrierError" in t.error for t in play(tiny_tokenizer, threads=0))
 
 
-def test_a_hung_step_in_a_thread_loses_its_episodes_and_abandons_their_envs(tiny_tokenizer, lake):
-    lake.hang = threading.Event()
-    try:
-        trajs = play(tiny_tokenizer, threads=4, timeout=0.3)
-    finally:
-        lake.hang.set()
-    failed = [t for t in trajs if t.failed]
-    assert [t.seed for t in failed] == [12, 12] and all("exceeded rollout.env_timeout=0.3s" in t.error for t in failed)
-    assert all(not t.failed for t in trajs if t.seed != 12)
-    assert lake.closed == 4  # the two hung envs were abandoned, not closed under their running step
-
-
 def test_the_resets_of_the_groups_that_start_together_run_together(tiny_tokenizer, lake):
     lake.reset_barrier = threading.Barrier(6, timeout=5)
     assert not any(t.failed for t in play(tiny_tokenizer, threads=6))
@@ -140,13 +128,15 @@ def test_the_resets_of_the_groups_that_start_together_run_together(tiny_tokenize
     assert lake.closed == 6  # an env whose reset failed is still closed
 
 
-def test_a_hung_reset_in_a_thread_loses_its_episodes_and_abandons_their_envs(tiny_tokenizer, lake):
-    lake.reset_hang = threading.Event()
+@pytest.mark.parametrize("event, seed, during", [("hang", 12, "step"), ("reset_hang", 13, "reset")])
+def test_a_hung_call_in_a_thread_loses_its_episodes_and_abandons_their_envs(tiny_tokenizer, lake, event, seed, during):
+    setattr(lake, event, threading.Event())
     try:
         trajs = play(tiny_tokenizer, threads=4, timeout=0.3)
     finally:
-        lake.reset_hang.set()
+        getattr(lake, event).set()
     failed = [t for t in trajs if t.failed]
-    assert [t.seed for t in failed] == [13, 13] and all("reset raised" in t.error and "env_timeout=0.3s" in t.error
-                                                        for t in failed)
-    assert all(not t.failed for t in trajs if t.seed != 13) and lake.closed == 4
+    assert [t.seed for t in failed] == [seed, seed]
+    assert all(f"{during} raised" in t.error and "exceeded rollout.env_timeout=0.3s" in t.error for t in failed)
+    assert all(not t.failed for t in trajs if t.seed != seed)
+    assert lake.closed == 4  # the two hung envs were abandoned, not closed under their running call
