@@ -70,6 +70,10 @@ def test_train_then_eval_reproduces(tmp_path, capsys):
     # same weights, same held-out seeds, same sampling seed: the same number
     assert result["success_rate"] == pytest.approx(saved["success_rate"])
     assert result["mean_return"] == pytest.approx(saved["mean_return"])
+    code, out, _ = run(["eval", str(out_dir), "--env-threads", "4"], capsys)
+    assert code == 0 and json.loads(out) == result  # env calls in threads: the same episodes
+    code, _, err = run(["eval", str(out_dir), "--env-threads", "-1"], capsys)
+    assert code == 2 and "env_threads must be >= 0" in err
 
 
 def test_play_reads_actions_from_stdin():

@@ -170,6 +170,8 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--max-new-tokens", type=int, default=None, help="tokens per reply")
     p.add_argument("--think", action=argparse.BooleanOptionalAction, default=None,
                    help="reply format <think>..</think><answer>..</answer> (--no-think: <answer>..</answer>)")
+    p.add_argument("--env-threads", type=int, default=None,
+                   help="env calls run concurrently in this many threads (envs that wait: web, sandbox); 0 = not")
     p.add_argument("--max-live-episodes", type=int, default=None,
                    help="episodes played at once (each holds a KV cache; bounds memory, not the draws); 0 = all")
     p.add_argument("--out", default=None, help="write the result as JSON here")
@@ -205,7 +207,7 @@ def cmd_eval(argv: list[str]) -> int:
     if args.env:
         cfg.env.name, cfg.env.eval_name = args.env, None
     for field_, value in (("max_turns", args.max_turns), ("max_new_tokens", args.max_new_tokens), ("think", args.think),
-                          ("max_live_episodes", args.max_live_episodes)):
+                          ("max_live_episodes", args.max_live_episodes), ("env_threads", args.env_threads)):
         if value is not None:
             setattr(cfg.rollout, field_, value)
     cfg.rollout.__post_init__()
