@@ -235,3 +235,38 @@ def test_each_episode_records_the_time_spent_in_its_env(tiny_tokenizer, monkeypa
     assert sorted(t.env_seconds for t in trajs) == sorted(spent.values())
     assert all(t.env_seconds >= 0.875 for t in trajs)  # construction, reset and close at least
     assert dataclasses.replace(trajs[0], env_seconds=-1.0) == trajs[0]  # a timing: not part of equality
+
+
+def test_on_end_counts_every_episode_as_it_ends_and_evaluation_shows_a_bar(tiny_tokenizer, monkeypatch, tmp_path):
+    engine = ScriptedEngine(tiny_tokenizer, ["Right</answer><|im_end|>", "oops<|im_end|>"])
+    settings = RolloutSettings(max_turns=3, max_actions_per_turn=1, max_new_tokens=16, think=False, max_live=4)
+    ended: list[int] = []
+    trajs = run_episodes(engine, renderer(tiny_tokenizer, system=None), lambda: make("frozen_lake_det"),
+                         [1, 2, 3, 4], 2, settings, SamplingParams(max_new_tokens=16), on_end=ended.append)
+    assert sum(ended) == len(trajs) == 8 and len(ended) > 1  # told as episodes end, not once at the end
+
+    import turnrl.evaluate as evaluate_module
+    from test_train import tiny_config
+    from turnrl.prepare import build_policy
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, desc, disable, **_):
+            self.total, self.desc, self.disable, self.n, self.closed = total, desc, disable, 0, False
+            bars.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.closed = True
+
+    monkeypatch.setattr(evaluate_module, "tqdm", Bar)
+    cfg = tiny_config(tmp_path / "run")
+    evaluate_module.evaluate(build_policy(cfg), cfg, episodes=3, k=2, greedy=True, progress="eval untrained")
+    (bar,) = bars
+    assert (bar.total, bar.n, bar.desc, bar.disable, bar.closed) == (9, 9, "eval untrained", False, True)

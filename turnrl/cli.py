@@ -222,7 +222,8 @@ def cmd_eval(argv: list[str]) -> int:
         policy = build_policy(cfg, model_name)
         with _eval_pool(cfg, args.workers, model_name, policy) as pool:
             result, _ = evaluate(policy, cfg, episodes=args.episodes, k=args.k, temperature=args.temperature,
-                                 greedy=args.greedy, seed=args.seed, pool=pool)
+                                 greedy=args.greedy, seed=args.seed, pool=pool,
+                                 progress="eval" if sys.stderr.isatty() else None)
         payload = {"env": cfg.env.eval_name or cfg.env.name, "model": model_name or args.target, **result.to_dict()}
     print(json.dumps(payload, indent=2))
     if args.out:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from turnrl.config import EVAL_SEED_LIMIT, TrainConfig
 from turnrl.context import SUMMARY_INSTRUCTION, ChatRenderer
@@ -144,41 +145,50 @@ def eval_arguments(cfg: TrainConfig, env_name: str | None, episodes: int | None,
 
 def evaluate(policy, cfg: TrainConfig, *, env_name: str | None = None, episodes: int | None = None,
              k: int | None = None, temperature: float | None = None, greedy: bool | None = None,
-             seed: int | None = None, engine=None, pool=None) -> tuple[EvalResult, list[Trajectory]]:
+             seed: int | None = None, engine=None, pool=None, progress: str | None = None
+             ) -> tuple[EvalResult, list[Trajectory]]:
     """Plays `episodes` held-out start states `k` times each with the policy (sampling at `temperature`).
 
     Arguments default to `cfg.eval`; the env defaults to `cfg.env.eval_name` or `cfg.env.name`.
     `engine`: a running engine already synced with the policy (the trainer's vLLM engine); its sampling
     generator is swapped for the evaluation's for the duration. Default: the engine `cfg.engine` names,
     built here (and closed again when it is a vLLM engine). `pool`: Ray rollout workers holding the policy's
-    weights (turnrl.distributed.RolloutPool), which then play the episodes, the same ones.
+    weights (turnrl.distributed.RolloutPool), which then play the episodes, the same ones. `progress`: the
+    description of a progress bar over the episodes (None: no bar).
     Returns the summary and the sampled trajectories (for logs).
     """
     env_name, episodes, k, temperature, greedy = eval_arguments(cfg, env_name, episodes, k, temperature, greedy)
     gen = torch.Generator().manual_seed(cfg.eval.seed if seed is None else seed)
-    if pool is not None:  # the stream bases the engine below would draw from `gen`, drawn here
-        def play_pool(seeds, group_size, params):
-            return pool.play(seeds, draw_base(gen), env_name=env_name, group_size=group_size, params=params)
-
-        return _evaluate(cfg, play_pool, env_name, episodes, k, temperature, greedy)
-    if engine is None:
+    if engine is None and pool is None:
         engine = engine_for(policy, cfg, gen)
         try:
             return evaluate(policy, cfg, env_name=env_name, episodes=episodes, k=k, temperature=temperature,
-                            greedy=greedy, seed=seed, engine=engine)
+                            greedy=greedy, seed=seed, engine=engine, progress=progress)
         finally:
             if hasattr(engine, "close"):
                 engine.close()
+    bar = tqdm(total=episodes * (k + bool(greedy)), desc=progress, disable=progress is None, leave=False,
+               dynamic_ncols=True)
+
+    def play_pool(seeds, group_size, params):  # the stream bases the engine below would draw from `gen`
+        trajs = pool.play(seeds, draw_base(gen), env_name=env_name, group_size=group_size, params=params)
+        bar.update(len(trajs))
+        return trajs
+
+    if pool is not None:
+        with bar:
+            return _evaluate(cfg, play_pool, env_name, episodes, k, temperature, greedy)
     saved = engine.generator
     engine.generator = gen
     renderer, settings = renderer_for(policy, cfg), settings_for(cfg)
 
     def play_here(seeds, group_size, params):
         return run_episodes(engine, renderer, lambda: make(env_name, **cfg.env.kwargs), seeds, group_size, settings,
-                            params, env_name=env_name)
+                            params, env_name=env_name, on_end=bar.update)
 
     try:
-        return _evaluate(cfg, play_here, env_name, episodes, k, temperature, greedy)
+        with bar:
+            return _evaluate(cfg, play_here, env_name, episodes, k, temperature, greedy)
     finally:
         engine.generator = saved
 

@@ -127,7 +127,8 @@ def _check_observation(obs) -> None:
 
 def run_episodes(engine: Engine, renderer: ChatRenderer, make_env: Callable[[], object], seeds: list[int],
                  group_size: int, settings: RolloutSettings, params: SamplingParams,
-                 env_name: str = "", *, first_group: int = 0, base: int | None = None) -> list[Trajectory]:
+                 env_name: str = "", *, first_group: int = 0, base: int | None = None,
+                 on_end: Callable[[int], None] | None = None) -> list[Trajectory]:
     """Plays `group_size` episodes per seed (a group shares its seed, hence its start state).
 
     All active episodes of a turn are generated in one engine call; an episode leaves the batch as
@@ -139,7 +140,8 @@ def run_episodes(engine: Engine, renderer: ChatRenderer, make_env: Callable[[], 
     or takes longer than `settings.env_timeout`, loses only its own episode: it ends with end_reason
     "env_error" and the traceback in `error` (Trajectory.failed), and the others play on. `settings.env_threads` > 0
     runs the env calls of episodes that start, play a turn or end together concurrently (turnrl.env_threads).
-    Trajectories come back in episode order (group by group).
+    Trajectories come back in episode order (group by group). `on_end(n)` is told of every n episodes that end
+    together (a progress bar).
 
     A share of a larger rollout (turnrl.distributed: one worker's groups) passes the index of its first group
     in the whole and the whole's stream `base` (`draw_base`): group ids and sampling streams are then those of
@@ -178,6 +180,8 @@ def run_episodes(engine: Engine, renderer: ChatRenderer, make_env: Callable[[], 
     def end(ended: list[int]) -> None:
         engine.release([(call, i) for i in ended])
         close_envs([episodes[i] for i in ended], settings, env_name)
+        if on_end is not None:
+            on_end(len(ended))
 
     play(episodes, group_size, settings.max_live,
          start=lambda indices: _start([episodes[i] for i in indices], make_env, renderer, settings, env_name),

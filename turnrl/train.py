@@ -169,7 +169,8 @@ def _run_eval(policy, cfg: TrainConfig, evals: dict, name: str, path: Path, log,
     for key, env_name in eval_points(cfg, name):
         if key in evals:  # a resumed run that already measured it
             continue
-        result, trajs = evaluate(policy, cfg, env_name=env_name, engine=engine, pool=pool)
+        result, trajs = evaluate(policy, cfg, env_name=env_name, engine=engine, pool=pool,
+                                 progress=f"eval {key}" if cfg.progress else None)
         if cfg.samples_per_iteration:  # a few of its episodes for turnrl report (eval_samples.json)
             _write_eval_samples(path, {key: sample_episodes(trajs, cfg.samples_per_iteration)})
         evals[key] = result.to_dict()
