@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -242,9 +243,7 @@ def _eval_pool(cfg, workers: int, model_name: str | None, policy):
     if workers == 0:
         yield None
         return
-    if cfg.engine.name != "hf":
-        raise UsageError("--workers runs the hf engine in each worker; it does not combine with --engine vllm")
-    cfg.distributed = DistributedConfig(workers=workers)
+    cfg = dataclasses.replace(cfg, distributed=DistributedConfig(workers=workers))  # validated: hf engine only
     check_engine(cfg)
     from turnrl.distributed import RolloutPool
 

@@ -169,6 +169,9 @@ def evaluate(policy, cfg: TrainConfig, *, env_name: str | None = None, episodes:
                 engine.close()
     bar = tqdm(total=episodes * (k + bool(greedy)), desc=progress, disable=progress is None, leave=False,
                dynamic_ncols=True)
+    settings = settings_for(cfg)
+    make_env = lambda: make(env_name, **cfg.env.kwargs)  # noqa: E731
+    args = (make_env, settings, episodes, k, temperature, greedy)
 
     def play_pool(seeds, group_size, params):  # the stream bases the engine below would draw from `gen`
         trajs = pool.play(seeds, draw_base(gen), env_name=env_name, group_size=group_size, params=params)
@@ -177,27 +180,26 @@ def evaluate(policy, cfg: TrainConfig, *, env_name: str | None = None, episodes:
 
     if pool is not None:
         with bar:
-            return _evaluate(cfg, play_pool, env_name, episodes, k, temperature, greedy)
+            return _evaluate(play_pool, *args)
     saved = engine.generator
     engine.generator = gen
-    renderer, settings = renderer_for(policy, cfg), settings_for(cfg)
+    renderer = renderer_for(policy, cfg)
 
     def play_here(seeds, group_size, params):
-        return run_episodes(engine, renderer, lambda: make(env_name, **cfg.env.kwargs), seeds, group_size, settings,
-                            params, env_name=env_name, on_end=bar.update)
+        return run_episodes(engine, renderer, make_env, seeds, group_size, settings, params, env_name=env_name,
+                            on_end=bar.update)
 
     try:
         with bar:
-            return _evaluate(cfg, play_here, env_name, episodes, k, temperature, greedy)
+            return _evaluate(play_here, *args)
     finally:
         engine.generator = saved
 
 
-def _evaluate(cfg: TrainConfig, play: Callable, env_name, episodes, k, temperature, greedy
-              ) -> tuple[EvalResult, list[Trajectory]]:
-    settings = settings_for(cfg)
+def _evaluate(play: Callable, make_env: Callable[[], object], settings: RolloutSettings, episodes: int, k: int,
+              temperature: float, greedy: bool) -> tuple[EvalResult, list[Trajectory]]:
+    """Plays the sampled (and greedy) held-out episodes through `play(seeds, group_size, params)`; their result."""
     seeds = list(range(episodes))
-    make_env = lambda: make(env_name, **cfg.env.kwargs)  # noqa: E731
     trajs = play(seeds, k, SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=temperature))
     greedy_trajs = None
     if greedy:

@@ -8,7 +8,6 @@ very ids the engine produced.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import itertools
@@ -70,7 +69,7 @@ class EpisodeState:
     end_reason: str = ""  # as Trajectory.end_reason
     error: str = ""
     turns: int = 0  # replies generated so far
-    env_seconds: float = 0.0  # wall time in the env's construction, reset, steps and close (`env_call`)
+    env_seconds: float = 0.0  # wall time in the env's construction, reset, steps and close (`env_calls`)
 
     def fail(self, err: BaseException, env_name: str, during: str) -> None:
         self.done, self.end_reason = True, "env_error"
@@ -247,37 +246,35 @@ def play(episodes: list, group_size: int, max_live: int, *, start: Callable[[lis
         finish(range(begun))
 
 
-@contextlib.contextmanager
-def env_call(ep: EpisodeState, settings: RolloutSettings):
-    """A call into the episode's env: under `settings.env_timeout`, its wall time added to `ep.env_seconds`."""
-    start = perf_counter()
-    try:
-        with time_limit(settings.env_timeout):
-            yield
-    finally:
-        ep.env_seconds += perf_counter() - start
+def env_calls(calls: list[Callable[[], object]], settings: RolloutSettings
+              ) -> list[tuple[object, BaseException | None, float]]:
+    """Runs calls into envs: one after another in the main thread, each under `settings.env_timeout` (SIGALRM,
+    turnrl.faults.time_limit), or concurrently in `settings.env_threads` threads (turnrl.env_threads: a call past
+    the timeout is abandoned). For each call: (its result, the exception it raised or None, seconds it took)."""
+    if settings.env_threads:
+        return run_concurrently(calls, settings.env_threads, settings.env_timeout)
+    out: list[tuple[object, BaseException | None, float]] = []
+    for call in calls:
+        start = perf_counter()
+        try:
+            with time_limit(settings.env_timeout):
+                result = call()
+            out.append((result, None, perf_counter() - start))
+        except Exception as err:  # the env is user code: whatever it raises loses only its own episode
+            out.append((None, err, perf_counter() - start))
+    return out
 
 
-def open_env(ep: EpisodeState, make_env: Callable[[], object], settings: RolloutSettings, env_name: str) -> str | None:
-    """Makes and resets the episode's env; its first observation, or None when the env failed (the episode
-    then ends as an env error)."""
-    try:
-        with env_call(ep, settings):
-            ep.env = make_env()
-            obs, _info = ep.env.reset(seed=ep.seed)
-            _check_observation(obs)
-        return obs
-    except Exception as err:  # the env is user code: whatever it raises loses only this episode
-        ep.fail(err, env_name, "reset")
-        return None
+def _abandoned(err: BaseException | None, settings: RolloutSettings) -> bool:
+    """A call that outlived the timeout in a thread may still be running there: its env is never touched again."""
+    return bool(settings.env_threads) and isinstance(err, EnvTimeout)
 
 
 def open_envs(eps: list[EpisodeState], make_env: Callable[[], object], settings: RolloutSettings, env_name: str
               ) -> list[str | None]:
-    """`open_env` for every episode, concurrently in `settings.env_threads` threads when set (an env past
-    `settings.env_timeout` is abandoned to its thread, never closed)."""
-    if not settings.env_threads:
-        return [open_env(ep, make_env, settings, env_name) for ep in eps]
+    """Makes and resets the episodes' envs (`env_calls`); their first observations, None for an episode whose env
+    failed (it then ends as an env error). An env whose reset failed is still closed when its episode ends, unless
+    it was abandoned to its thread."""
     holders: list[dict] = [{} for _ in eps]
 
     def opening(ep: EpisodeState, holder: dict) -> str:
@@ -286,97 +283,47 @@ def open_envs(eps: list[EpisodeState], make_env: Callable[[], object], settings:
         _check_observation(obs)
         return obs
 
-    runs = run_concurrently([functools.partial(opening, ep, h) for ep, h in zip(eps, holders)],
-                            settings.env_threads, settings.env_timeout)
     out: list[str | None] = []
+    runs = env_calls([functools.partial(opening, ep, h) for ep, h in zip(eps, holders)], settings)
     for ep, holder, (obs, err, seconds) in zip(eps, holders, runs):
         ep.env_seconds += seconds
-        if not isinstance(err, EnvTimeout):
-            ep.env = holder.get("env")  # closed when the episode ends, also after a failed reset
+        if not _abandoned(err, settings):
+            ep.env = holder.get("env")
         if err is not None:
             ep.fail(err, env_name, "reset")
         out.append(None if err is not None else obs)
     return out
 
 
-def step_env(ep: EpisodeState, actions: tuple[str, ...], parsed_ok: bool, settings: RolloutSettings, env_name: str
-             ) -> tuple[str, float, bool, bool, bool, int, bool] | None:
-    """`act` on the episode's env under `settings.env_timeout`; None when the env failed (the episode ends)."""
-    try:
-        with env_call(ep, settings):
-            return act(ep.env, actions, parsed_ok)
-    except Exception as err:  # user code, as above
-        ep.fail(err, env_name, "step")
-        return None
-
-
-def play_reply(ep: EpisodeState, text: str, settings: RolloutSettings, env_name: str
-               ) -> tuple[str, float, bool, bool, bool, int, bool] | None:
-    """Parses a reply and plays its actions on the episode's env: (observation, turn reward with the format penalty
-    when the reply was invalid, terminated, truncated, success, valid actions, reply valid), or None when the env
-    failed (the episode then ends as an env error)."""
-    reply = _parse(ep, text, settings)
-    outcome = step_env(ep, reply.actions, reply.ok, settings, env_name)
-    return None if outcome is None else _scored(reply, outcome, settings)
-
-
 def play_replies(eps: list[EpisodeState], texts: list[str], settings: RolloutSettings, env_name: str) -> list:
-    """`play_reply` for every episode: one after another in the main thread, or their env steps concurrently in
-    `settings.env_threads` threads (turnrl.env_threads). An env step past `settings.env_timeout` in a thread is
-    abandoned with its env, which is then never closed (its thread may still be using it)."""
-    if not settings.env_threads:
-        return [play_reply(ep, text, settings, env_name) for ep, text in zip(eps, texts)]
-    replies = [_parse(ep, text, settings) for ep, text in zip(eps, texts)]
-    runs = run_concurrently([functools.partial(act, ep.env, r.actions, r.ok) for ep, r in zip(eps, replies)],
-                            settings.env_threads, settings.env_timeout)
+    """Parses each episode's reply and plays its actions on its env (`env_calls`): per episode (observation, turn
+    reward with the format penalty when the reply was invalid, terminated, truncated, success, valid actions,
+    reply valid), or None when the env failed (the episode then ends as an env error)."""
+    replies = [parse_reply(text, think=settings.think, max_actions=settings.max_actions_per_turn,
+                           split=not ep.env.free_text, strict=settings.strict_format) for ep, text in zip(eps, texts)]
+    runs = env_calls([functools.partial(act, ep.env, r.actions, r.ok) for ep, r in zip(eps, replies)], settings)
     out = []
     for ep, reply, (outcome, err, seconds) in zip(eps, replies, runs):
         ep.env_seconds += seconds
-        if err is None:
-            out.append(_scored(reply, outcome, settings))
+        if err is not None:
+            if _abandoned(err, settings):
+                ep.env = None
+            ep.fail(err, env_name, "step")
+            out.append(None)
             continue
-        if isinstance(err, EnvTimeout):
-            ep.env = None
-        ep.fail(err, env_name, "step")
-        out.append(None)
+        obs, reward, terminated, truncated, success, n_valid, all_valid = outcome
+        valid = reply.ok and all_valid
+        out.append((obs, reward + (0.0 if valid else settings.format_penalty), terminated, truncated, success,
+                    n_valid, valid))
     return out
 
 
-def _parse(ep: EpisodeState, text: str, settings: RolloutSettings):
-    return parse_reply(text, think=settings.think, max_actions=settings.max_actions_per_turn,
-                       split=not ep.env.free_text, strict=settings.strict_format)
-
-
-def _scored(reply, outcome, settings: RolloutSettings) -> tuple[str, float, bool, bool, bool, int, bool]:
-    obs, reward, terminated, truncated, success, n_valid, all_valid = outcome
-    valid = reply.ok and all_valid
-    return obs, reward + (0.0 if valid else settings.format_penalty), terminated, truncated, success, n_valid, valid
-
-
-def close_env(ep: EpisodeState, settings: RolloutSettings, env_name: str) -> None:
-    """Closes the episode's env once (an error while closing fails an episode that had none)."""
-    env, ep.env = ep.env, None
-    if env is None:
-        return
-    try:
-        with env_call(ep, settings):
-            env.close()
-    except Exception as err:  # user code, as above
-        if not ep.error:
-            ep.fail(err, env_name, "close")
-
-
 def close_envs(eps: list[EpisodeState], settings: RolloutSettings, env_name: str) -> None:
-    """`close_env` for every episode, concurrently in `settings.env_threads` threads when set."""
-    if not settings.env_threads:
-        for ep in eps:
-            close_env(ep, settings, env_name)
-        return
+    """Closes the episodes' envs once (`env_calls`); an error while closing fails an episode that had none."""
     closing = [(ep, ep.env) for ep in eps if ep.env is not None]
     for ep, _ in closing:
         ep.env = None
-    runs = run_concurrently([env.close for _, env in closing], settings.env_threads, settings.env_timeout)
-    for (ep, _), (_, err, seconds) in zip(closing, runs):
+    for (ep, _), (_, err, seconds) in zip(closing, env_calls([env.close for _, env in closing], settings)):
         ep.env_seconds += seconds
         if err is not None and not ep.error:
             ep.fail(err, env_name, "close")
