@@ -11,7 +11,8 @@ from test_resume_exact import small_config, without_timing
 from test_train import tiny_config, weights
 from turnrl.checkpoint import MetricsLog
 from turnrl.config import ConfigError, DistributedConfig, EngineConfig, TrainConfig
-from turnrl.distributed import RolloutWorker, check_pushed, shares, trained_state, weights_digest
+from turnrl.distributed import (RolloutPool, RolloutWorker, check_gpus, check_pushed, shares, trained_state,
+                                weights_digest)
 from turnrl.envs import make
 from turnrl.evaluate import engine_for, evaluate, renderer_for, rollout_params, settings_for
 from turnrl.prepare import build_policy, check_engine
@@ -148,11 +149,35 @@ def test_distributed_settings_are_checked():
         DistributedConfig(workers=-1)
     with pytest.raises(ConfigError, match="cpus_per_worker"):
         DistributedConfig(workers=2, cpus_per_worker=0)
-    for unused in (dict(address="auto"), dict(cpus_per_worker=2.0)):  # a setting that would do nothing
+    with pytest.raises(ConfigError, match="gpus_per_worker must be >= 0"):
+        DistributedConfig(workers=2, gpus_per_worker=-1)
+    for unused in (dict(address="auto"), dict(cpus_per_worker=2.0), dict(gpus_per_worker=1.0)):  # would do nothing
         with pytest.raises(ConfigError, match=f"distributed.{next(iter(unused))} configures Ray rollout workers"):
             DistributedConfig(**unused)
-    with pytest.raises(ConfigError, match="vllm engine in Ray workers"):
-        TrainConfig(distributed=DistributedConfig(workers=2), engine=EngineConfig(name="vllm"))
+    with pytest.raises(ConfigError, match="gpus_per_worker places each worker's vllm engine on a GPU"):
+        TrainConfig(distributed=DistributedConfig(workers=2, gpus_per_worker=1))  # the hf engine samples on the CPU
+    TrainConfig(distributed=DistributedConfig(workers=2, gpus_per_worker=0.5), engine=EngineConfig(name="vllm"))
+
+
+@pytest.mark.parametrize("available, workers, per_worker, fits", [
+    (0, 2, 0, True), (2, 2, 1, True), (1, 2, 0.5, True), (1, 2, 1, False), (0, 1, 0.25, False)])
+def test_workers_must_fit_the_clusters_gpus(available, workers, per_worker, fits):
+    if fits:
+        check_gpus(available, workers, per_worker)
+    else:
+        with pytest.raises(ConfigError, match=f"needs {workers * per_worker:g} GPUs, but the Ray cluster has"):
+            check_gpus(available, workers, per_worker)
+
+
+@pytest.mark.skipif(not HAS_RAY, reason="needs Ray: pip install 'turnrl[ray]'")
+def test_asking_for_gpus_a_cpu_cluster_lacks_fails_at_once_and_ends_ray():
+    """Ray would keep the actors pending forever; the pool says what is missing and shuts its instance down."""
+    import ray
+
+    cfg = TrainConfig(distributed=DistributedConfig(workers=2, gpus_per_worker=1), engine=EngineConfig(name="vllm"))
+    with pytest.raises(ConfigError, match="needs 2 GPUs, but the Ray cluster has 0"):
+        RolloutPool(cfg)
+    assert not ray.is_initialized()
 
 
 def test_workers_without_ray_installed_fail_early_with_the_install_hint(monkeypatch):
@@ -228,6 +253,8 @@ def test_turnrl_eval_with_workers_gives_the_evaluation_of_one_process(tmp_path, 
     assert results[0] == results[1] and results[0]["episodes"] == 5
     assert main(["eval", cfg.out, "--workers", "-1"]) == 2
     assert "--workers must be >= 0" in capsys.readouterr().err
+    assert main(["eval", cfg.out, "--engine", "openai", "--base-url", "http://127.0.0.1:9/v1", "--workers", "2"]) == 2
+    assert "with --engine openai the server plays them: remove --workers" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not HAS_RAY, reason="needs Ray: pip install 'turnrl[ray]'")

@@ -92,6 +92,22 @@ def test_train_with_vllm_engine(tmp_path):
     assert all(m is not None and m < TOL for m in r["logprob_mismatch"]), r["logprob_mismatch"]
 
 
+def test_vllm_in_ray_rollout_workers_is_the_in_process_vllm_run(tmp_path):
+    """`distributed.workers=2` with `engine.name=vllm`: each Ray worker holds a vLLM engine and re-syncs it after
+    every push; the run samples the same episodes as with vLLM in the trainer's process, and the policy that
+    sampled is the one that learns (a worker whose vLLM kept the old weights would show a large mismatch)."""
+    pytest.importorskip("ray")
+    r = run_driver(tmp_path, "pool", str(tmp_path / "runs"))
+    local, workers = r["local"], r["workers"]
+    print(json.dumps({k: {f: v[f] for f in ("train_seconds", "rewards", "logprob_mismatch")} for k, v in r.items()},
+                     indent=2))
+    assert workers["iterations"] == local["iterations"] == 2
+    assert all(m is not None and m < TOL for m in workers["logprob_mismatch"]), workers["logprob_mismatch"]
+    assert workers["samples"] == local["samples"]  # the same transcripts, seeds, rewards
+    assert workers["rewards"] == local["rewards"]
+    assert workers["eval"] == local["eval"] and workers["eval_phases"] == ["after_rl", "after_sft", "untrained"]
+
+
 @pytest.mark.gpu
 def test_vllm_sleep_wake_on_gpu():
     """GPU only: sleep frees vLLM's memory for the update, sync wakes it with the new weights."""

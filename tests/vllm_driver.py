@@ -3,6 +3,7 @@ session and kills the whole group when it ends, so no vLLM process can outlive t
 
     python tests/vllm_driver.py engine OUT.json   # logprobs vs HF, greedy ids, weight updates (full, LoRA)
     python tests/vllm_driver.py train OUT.json    # two RL iterations of `turnrl train` with engine.name=vllm
+    python tests/vllm_driver.py pool OUT.json     # the same run with vLLM in two Ray rollout workers, and without
 
 Writes one JSON object of measurements to OUT.json; the test asserts on it. Exit code 77: vLLM does not
 import here (the message says why).
@@ -198,7 +199,7 @@ def smollm2_checks(out: dict) -> None:
         engine.close()
 
 
-def train_checks(out: dict, run_dir: str) -> None:
+def train_checks(out: dict, run_dir: str, distributed=None) -> None:
     from turnrl.config import EngineConfig, ModelConfig
     from turnrl.presets import get_preset
     from turnrl.train import train
@@ -211,6 +212,8 @@ def train_checks(out: dict, run_dir: str) -> None:
     # an entropy bonus makes every update move the weights even when all rewards tie (so a missed sync shows)
     cfg.algo.entropy_coef = 0.05
     cfg.engine = EngineConfig(name="vllm")
+    if distributed is not None:
+        cfg.distributed = distributed
     t0 = time.perf_counter()
     evals = train(cfg, log=lambda msg: print(msg, flush=True))
     out["train_seconds"] = time.perf_counter() - t0
@@ -218,6 +221,21 @@ def train_checks(out: dict, run_dir: str) -> None:
     out["iterations"] = len(rows)
     out["logprob_mismatch"] = [r.get("actor/logprob_mismatch") for r in rows]
     out["eval_phases"] = sorted(evals)
+
+
+def pool_checks(out: dict, run_dir: str) -> None:
+    """`train_checks`' run twice: vLLM in the trainer's process, and vLLM in each of two Ray rollout workers."""
+    from turnrl.config import DistributedConfig
+
+    for name, workers in (("local", 0), ("workers", 2)):
+        part: dict = {}
+        distributed = DistributedConfig(workers=workers)
+        train_checks(part, os.path.join(run_dir, name), distributed=distributed)
+        rows = [json.loads(line) for line in open(os.path.join(run_dir, name, "metrics.jsonl"))]
+        part["rewards"] = [r["rollout/mean_reward"] for r in rows]
+        part["samples"] = [json.loads(line) for line in open(os.path.join(run_dir, name, "samples.jsonl"))]
+        part["eval"] = json.load(open(os.path.join(run_dir, name, "eval.json")))
+        out[name] = part
 
 
 def main() -> int:
@@ -236,6 +254,8 @@ def main() -> int:
         smollm2_checks(out)
     elif mode == "train":
         train_checks(out, sys.argv[3])
+    elif mode == "pool":
+        pool_checks(out, sys.argv[3])
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     with open(path, "w") as f:

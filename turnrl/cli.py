@@ -216,6 +216,9 @@ def cmd_eval(argv: list[str]) -> int:
         cfg.engine = EngineConfig(name=args.engine)
     check_env_config(cfg)
     if args.engine == "openai":
+        if args.workers:
+            raise UsageError("--workers plays episodes with the model's weights in Ray workers; with --engine openai "
+                             "the server plays them: remove --workers (the server decides its own parallelism)")
         result, served_model = _eval_served(cfg, args)
         payload = {"env": cfg.env.eval_name or cfg.env.name, "model": served_model, "engine": "openai",
                    "base_url": args.base_url, **result.to_dict()}
@@ -243,7 +246,7 @@ def _eval_pool(cfg, workers: int, model_name: str | None, policy):
     if workers == 0:
         yield None
         return
-    cfg = dataclasses.replace(cfg, distributed=DistributedConfig(workers=workers))  # validated: hf engine only
+    cfg = dataclasses.replace(cfg, distributed=DistributedConfig(workers=workers))  # validated by TrainConfig
     check_engine(cfg)
     from turnrl.distributed import RolloutPool
 

@@ -339,11 +339,14 @@ class DistributedConfig:
     workers: int = 0  # rollout worker processes (pip install 'turnrl[ray]'); 0 = rollouts in the training process. The trajectories do not depend on it
     address: str = ""  # Ray cluster to join ("auto", "host:6379"); "" = start a local Ray instance for the run
     cpus_per_worker: float = 1.0  # CPUs Ray reserves per worker; a CPU worker runs that many torch threads (at least 1)
+    gpus_per_worker: float = 0.0  # GPUs Ray gives each worker (fractions share one), where its vllm engine runs; needs engine.name='vllm'
 
     def __post_init__(self):
         _check(self.workers >= 0, f"distributed.workers must be >= 0, got {self.workers}")
         _check(self.cpus_per_worker > 0, f"distributed.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
-        unused = [k for k, default in (("address", ""), ("cpus_per_worker", 1.0)) if getattr(self, k) != default]
+        _check(self.gpus_per_worker >= 0, f"distributed.gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
+        unused = [k for k, default in (("address", ""), ("cpus_per_worker", 1.0), ("gpus_per_worker", 0.0))
+                  if getattr(self, k) != default]
         _check(self.workers > 0 or not unused, f"distributed.{unused[0] if unused else ''} configures Ray rollout "
                "workers, but distributed.workers=0 (rollouts in the training process): set distributed.workers or "
                "remove it")
@@ -400,9 +403,9 @@ class TrainConfig:
         _check(self.engine.vllm_weight_sync != "lora" or self.model.lora_rank > 0,
                "engine.vllm_weight_sync='lora' pushes LoRA adapters, but model.lora_rank=0: set model.lora_rank or "
                "use vllm_weight_sync='full'")
-        _check(self.distributed.workers == 0 or self.engine.name == "hf",
-               "distributed.workers runs the hf engine in each worker; the vllm engine in Ray workers is not "
-               "supported yet: set distributed.workers=0 or engine.name='hf'")
+        _check(self.distributed.gpus_per_worker == 0 or self.engine.name == "vllm",
+               "distributed.gpus_per_worker places each worker's vllm engine on a GPU, but engine.name='hf' samples "
+               "on the CPU: set engine.name='vllm' or distributed.gpus_per_worker=0")
         _check(self.reward.dense_until == 0 or self.reward.dense_until < self.iterations,
                f"reward.dense_until={self.reward.dense_until} >= iterations={self.iterations}: rewards never turn "
                "sparse; lower dense_until (0 = off) or raise iterations")

@@ -94,7 +94,14 @@ class RolloutWorker:
             raise RuntimeError(f"rollout worker: the trainer's weights do not fit this worker's policy "
                                f"(unexpected {unexpected[:3]}, missing {missing[:3]})")
         held = self.policy.lm.state_dict()
+        if self.cfg.engine.name == "vllm":  # the vLLM engine samples from a copy of its own: push the policy into it
+            self.engine.sync(self.policy.lm)
         return weights_digest({k: held[k] for k in state})
+
+    def close(self) -> None:
+        """Shuts the engine down (a vLLM engine's memory and temporary files); the HF engine holds nothing."""
+        if self.cfg.engine.name == "vllm":
+            self.engine.close()
 
     def play(self, seeds: list[int], first_group: int, base: int, env_name: str | None = None,
              group_size: int | None = None, params: SamplingParams | None = None) -> list[Trajectory]:
@@ -115,6 +122,15 @@ def check_pushed(held: list[str], pushed: str) -> None:
     if wrong:
         raise RuntimeError(f"rollout workers {wrong} do not hold the weights the trainer pushed (digest mismatch "
                            "after loading them); their rollouts would sample another policy")
+
+
+def check_gpus(available: float, workers: int, gpus_per_worker: float) -> None:
+    """ConfigError when the Ray cluster has fewer GPUs than the workers ask for (Ray would wait for them forever)."""
+    needed = workers * gpus_per_worker
+    if needed > available + 1e-9:
+        raise ConfigError(f"distributed.workers={workers} x distributed.gpus_per_worker={gpus_per_worker:g} needs "
+                          f"{needed:g} GPUs, but the Ray cluster has {available:g}: use fewer workers or GPUs per "
+                          "worker, or join a cluster with more (distributed.address)")
 
 
 def import_ray():
@@ -140,9 +156,10 @@ class RolloutPool:
             else:  # a private instance for the run, sized for the workers (the trainer waits while they play)
                 ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(d.workers * d.cpus_per_worker)),
                          include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="warning")
-        actor = ray.remote(num_cpus=d.cpus_per_worker)(RolloutWorker)
         self._workers = []
         try:
+            check_gpus(ray.cluster_resources().get("GPU", 0.0), d.workers, d.gpus_per_worker)
+            actor = ray.remote(num_cpus=d.cpus_per_worker, num_gpus=d.gpus_per_worker)(RolloutWorker)
             envs = {name: ENVS[name] for name in (cfg.env.name, cfg.env.eval_name) if name in ENVS}
             self._workers = [actor.remote(cfg.to_dict(), envs, int(d.cpus_per_worker), model_name)
                              for _ in range(d.workers)]
@@ -186,6 +203,9 @@ class RolloutPool:
                 "--resume RUN_DIR` (with or without distributed.workers)") from err
 
     def close(self) -> None:
+        """Lets every worker close its engine (a few seconds at most), then ends the actors."""
+        if self._workers:
+            self._ray.wait([w.close.remote() for w in self._workers], num_returns=len(self._workers), timeout=30)
         for w in self._workers:
             self._ray.kill(w)
         self._workers = []

@@ -252,19 +252,18 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
     else:
         policy = build_policy(cfg)
     check_model_fits(policy, cfg, run_dir)
-    # A vLLM engine holds its own copy of the policy: started once, re-synced whenever the weights change
-    # (after SFT, after every update), shut down however the run ends. The HF engine samples from the
-    # policy itself and is built where it is used.
-    shared = engine_for(policy, cfg, generators["rollout"]) if cfg.engine.name == "vllm" else None
-    if shared is not None:
-        cleanup.callback(shared.close)
-    # Ray rollout workers (distributed.workers) hold copies of the policy too, and play the rollouts and the
-    # evaluations: weights pushed now, after SFT and after every update; the workers and their Ray instance ended
-    # however the run ends.
+    # Ray rollout workers (distributed.workers) hold copies of the policy, each with its own engine, and play the
+    # rollouts and the evaluations: weights pushed now, after SFT and after every update; the workers and their
+    # Ray instance ended however the run ends. Without them, a vLLM engine holds its own copy of the policy here:
+    # started once, re-synced whenever the weights change, shut down however the run ends. The HF engine samples
+    # from the policy itself and is built where it is used.
     pool = RolloutPool(cfg) if cfg.distributed.workers else None
     if pool is not None:
         cleanup.callback(pool.close)
         pool.sync(policy.lm)
+    shared = engine_for(policy, cfg, generators["rollout"]) if cfg.engine.name == "vllm" and pool is None else None
+    if shared is not None:
+        cleanup.callback(shared.close)
     # Keep only the iterations the checkpoint knows about (a crash may have logged more).
     for log_file in (metrics, samples):
         log_file.truncate_to([r for r in log_file.read() if r.get("iteration", 0) < state["iteration"]])
@@ -293,10 +292,11 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
             scheduler.load_state_dict(trainer_state["scheduler"])
         set_rng_state(trainer_state["rng"], generators)
     ref_lm = reference_model(run_dir, policy, cfg, state["iteration"], log) if cfg.algo.kl_coef > 0 else None
-    engine = shared if shared is not None else engine_for(policy, cfg, generators["rollout"])
-    renderer, settings = renderer_for(policy, cfg), settings_for(cfg)
-    params = rollout_params(cfg)
-    make_env = lambda: make(cfg.env.name, **cfg.env.kwargs)  # noqa: E731
+    if pool is None:
+        engine = shared if shared is not None else engine_for(policy, cfg, generators["rollout"])
+        renderer, settings = renderer_for(policy, cfg), settings_for(cfg)
+        params = rollout_params(cfg)
+        make_env = lambda: make(cfg.env.name, **cfg.env.kwargs)  # noqa: E731
 
     def play(seeds: list[int]) -> list[Trajectory]:
         if pool is not None:  # the same trajectories as below, played by the workers (turnrl.distributed)
