@@ -121,3 +121,26 @@ def test_training_with_the_bf16_hf_engine(tmp_path):
     # bf16 rounding against this fp32 trainer (measured 2.6e-4; an fp32 engine gives ~2e-7)
     assert gaps and all(math.isfinite(g) and 1e-5 < g < 0.1 for g in gaps)
     assert all(p.dtype == torch.float32 for p in load_policy(str(tmp_path / "run" / "final")).lm.parameters())
+
+
+def test_training_with_the_bf16_hf_engine_and_the_mismatch_correction(tmp_path):
+    """The bf16 engine is a real sampler/trainer gap on a CPU: with algo.mismatch_correction='tis' the run
+    recomputes the old logprobs and logs the documented mismatch/* metrics, ratios of bf16 size around 1."""
+    import re
+
+    from test_train import DOCS, tiny_config
+    from turnrl.config import AlgoConfig
+    from turnrl.train import train
+
+    algo = AlgoConfig(estimator="grpo", filter="std", filter_keep=0.5, mismatch_correction="tis")
+    cfg = tiny_config(tmp_path / "run", engine=EngineConfig(hf_dtype="bfloat16"), algo=algo, iterations=2)
+    train(cfg, log=lambda *_: None)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    updated = [r for r in records if r["train/skipped_update"] == 0.0]
+    assert updated
+    for r in updated:
+        assert 1e-5 < r["actor/logprob_mismatch"] < 0.1
+        assert r["mismatch/ratio_min"] < 1 < r["mismatch/ratio_max"] < 2 and abs(r["mismatch/ratio_mean"] - 1) < 0.05
+        assert 0 < r["mismatch/k3_kl"] < 1e-2 and r["mismatch/affected_frac"] == 0.0
+    documented = set(re.findall(r"^\| `([^`]+)` \|", DOCS.read_text(), flags=re.M))
+    assert set().union(*(r.keys() for r in records)) <= documented

@@ -20,9 +20,10 @@ from tests.test_models import scale_logits
 SPEC = TinyModelSpec(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
 
 
-def grouped_batch(policy, seed: int, groups: int = 3, members: int = 4, head: int = 0):
+def grouped_batch(policy, seed: int, groups: int = 3, members: int = 4, head: int = 0, noise: float = 0.3):
     """`groups` prompts of different lengths, each followed by `members` different multi-turn continuations;
-    all prompts begin with the same `head` tokens."""
+    all prompts begin with the same `head` tokens. Their sampling logprobs are the policy's plus normal noise
+    of std `noise`."""
     gen = torch.Generator().manual_seed(seed)
     vocab = len(policy.tokenizer)
     common = torch.randint(0, vocab, (head,), generator=gen).tolist()
@@ -41,7 +42,7 @@ def grouped_batch(policy, seed: int, groups: int = 3, members: int = 4, head: in
     with torch.no_grad():
         logits, _ = policy(batch.input_ids, batch.attention)
         logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch.targets[..., None])[..., 0]
-    noisy = logp + 0.3 * torch.randn(logp.shape, generator=gen)  # ratios != 1, some clipped
+    noisy = logp + noise * torch.randn(logp.shape, generator=gen)  # ratios != 1, some clipped
     for row, t in enumerate(trajs):
         lp = [0.0] + (noisy[row, : len(t.ids) - 1] * batch.mask[row, : len(t.ids) - 1]).tolist()
         trajs[row] = dataclasses.replace(t, logprobs=tuple(lp))

@@ -161,9 +161,31 @@ class AlgoConfig:
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"  # loss aggregation
     epochs: int = 1  # passes over each batch
     minibatches: int = 1  # optimizer steps per epoch
+    # sampler/trainer log-prob gap (bf16 or vLLM engines): off = PPO's old log-probs are the engine's; else the
+    # trainer recomputes them (one more forward) and tis weights tokens by min(rho, high), icepop drops tokens with
+    # rho outside [low, high], geo-mask drops rows whose geometric-mean rho is outside it (docs/algorithms.md)
+    mismatch_correction: Literal["off", "tis", "icepop", "geo-mask"] = "off"
+    mismatch_low: float | None = None  # lower bound of rho (icepop, geo-mask); None = 0.5 (icepop), 0.999 (geo-mask)
+    mismatch_high: float | None = None  # upper bound (tis: the weight cap); None = 2.0 (tis), 5.0 (icepop), 1.001 (geo-mask)
 
     def __post_init__(self):
         est = self.estimator
+        mode = self.mismatch_correction
+        _check(mode != "off" or (self.mismatch_low is None and self.mismatch_high is None),
+               "algo.mismatch_low/mismatch_high bound the mismatch correction, which is off: set "
+               "algo.mismatch_correction or remove them")
+        _check(mode != "tis" or self.mismatch_low is None,
+               "algo.mismatch_low is not used by mismatch_correction='tis' (it only caps weights at mismatch_high): "
+               "remove it")
+        _check((self.mismatch_low is None or self.mismatch_low > 0) and (self.mismatch_high is None or self.mismatch_high > 0),
+               "algo.mismatch_low and algo.mismatch_high must be > 0")
+        if mode in ("icepop", "geo-mask"):
+            from turnrl.algos.correction import DEFAULT_BOUNDS
+
+            low = DEFAULT_BOUNDS[mode][0] if self.mismatch_low is None else self.mismatch_low
+            high = DEFAULT_BOUNDS[mode][1] if self.mismatch_high is None else self.mismatch_high
+            _check(low <= 1 <= high, f"algo.mismatch_low <= 1 <= algo.mismatch_high is needed (a band around "
+                   f"rho = 1, where sampler and trainer agree), got [{low}, {high}]")
         _check(0 < self.filter_keep <= 1, f"algo.filter_keep must be in (0, 1], got {self.filter_keep}")
         _check(not (self.filter == "std" and self.filter_keep == 1.0 and not self.drop_zero_std),
                "algo.filter='std' with filter_keep=1.0 keeps everything: set algo.filter='none' or lower filter_keep")

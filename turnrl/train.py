@@ -438,6 +438,8 @@ def update_metrics(stats: dict[str, float], cfg: TrainConfig) -> dict[str, float
         keys.append("loss/kl")
     if cfg.algo.needs_critic:
         keys.append("loss/value")
+    if cfg.algo.mismatch_correction != "off":
+        keys += [f"mismatch/{k}" for k in ("ratio_mean", "ratio_min", "ratio_max", "k3_kl", "affected_frac")]
     out = {k: stats.get(k) for k in keys}
     out["train/skipped_update"] = 0.0 if stats else 1.0
     return out

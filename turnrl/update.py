@@ -6,12 +6,14 @@ Token position t of the shifted tensors predicts ids[t + 1]; every per-token ten
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from turnrl.algos.correction import mismatch_correction
 from turnrl.algos.losses import aggregate, gspo_loss, kl_penalty, ppo_clip_loss, token_logprobs_entropy, value_loss
 from turnrl.attention import gqa_attention
 from turnrl.config import AlgoConfig, OptimConfig
@@ -77,12 +79,17 @@ def collate(trajs: list[Trajectory], pad_id: int) -> Batch:
         mask[row, :n] = torch.tensor(t.loss_mask[start:end], dtype=torch.float32)
         logp[row, :n] = torch.tensor(t.logprobs[start:end], dtype=torch.float32)
     shifted = mask[:, 1:]
-    episode_tokens = torch.zeros(len(trajs)).index_add_(0, torch.tensor([r[0] for r in rows]), shifted.sum(1))
-    seq_tokens = episode_tokens[torch.tensor([r[0] for r in rows])]
+    seq_tokens = episode_tokens(shifted, [r[0] for r in rows], len(trajs))
     row_ids = [t.ids[start:end] for t, start, end in pieces]
     prompt_len = prompt_lengths(row_ids, [t.loss_mask[start:end] for t, start, end in pieces])
     return Batch(ids, attn, ids[:, 1:], shifted, logp[:, 1:], lengths, rows, len(trajs), seq_tokens,
                  prompt_len, prompt_ids(row_ids, prompt_len))
+
+
+def episode_tokens(mask: torch.Tensor, episode_of: list[int], num_episodes: int) -> torch.Tensor:
+    """(B,) the model tokens of each row's whole episode under `mask` (B, L-1) (`Batch.seq_tokens`)."""
+    index = torch.tensor(episode_of)
+    return torch.zeros(num_episodes).index_add_(0, index, mask.sum(1).float())[index]
 
 
 def micro_batches(lengths: list[int], rows: list[int], token_budget: int) -> list[list[int]]:
@@ -227,6 +234,12 @@ class Targets:
     credit: Credit                    # advantages (+ value targets) from the estimator
     old_values: torch.Tensor | None   # (B, L-1) value head of the sampling policy (critic estimators)
     ref_logprobs: torch.Tensor | None  # (B, L-1) reference log-probs (kl_coef > 0)
+    # algo.mismatch_correction (turnrl.algos.correction): the sampling policy's log-probs as the trainer computes
+    # them (PPO's old log-probs then), the per-token policy-loss weights, the loss mask left after rejection
+    old_logprobs: torch.Tensor | None = None
+    loss_weights: torch.Tensor | None = None
+    loss_mask: torch.Tensor | None = None
+    correction_stats: dict | None = None
 
 
 def prepare_targets(policy, batch: Batch, trajs: list[Trajectory], *, algo: AlgoConfig, optim: OptimConfig,
@@ -242,11 +255,24 @@ def prepare_targets(policy, batch: Batch, trajs: list[Trajectory], *, algo: Algo
     credit = (compute_row_credit(trajs, batch.rows, batch.mask, old_values, algo) if batch.turn_rows
               else compute_credit(trajs, batch.mask, old_values, algo))
     ref_logprobs = None
+    head = sharable_head(policy.lm, batch, all_rows, enabled=optim.shared_prefix)  # for forwards without values
     if algo.kl_coef > 0:
-        head = sharable_head(policy.lm, batch, all_rows, enabled=optim.shared_prefix)  # the reference has no values
         ref_logprobs = reference_logprobs(ref_lm, batch, plan(batch, all_rows, optim.micro_batch_tokens, head),
                                           temperature, optim.bf16, share=head is not None)
-    return Targets(credit, old_values, ref_logprobs)
+    targets = Targets(credit, old_values, ref_logprobs)
+    if algo.mismatch_correction != "off":
+        # The sampling weights are still the policy's: one forward gives the trainer's view of the sampled tokens.
+        policy.eval()
+        train_logps = model_token_logprobs(policy.lm, batch, plan(batch, all_rows, optim.micro_batch_tokens, head),
+                                           temperature, optim.bf16, share=head is not None)
+        weights, keep, stats = mismatch_correction(train_logps, batch.old_logprobs, batch.mask,
+                                                   mode=algo.mismatch_correction, low=algo.mismatch_low,
+                                                   high=algo.mismatch_high)
+        gap = ((train_logps - batch.old_logprobs).abs() * batch.mask).sum() / batch.mask.sum().clamp(min=1)
+        stats = {f"mismatch/{k}": v for k, v in stats.items()} | {"actor/logprob_mismatch": gap.item()}
+        targets.old_logprobs, targets.loss_weights, targets.loss_mask = train_logps, weights, keep
+        targets.correction_stats = stats
+    return targets
 
 
 @contextlib.contextmanager
@@ -309,7 +335,7 @@ def minibatch_backward(policy, batch: Batch, targets: Targets, mb_rows: list[int
             token_logps, token_ent = token_logprobs_entropy(f.logits, window(batch.targets)[on],
                                                             temperature=temperature)
             logps = _scatter(on, token_logps)
-            old = window(batch.old_logprobs)
+            old = window(batch.old_logprobs if targets.old_logprobs is None else targets.old_logprobs)
             if algo.loss == "gspo":
                 pg, pg_stats = gspo_loss(logps, old, credit.seq_advantages[rows], mask,
                                          clip_low=algo.clip_low, clip_high=algo.clip_high)
@@ -317,6 +343,8 @@ def minibatch_backward(policy, batch: Batch, targets: Targets, mb_rows: list[int
                 pg, pg_stats = ppo_clip_loss(logps, old, window(credit.advantages), mask,
                                              clip_low=algo.clip_low, clip_high=algo.clip_high,
                                              dual_clip=algo.dual_clip)
+            if targets.loss_weights is not None:  # truncated importance weights (algo.mismatch_correction='tis')
+                pg = pg * window(targets.loss_weights)
             agg = dict(num_seqs=num_seqs, num_tokens=num_tokens,
                        seq_tokens=None if seq_tokens is None else seq_tokens[rows])
             loss = aggregate(pg, mask, algo.loss_agg, **agg)
@@ -412,6 +440,10 @@ def ppo_update(policy, optimizer, scheduler, trajs: list[Trajectory], *, algo: A
 
         # ---- advantages --------------------------------------------------------------------------------
         targets = prepare_targets(policy, batch, trajs, algo=algo, optim=optim, temperature=temperature, ref_lm=ref_lm)
+        if targets.loss_mask is not None:  # tokens the mismatch correction rejected leave every loss term
+            batch = dataclasses.replace(batch, mask=targets.loss_mask,
+                                        seq_tokens=episode_tokens(targets.loss_mask, batch.episode_of,
+                                                                  batch.num_episodes))
 
         # ---- PPO epochs over mini-batches -------------------------------------------------------------
         # A NaN/inf in the advantages (or value targets), in a mini-batch's loss or in its gradients skips
@@ -435,7 +467,8 @@ def ppo_update(policy, optimizer, scheduler, trajs: list[Trajectory], *, algo: A
                     continue
                 totals = minibatch_backward(policy, batch, targets, mb_rows, algo=algo, optim=optim,
                                             temperature=temperature, critic_only=critic_only, stats=stats,
-                                            log_mismatch=epoch == 0 and mb_index == 0, num_seqs=len(episodes))
+                                            log_mismatch=epoch == 0 and mb_index == 0 and targets.old_logprobs is None,
+                                            num_seqs=len(episodes))
                 for key, value in totals.items():
                     _append(stats, key, value)
                 grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), optim.max_grad_norm)
@@ -449,6 +482,7 @@ def ppo_update(policy, optimizer, scheduler, trajs: list[Trajectory], *, algo: A
                 _append(stats, "actor/grad_norm", grad_norm.item())
     credit = targets.credit
     out = {k: _mean(v) for k, v in stats.items()}
+    out.update(targets.correction_stats or {})  # its logprob_mismatch: over all model tokens, before any step
     out["actor/skipped_steps"] = float(skipped)
     out["actor/lr"] = scheduler.get_last_lr()[0]
     out["train/tokens"] = float(sum(batch.lengths))

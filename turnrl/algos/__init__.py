@@ -13,6 +13,7 @@ from turnrl.algos.advantages import (
     rloo_advantages,
     turn_gae,
 )
+from turnrl.algos.correction import mismatch_correction
 from turnrl.algos.filters import dynamic_sampling_keep, filter_by_reward_std, group_reward_stats
 from turnrl.algos.losses import (
     aggregate,
@@ -36,6 +37,7 @@ __all__ = [
     "grpo_advantages",
     "gspo_loss",
     "kl_penalty",
+    "mismatch_correction",
     "ppo_clip_loss",
     "rebn_advantages",
     "reinforce_pp_advantages",
