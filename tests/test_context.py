@@ -18,7 +18,8 @@ from turnrl.models import TinyModelSpec, load_policy
 from turnrl.reference import Reference
 from turnrl.rollout import RolloutSettings, run_episodes
 from turnrl.trajectory import as_turn_rows
-from turnrl.update import collate, minibatch_backward, prepare_targets
+from turnrl.batch import collate
+from turnrl.update import minibatch_backward, prepare_targets
 
 SYSTEM = "rules"
 

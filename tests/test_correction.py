@@ -10,7 +10,8 @@ import torch
 from turnrl.algos.correction import mismatch_correction
 from turnrl.config import AlgoConfig, ConfigError, OptimConfig
 from turnrl.models import load_policy
-from turnrl.update import collate, minibatch_backward, prepare_targets
+from turnrl.batch import collate
+from turnrl.update import minibatch_backward, prepare_targets
 from tests.test_update_shared_prefix import SPEC, grouped_batch
 
 LOG = math.log

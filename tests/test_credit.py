@@ -15,7 +15,8 @@ from turnrl.credit import compute_credit, turn_layout
 from turnrl.models import TinyModelSpec, load_policy
 from turnrl.reference import Reference
 from turnrl.trajectory import Trajectory
-from turnrl.update import collate, micro_batches, minibatch_backward, ppo_update, prepare_targets
+from turnrl.batch import collate, micro_batches
+from turnrl.update import minibatch_backward, ppo_update, prepare_targets
 
 
 def close(a, b, tol=1e-5):

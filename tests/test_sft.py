@@ -7,7 +7,7 @@ from turnrl.lm_parts import lm_parts
 from turnrl.models import load_policy
 from turnrl.rollout import RolloutSettings
 from turnrl.sft import make_demonstrations, sft
-from turnrl.update import collate
+from turnrl.batch import collate
 
 
 def test_sft_loss_is_the_mean_nll_of_the_demonstrated_tokens():

@@ -13,7 +13,8 @@ from turnrl.config import AlgoConfig, OptimConfig
 from turnrl.models import LoraSpec, TinyModelSpec, load_policy
 from turnrl.reference import Reference
 from turnrl.shared_prefix import plan_micro_batches
-from turnrl.update import collate, minibatch_backward, prepare_targets, shared_head
+from turnrl.batch import collate
+from turnrl.update import minibatch_backward, prepare_targets, shared_head
 from tests.test_credit import make_traj
 from tests.test_models import scale_logits
 

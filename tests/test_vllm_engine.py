@@ -98,14 +98,16 @@ def test_vllm_in_ray_rollout_workers_is_the_in_process_vllm_run(tmp_path):
     sampled is the one that learns (a worker whose vLLM kept the old weights would show a large mismatch)."""
     pytest.importorskip("ray")
     r = run_driver(tmp_path, "pool", str(tmp_path / "runs"))
-    local, workers = r["local"], r["workers"]
     print(json.dumps({k: {f: v[f] for f in ("train_seconds", "rewards", "logprob_mismatch")} for k, v in r.items()},
                      indent=2))
-    assert workers["iterations"] == local["iterations"] == 2
-    assert all(m is not None and m < TOL for m in workers["logprob_mismatch"]), workers["logprob_mismatch"]
-    assert workers["samples"] == local["samples"]  # the same transcripts, seeds, rewards
-    assert workers["rewards"] == local["rewards"]
-    assert workers["eval"] == local["eval"] and workers["eval_phases"] == ["after_rl", "after_sft", "untrained"]
+    for suffix in ("", "-lora"):  # every weight pushed; only the LoRA adapters pushed, merged by the worker
+        local, workers = r["local" + suffix], r["workers" + suffix]
+        assert workers["iterations"] == local["iterations"] == 2
+        assert all(m is not None and m < TOL for m in workers["logprob_mismatch"]), workers["logprob_mismatch"]
+        assert workers["samples"] == local["samples"]  # the same transcripts, seeds, rewards
+        assert workers["rewards"] == local["rewards"]
+        assert workers["eval"] == local["eval"] and workers["eval_phases"] == ["after_rl", "after_sft", "untrained"]
+    assert r["local-lora"]["samples"] != r["local"]["samples"]  # LoRA trains another policy: a real second case
 
 
 @pytest.mark.gpu

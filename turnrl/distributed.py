@@ -150,6 +150,7 @@ class RolloutPool:
         ray = self._ray = import_ray()
         d = cfg.distributed
         self._own_ray = not ray.is_initialized()
+        self._vllm = cfg.engine.name == "vllm"
         if self._own_ray:
             if d.address:
                 ray.init(address=d.address, logging_level="warning")
@@ -203,8 +204,9 @@ class RolloutPool:
                 "--resume RUN_DIR` (with or without distributed.workers)") from err
 
     def close(self) -> None:
-        """Lets every worker close its engine (a few seconds at most), then ends the actors."""
-        if self._workers:
+        """Ends the actors; vLLM workers first close their engines (its temporary files; 30 s at most, as a
+        worker finishes the call it is in first)."""
+        if self._workers and self._vllm:
             self._ray.wait([w.close.remote() for w in self._workers], num_returns=len(self._workers), timeout=30)
         for w in self._workers:
             self._ray.kill(w)

@@ -1,4 +1,5 @@
-"""From trajectories to one PPO-style policy update: collate, advantages (turnrl.credit), micro-batched loss, step.
+"""From trajectories to one PPO-style policy update: collate (turnrl.batch), advantages (turnrl.credit),
+micro-batched loss, step.
 
 Token position t of the shifted tensors predicts ids[t + 1]; every per-token tensor here is `(B, L-1)`.
 """
@@ -16,96 +17,13 @@ import torch
 from turnrl.algos.correction import mismatch_correction
 from turnrl.algos.losses import aggregate, gspo_loss, kl_penalty, ppo_clip_loss, token_logprobs_entropy, value_loss
 from turnrl.attention import gqa_attention
+from turnrl.batch import Batch, collate, episode_tokens, micro_batches
 from turnrl.config import AlgoConfig, OptimConfig
 from turnrl.credit import Credit, compute_credit, compute_row_credit, turn_spread
 from turnrl.lm_parts import lm_parts, logits_at
-from turnrl.shared_prefix import (checkpointing, head_length, plan_micro_batches, prompt_ids, prompt_lengths,
-                                  shared_prefix_hidden, shares_under_checkpointing, windows, worth_sharing)
+from turnrl.shared_prefix import (checkpointing, head_length, plan_micro_batches, shared_prefix_hidden,
+                                  shares_under_checkpointing, windows, worth_sharing)
 from turnrl.trajectory import Trajectory
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor   # (B, L) right-padded
-    attention: torch.Tensor   # (B, L)
-    targets: torch.Tensor     # (B, L-1) = input_ids[:, 1:]
-    mask: torch.Tensor        # (B, L-1) float, 1 where the target is a model token
-    old_logprobs: torch.Tensor  # (B, L-1) sampling logprobs (0 off-mask)
-    lengths: list[int]
-    # Row r holds training row `rows[r]` = (trajectory index, turn index or -1 for a whole episode,
-    # [start, end) of that turn's reply in the row's own coordinates; (0, 0) for a whole episode).
-    rows: list[tuple[int, int, int, int]] | None = None
-    num_episodes: int = 0
-    seq_tokens: torch.Tensor | None = None  # (B,) model tokens of each row's episode (seq-mean-token-mean)
-    prompt_len: list[int] | None = None  # tokens of each row's first prompt (turnrl.shared_prefix)
-    prompt_id: list[int] | None = None   # equal for rows whose first prompts are identical
-
-    @property
-    def size(self) -> int:
-        return self.input_ids.shape[0]
-
-    @property
-    def episode_of(self) -> list[int]:
-        return [r[0] for r in self.rows] if self.rows is not None else list(range(self.size))
-
-    @property
-    def turn_rows(self) -> bool:
-        return self.rows is not None and any(r[1] >= 0 for r in self.rows)
-
-
-def collate(trajs: list[Trajectory], pad_id: int) -> Batch:
-    """One row per training row of each trajectory: the whole episode, or each turn (turn-as-sample)."""
-    rows, pieces = [], []
-    for index, t in enumerate(trajs):
-        if t.row_starts is None:
-            rows.append((index, -1, 0, 0))
-            pieces.append((t, 0, len(t.ids)))
-        else:
-            for turn, ((start, end), row_start) in enumerate(zip(t.turn_spans, t.row_starts)):
-                rows.append((index, turn, start - row_start, end - row_start))
-                pieces.append((t, row_start, end))
-    if not pieces:
-        raise ValueError("no training rows: every trajectory is turn-as-sample with zero turns")
-    lengths = [end - start for _, start, end in pieces]
-    width = max(max(lengths), 2)
-    ids = torch.full((len(pieces), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(pieces), width), dtype=torch.long)
-    mask = torch.zeros((len(pieces), width), dtype=torch.float32)
-    logp = torch.zeros((len(pieces), width), dtype=torch.float32)
-    for row, (t, start, end) in enumerate(pieces):
-        n = end - start
-        ids[row, :n] = torch.tensor(t.ids[start:end], dtype=torch.long)
-        attn[row, :n] = 1
-        mask[row, :n] = torch.tensor(t.loss_mask[start:end], dtype=torch.float32)
-        logp[row, :n] = torch.tensor(t.logprobs[start:end], dtype=torch.float32)
-    shifted = mask[:, 1:]
-    seq_tokens = episode_tokens(shifted, [r[0] for r in rows], len(trajs))
-    row_ids = [t.ids[start:end] for t, start, end in pieces]
-    prompt_len = prompt_lengths(row_ids, [t.loss_mask[start:end] for t, start, end in pieces])
-    return Batch(ids, attn, ids[:, 1:], shifted, logp[:, 1:], lengths, rows, len(trajs), seq_tokens,
-                 prompt_len, prompt_ids(row_ids, prompt_len))
-
-
-def episode_tokens(mask: torch.Tensor, episode_of: list[int], num_episodes: int) -> torch.Tensor:
-    """(B,) the model tokens of each row's whole episode under `mask` (B, L-1) (`Batch.seq_tokens`)."""
-    index = torch.tensor(episode_of)
-    return torch.zeros(num_episodes).index_add_(0, index, mask.sum(1).float())[index]
-
-
-def micro_batches(lengths: list[int], rows: list[int], token_budget: int) -> list[list[int]]:
-    """Groups rows of similar length so each micro-batch holds at most `token_budget` padded tokens."""
-    rows = sorted(rows, key=lambda r: lengths[r])
-    out, current, longest = [], [], 0
-    for r in rows:
-        longest_if_added = max(longest, lengths[r])
-        if current and longest_if_added * (len(current) + 1) > token_budget:
-            out.append(current)
-            current, longest_if_added = [], lengths[r]
-        current.append(r)
-        longest = longest_if_added
-    if current:
-        out.append(current)
-    return out
 
 
 def _autocast(enabled: bool):
