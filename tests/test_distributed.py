@@ -1,5 +1,6 @@
 """Ray rollout workers (turnrl.distributed): shares of a rollout, weight pushes, and a whole run through Ray."""
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -332,3 +333,120 @@ def test_smollm2_lora_rollout_through_a_ray_pool_is_the_one_process_rollout(tmp_
             assert_same_trajectories(pool.play(seeds, base), one_process_rollout(policy, cfg, seeds, base))
     finally:
         pool.close()
+
+
+def test_overlap_settings_are_checked():
+    with pytest.raises(ConfigError, match="distributed.overlap configures Ray rollout workers"):
+        DistributedConfig(overlap=True)
+    cfg, overlap = tiny_config("unused"), DistributedConfig(workers=2, overlap=True)
+    with pytest.raises(ConfigError, match="algo.filter='dynamic' decides its extra rounds"):
+        dataclasses.replace(cfg, distributed=overlap, algo=dataclasses.replace(cfg.algo, filter="dynamic"))
+    with pytest.raises(ConfigError, match="diag.mi_every scores a rollout under the policy that sampled it"):
+        dataclasses.replace(cfg, distributed=overlap, diag=dataclasses.replace(cfg.diag, mi_every=1))
+    dataclasses.replace(cfg, distributed=overlap)
+
+
+def trained_batches(monkeypatch) -> list[list]:
+    """The trajectories of every update of the runs that follow (ppo_update's `trajs`), in order."""
+    import turnrl.train as train_module
+
+    seen, real = [], train_module.ppo_update
+
+    def recording(policy, optimizer, scheduler, trajs, **kw):
+        seen.append(list(trajs))
+        return real(policy, optimizer, scheduler, trajs, **kw)
+
+    monkeypatch.setattr(train_module, "ppo_update", recording)
+    return seen
+
+
+def sampled_logprob_gap(cfg, model_dir: Path, trajs) -> float:
+    """Largest gap between the logprobs recorded at sampling and those of the model saved in `model_dir`."""
+    from turnrl.batch import collate
+    from turnrl.update import model_token_logprobs
+
+    policy = build_policy(cfg, str(model_dir))
+    batch = collate(trajs, policy.pad_token_id)
+    logps = model_token_logprobs(policy.lm, batch, [list(range(batch.size))], cfg.rollout.temperature, bf16=False)
+    return float(((logps - batch.old_logprobs).abs() * batch.mask).max())
+
+
+@pytest.mark.skipif(not HAS_RAY, reason="needs Ray: pip install 'turnrl[ray]'")
+def test_overlapped_rollouts_sample_from_the_weights_before_the_previous_update(tmp_path, monkeypatch):
+    """With distributed.overlap, iteration i's rollout (i >= 1) was played during update i-1, so it carries the
+    logprobs of checkpoint i-1's weights, not those of checkpoint i that the update then trains; without overlap
+    it carries checkpoint i's."""
+    runs, seen = {}, trained_batches(monkeypatch)
+    for overlap in (False, True):
+        cfg = small_config(tmp_path / f"overlap-{overlap}")
+        cfg.iterations, cfg.save_every, cfg.keep_checkpoints = 3, 1, 10
+        cfg.distributed = DistributedConfig(workers=2, overlap=overlap)
+        before = len(seen)
+        train(cfg, log=lambda *_: None)
+        assert len(seen) - before == 3  # every iteration updated, so every checkpoint holds new weights
+        runs[overlap] = cfg, seen[before:]
+    for overlap, (cfg, batches) in runs.items():
+        ckpt = lambda i: Path(cfg.out) / "checkpoints" / f"ckpt-{i:06d}" / "model"  # noqa: E731
+        for i, trajs in enumerate(batches):
+            sampler = i - 1 if overlap and i > 0 else i
+            assert sampled_logprob_gap(cfg, ckpt(sampler), trajs) < 1e-4, (overlap, i)
+            if sampler != i:
+                assert sampled_logprob_gap(cfg, ckpt(i), trajs) > 1e-3, i
+    lags = [r["rollout/policy_lag"] for r in MetricsLog(Path(runs[True][0].out) / "metrics.jsonl").read()]
+    assert lags == [0.0, 1.0, 1.0]
+    assert all("rollout/policy_lag" not in r for r in MetricsLog(Path(runs[False][0].out) / "metrics.jsonl").read())
+
+
+@pytest.mark.skipif(not HAS_RAY, reason="needs Ray: pip install 'turnrl[ray]'")
+def test_an_overlapped_run_interrupted_and_resumed_is_the_straight_run(tmp_path, monkeypatch):
+    """The checkpoint keeps the rollout played ahead (with weights it does not hold): the resumed run trains on it."""
+    import signal
+
+    import turnrl.train as train_module
+    from turnrl.faults import Interrupted
+
+    straight = small_config(tmp_path / "straight")
+    straight.distributed = DistributedConfig(workers=2, overlap=True)
+    train(straight, log=lambda *_: None)
+
+    stopped = small_config(tmp_path / "stopped")
+    stopped.distributed = DistributedConfig(workers=2, overlap=True)
+    real, calls = train_module.ppo_update, []
+
+    def interrupting(*args, **kw):  # SIGINT during the second update: the run stops after that iteration
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(train_module, "ppo_update", interrupting)
+    with pytest.raises(Interrupted):
+        train(stopped, log=lambda *_: None)
+    monkeypatch.setattr(train_module, "ppo_update", real)
+    assert (Path(stopped.out) / "checkpoints" / "ckpt-000002" / "ahead.pt").exists()
+    train(stopped, resume=True, log=lambda *_: None)
+    a, b = (without_timing(MetricsLog(Path(c.out) / "metrics.jsonl").read()) for c in (straight, stopped))
+    assert a == b and [r["rollout/policy_lag"] for r in a] == [0.0, 1.0, 1.0, 1.0]
+    samples = [MetricsLog(Path(c.out) / "samples.jsonl").read() for c in (straight, stopped)]
+    assert samples[0] == samples[1]
+    wa, wb = weights(Path(straight.out) / "final"), weights(Path(stopped.out) / "final")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.skipif(not HAS_RAY, reason="needs Ray: pip install 'turnrl[ray]'")
+def test_overlap_with_a_frozen_policy_plays_the_rollouts_of_a_run_without_it(tmp_path, monkeypatch):
+    """Only the weights differ: same seeds, same stream bases in the same order, same gathering. (Updates that
+    change nothing: the policy every rollout samples from is the same with and without overlap.)"""
+    import turnrl.train as train_module
+
+    monkeypatch.setattr(train_module, "ppo_update", lambda *args, **kw: {})
+    logs = []
+    for overlap in (False, True):
+        cfg = small_config(tmp_path / f"overlap-{overlap}")
+        cfg.iterations = 3
+        cfg.distributed = DistributedConfig(workers=2, overlap=overlap)
+        train(cfg, log=lambda *_: None)
+        logs.append([{k: v for k, v in r.items() if k != "rollout/policy_lag"}
+                     for r in without_timing(MetricsLog(Path(cfg.out) / "metrics.jsonl").read())])
+        logs.append(MetricsLog(Path(cfg.out) / "samples.jsonl").read())
+    assert logs[0] == logs[2] and logs[1] == logs[3]

@@ -38,8 +38,9 @@ def set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, policy, optimizer, scheduler, state: dict,
-                    generators: dict[str, torch.Generator], keep: int) -> Path:
-    """Saves model, optimizer, scheduler, RNG states and `state` (phase, iteration) atomically."""
+                    generators: dict[str, torch.Generator], keep: int, ahead: tuple | None = None) -> Path:
+    """Saves model, optimizer, scheduler, RNG states and `state` (phase, iteration) atomically; `ahead`: the next
+    iteration's (seeds, trajectories), already played with earlier weights (distributed.overlap)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     # a save that cannot fit fails before writing anything (a full disk mid-save would fail anyway, later)
@@ -53,6 +54,8 @@ def save_checkpoint(run_dir: Path, step: int, policy, optimizer, scheduler, stat
                 "scheduler": scheduler.state_dict() if scheduler else None,
                 "rng": rng_state(generators)}, tmp / "trainer.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    if ahead is not None:
+        torch.save({"seeds": ahead[0], "trajectories": ahead[1]}, tmp / "ahead.pt")
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -111,6 +114,15 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.name.startswith(CKPT_PREFIX) and (p / "state.json").exists())
+
+
+def load_ahead(ckpt: Path) -> tuple[list[int], list] | None:
+    """The (seeds, trajectories) a checkpoint saved as played ahead (`save_checkpoint`'s `ahead`), or None."""
+    path = Path(ckpt) / "ahead.pt"
+    if not path.exists():
+        return None
+    saved = torch.load(path, weights_only=False)  # our own trajectories (frozen dataclasses), written above
+    return saved["seeds"], saved["trajectories"]
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -362,13 +362,14 @@ class DistributedConfig:
     address: str = ""  # Ray cluster to join ("auto", "host:6379"); "" = start a local Ray instance for the run
     cpus_per_worker: float = 1.0  # CPUs Ray reserves per worker; a CPU worker runs that many torch threads (at least 1)
     gpus_per_worker: float = 0.0  # GPUs Ray gives each worker (fractions share one), where its vllm engine runs; needs engine.name='vllm'
+    overlap: bool = False  # the workers play the next iteration's rollout while the trainer updates: one update of policy lag (off-policy by one step; pair with algo.mismatch_correction)
 
     def __post_init__(self):
         _check(self.workers >= 0, f"distributed.workers must be >= 0, got {self.workers}")
         _check(self.cpus_per_worker > 0, f"distributed.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         _check(self.gpus_per_worker >= 0, f"distributed.gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
-        unused = [k for k, default in (("address", ""), ("cpus_per_worker", 1.0), ("gpus_per_worker", 0.0))
-                  if getattr(self, k) != default]
+        unused = [k for k, default in (("address", ""), ("cpus_per_worker", 1.0), ("gpus_per_worker", 0.0),
+                                       ("overlap", False)) if getattr(self, k) != default]
         _check(self.workers > 0 or not unused, f"distributed.{unused[0] if unused else ''} configures Ray rollout "
                "workers, but distributed.workers=0 (rollouts in the training process): set distributed.workers or "
                "remove it")
@@ -425,6 +426,12 @@ class TrainConfig:
         _check(self.engine.vllm_weight_sync != "lora" or self.model.lora_rank > 0,
                "engine.vllm_weight_sync='lora' pushes LoRA adapters, but model.lora_rank=0: set model.lora_rank or "
                "use vllm_weight_sync='full'")
+        _check(not self.distributed.overlap or self.algo.filter != "dynamic",
+               "distributed.overlap plays one rollout round ahead, but algo.filter='dynamic' decides its extra "
+               "rounds after the update has begun: use another filter or distributed.overlap=false")
+        _check(not self.distributed.overlap or not self.diag.mi_every,
+               "diag.mi_every scores a rollout under the policy that sampled it, which distributed.overlap has "
+               "already updated: set diag.mi_every=0 or distributed.overlap=false")
         _check(self.distributed.gpus_per_worker == 0 or self.engine.name == "vllm",
                "distributed.gpus_per_worker places each worker's vllm engine on a GPU, but engine.name='hf' samples "
                "on the CPU: set engine.name='vllm' or distributed.gpus_per_worker=0")

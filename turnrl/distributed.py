@@ -116,6 +116,23 @@ class RolloutWorker:
                             env_name=env_name, first_group=first_group, base=base)
 
 
+class Playing:
+    """A rollout the workers are playing (`RolloutPool.start`); `result()` waits for its trajectories."""
+
+    def __init__(self, pool: RolloutPool | None, futures: list, trajectories: list[Trajectory] | None = None):
+        self._pool, self._futures, self._trajectories = pool, futures, trajectories
+
+    @classmethod
+    def done(cls, trajectories: list[Trajectory]) -> Playing:
+        """A rollout already played (one a checkpoint saved)."""
+        return cls(None, [], list(trajectories))
+
+    def result(self) -> list[Trajectory]:
+        if self._trajectories is None:
+            self._trajectories = [t for part in self._pool._gather(self._futures) for t in part]
+        return self._trajectories
+
+
 def check_pushed(held: list[str], pushed: str) -> None:
     """RuntimeError unless every worker's digest after a push (`RolloutWorker.load`) is the pushed weights'."""
     wrong = [i for i, digest in enumerate(held) if digest != pushed]
@@ -186,11 +203,16 @@ class RolloutPool:
     def play(self, seeds: list[int], base: int, **share) -> list[Trajectory]:
         """The trajectories of `seeds` (one group each), as `run_episodes` on all of them with stream `base`;
         `share`: `RolloutWorker.play`'s env_name, group_size and params (an evaluation's)."""
+        return self.start(seeds, base, **share).result()
+
+    def start(self, seeds: list[int], base: int, **share) -> Playing:
+        """`play` without waiting: the workers play with the weights they hold now (a later `sync` reaches
+        each worker after its share of this rollout, as Ray runs an actor's calls in order)."""
         if not self._synced:
             raise RuntimeError("RolloutPool.play before sync: the workers do not hold the policy's weights yet")
         futures = [w.play.remote(seeds[a:b], a, base, **share)
                    for w, (a, b) in zip(self._workers, shares(len(seeds), self.workers))]
-        return [t for part in self._gather(futures) for t in part]
+        return Playing(self, futures)
 
     def _gather(self, futures: list) -> list:
         """The workers' results; a worker whose process died is one line (WorkerLostError), not Ray's report."""
@@ -201,7 +223,7 @@ class RolloutPool:
             raise WorkerLostError(
                 f"a Ray rollout worker{f' (pid {pid[1]})' if pid else ''} died: its process was killed, ran out of "
                 "memory or crashed; a training run's last checkpoint is intact: continue it with `turnrl train "
-                "--resume RUN_DIR` (with or without distributed.workers)") from err
+                "--resume RUN_DIR` (with another number of workers if need be)") from err
 
     def close(self) -> None:
         """Ends the actors; vLLM workers first close their engines (its temporary files; 30 s at most, as a

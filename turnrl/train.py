@@ -22,11 +22,11 @@ import torch
 from tqdm.auto import tqdm
 
 from turnrl.algos.filters import dynamic_sampling_keep, filter_by_reward_std
-from turnrl.checkpoint import (MetricsLog, atomic_write_text, latest_checkpoint, remove_stale_temps, save_checkpoint,
-                               save_model_atomic, set_rng_state)
+from turnrl.checkpoint import (MetricsLog, atomic_write_text, latest_checkpoint, load_ahead, remove_stale_temps,
+                               save_checkpoint, save_model_atomic, set_rng_state)
 from turnrl.config import DYNAMIC_SEED_OFFSET, TRAIN_SEED_BASE, ConfigError, TrainConfig, diff_configs
 from turnrl.diagnostics import collapse_metrics
-from turnrl.distributed import RolloutPool
+from turnrl.distributed import Playing, RolloutPool
 from turnrl.envs import make
 from turnrl.evaluate import engine_for, evaluate, renderer_for, rollout_params, settings_for
 from turnrl.faults import EnvFailureError, Interrupted, StopSignals
@@ -298,7 +298,17 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
         params = rollout_params(cfg)
         make_env = lambda: make(cfg.env.name, **cfg.env.kwargs)  # noqa: E731
 
+    # distributed.overlap: the workers play an iteration's first round while the previous iteration updates, with
+    # the weights before that update; `ahead` = (its seeds, the rollout being played), or what a checkpoint saved.
+    saved_ahead = load_ahead(ckpt) if ckpt is not None else None
+    ahead = None if saved_ahead is None else (saved_ahead[0], Playing.done(saved_ahead[1]))
+    lagged = False  # whether this iteration's rollout was played ahead
+
     def play(seeds: list[int]) -> list[Trajectory]:
+        nonlocal ahead, lagged
+        if ahead is not None and ahead[0] == seeds:
+            lagged, (_, playing), ahead = True, ahead, None
+            return playing.result()
         if pool is not None:  # the same trajectories as below, played by the workers (turnrl.distributed)
             return pool.play(seeds, base=draw_base(generators["rollout"]))
         return run_episodes(engine, renderer, make_env, seeds, cfg.rollout.group_size, settings, params,
@@ -317,7 +327,7 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
         # more iteration before stopping; after the last iteration's, it stops the run before the final evaluation.)
         with stop.deferred():
             for iteration in bar:
-                t0 = time.perf_counter()
+                t0, lagged = time.perf_counter(), False
                 # rollout (n_groups start states x group_size samples each), reward shaping, then the group
                 # filter: StarPO-S keeps the groups whose raw env returns vary most; DAPO dynamic sampling
                 # drops groups with equal returns and plays more start states to refill the batch. Episodes
@@ -325,6 +335,11 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
                 trajs, kept, filter_stats = rollout_and_filter(cfg, iteration, play)
                 t_rollout = time.perf_counter() - t0
                 record = {"iteration": iteration, **rollout_metrics(trajs, cfg), **filter_stats}
+                if cfg.distributed.overlap:
+                    record["rollout/policy_lag"] = float(lagged)
+                    if iteration + 1 < cfg.iterations:  # the next rollout, played while this iteration updates
+                        seeds = iteration_seeds(cfg, iteration + 1)
+                        ahead = (seeds, pool.start(seeds, base=draw_base(generators["rollout"])))
                 if cfg.diag.mi_every and iteration % cfg.diag.mi_every == 0:  # under the policy that sampled
                     record.update(collapse_metrics(policy, trajs, max_replies=cfg.diag.mi_replies,
                                                    micro_batch_tokens=cfg.optim.micro_batch_tokens, bf16=cfg.optim.bf16,
@@ -388,7 +403,7 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
                 stopping = stop.requested  # read once: a signal after this line stops the run one iteration later
                 if (iteration + 1) % cfg.save_every == 0 or iteration + 1 == cfg.iterations or stopping:
                     save_checkpoint(run_dir, iteration + 1, policy, optimizer, scheduler, state, generators,
-                                    cfg.keep_checkpoints)
+                                    cfg.keep_checkpoints, None if ahead is None else (ahead[0], ahead[1].result()))
                 if stopping:
                     break
         if stop.requested:  # also one that came after the last iteration's check (the last one is checkpointed)

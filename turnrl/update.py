@@ -173,13 +173,16 @@ def prepare_targets(policy, batch: Batch, trajs: list[Trajectory], *, algo: Algo
     credit = (compute_row_credit(trajs, batch.rows, batch.mask, old_values, algo) if batch.turn_rows
               else compute_credit(trajs, batch.mask, old_values, algo))
     ref_logprobs = None
-    head = sharable_head(policy.lm, batch, all_rows, enabled=optim.shared_prefix)  # for forwards without values
+    head = None  # of the forwards below, which need no values
+    if algo.kl_coef > 0 or algo.mismatch_correction != "off":
+        head = sharable_head(policy.lm, batch, all_rows, enabled=optim.shared_prefix)
     if algo.kl_coef > 0:
         ref_logprobs = reference_logprobs(ref_lm, batch, plan(batch, all_rows, optim.micro_batch_tokens, head),
                                           temperature, optim.bf16, share=head is not None)
     targets = Targets(credit, old_values, ref_logprobs)
     if algo.mismatch_correction != "off":
-        # The sampling weights are still the policy's: one forward gives the trainer's view of the sampled tokens.
+        # One forward at the weights the update starts from: the sampler's (the trainer's view of the same policy),
+        # or one update later with distributed.overlap (then the proximal policy of decoupled PPO).
         policy.eval()
         train_logps = model_token_logprobs(policy.lm, batch, plan(batch, all_rows, optim.micro_batch_tokens, head),
                                            temperature, optim.bf16, share=head is not None)

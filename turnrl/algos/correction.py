@@ -2,8 +2,9 @@
 
 A rollout engine (vLLM in bf16, the HF engine in bf16, another kernel or batch layout) reports log-probabilities
 that differ from the ones the trainer computes for the very same tokens and weights, so "on-policy" data is
-slightly off-policy. With a correction on, the update recomputes the sampling policy's log-probabilities with the
-trainer (`logp_train`), uses them as PPO's old log-probabilities, and corrects for the sampler with the ratio
+slightly off-policy. With a correction on, the update recomputes the log-probabilities with the trainer at the
+weights it starts from (`logp_train`: the sampler's weights, or one update later when rollouts overlap updates),
+uses them as PPO's old log-probabilities, and corrects for the sampler with the ratio
 
     rho = pi_train(a) / pi_rollout(a) = exp(logp_train - logp_rollout)   (per model token)
 
@@ -38,7 +39,7 @@ def mismatch_correction(train_logprobs: Tensor, rollout_logprobs: Tensor, mask: 
 
     Args:
         train_logprobs, rollout_logprobs: ``(B, T)`` log-probs of the sampled tokens under the trainer (at the
-            sampling weights) and as the engine reported them.
+            weights the update starts from) and as the engine reported them.
         mask: ``(B, T)`` 1 on model tokens.
         low, high: the band (tis: ``high`` is the cap); None = the mode's default (`DEFAULT_BOUNDS`).
     Returns:
