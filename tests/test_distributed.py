@@ -375,10 +375,11 @@ def sampled_logprob_gap(cfg, model_dir: Path, trajs) -> float:
 def test_overlapped_rollouts_sample_from_the_weights_before_the_previous_update(tmp_path, monkeypatch):
     """With distributed.overlap, iteration i's rollout (i >= 1) was played during update i-1, so it carries the
     logprobs of checkpoint i-1's weights, not those of checkpoint i that the update then trains; without overlap
-    it carries checkpoint i's."""
+    it carries checkpoint i's. The overlapped run recomputes the old logprobs (algo.mismatch_correction): its
+    logged gap is the update's lag, not float rounding."""
     runs, seen = {}, trained_batches(monkeypatch)
     for overlap in (False, True):
-        cfg = small_config(tmp_path / f"overlap-{overlap}")
+        cfg = small_config(tmp_path / f"overlap-{overlap}", mismatch_correction="tis" if overlap else "off")
         cfg.iterations, cfg.save_every, cfg.keep_checkpoints = 3, 1, 10
         cfg.distributed = DistributedConfig(workers=2, overlap=overlap)
         before = len(seen)
@@ -392,8 +393,11 @@ def test_overlapped_rollouts_sample_from_the_weights_before_the_previous_update(
             assert sampled_logprob_gap(cfg, ckpt(sampler), trajs) < 1e-4, (overlap, i)
             if sampler != i:
                 assert sampled_logprob_gap(cfg, ckpt(i), trajs) > 1e-3, i
-    lags = [r["rollout/policy_lag"] for r in MetricsLog(Path(runs[True][0].out) / "metrics.jsonl").read()]
-    assert lags == [0.0, 1.0, 1.0]
+    records = MetricsLog(Path(runs[True][0].out) / "metrics.jsonl").read()
+    assert [r["rollout/policy_lag"] for r in records] == [0.0, 1.0, 1.0]
+    gaps = [r["actor/logprob_mismatch"] for r in records]
+    assert gaps[0] < 1e-5 and min(gaps[1:]) > 1e-3, gaps  # the sampler's own weights, then one update behind
+    assert all(r["actor/clip_frac"] == 0.0 for r in records)  # decoupled: the ratio starts at 1 every time
     assert all("rollout/policy_lag" not in r for r in MetricsLog(Path(runs[False][0].out) / "metrics.jsonl").read())
 
 
