@@ -11,7 +11,7 @@ from turnrl.algos.correction import mismatch_correction
 from turnrl.config import AlgoConfig, ConfigError, OptimConfig
 from turnrl.models import load_policy
 from turnrl.batch import collate
-from turnrl.update import minibatch_backward, prepare_targets
+from turnrl.update import minibatch_backward, prepare_targets, without_rejected
 from tests.test_update_shared_prefix import SPEC, grouped_batch
 
 LOG = math.log
@@ -68,12 +68,11 @@ def test_mismatch_settings_are_checked():
 
 
 def update_grads(policy, trajs, algo):
-    """Gradients, losses and stats of one whole-batch update step."""
+    """Gradients, losses and stats of one whole-batch update step (as ppo_update takes it)."""
     batch = collate(trajs, policy.pad_token_id)
     optim = OptimConfig()
     targets = prepare_targets(policy, batch, trajs, algo=algo, optim=optim, temperature=1.0)
-    if targets.loss_mask is not None:  # as ppo_update does
-        batch = dataclasses.replace(batch, mask=targets.loss_mask)
+    batch = without_rejected(batch, targets)
     policy.train()
     policy.zero_grad(set_to_none=True)
     stats: dict = {}
@@ -119,12 +118,34 @@ def test_with_a_noisy_sampler_the_ratio_starts_at_one_and_tis_weights_the_loss()
     assert any(g.abs().sum() > 0 for g in grads.values())
 
 
-@pytest.mark.parametrize("mode", ["icepop", "geo-mask"])
-def test_rejected_tokens_train_as_if_they_were_not_in_the_loss(mode):
-    """Tokens whose sampler logprob is far off are dropped from every loss term and from the denominators: the
-    same gradients as the uncorrected update on trajectories where they are not model tokens."""
+def turn_row_episodes(policy):
+    """FrozenLake episodes played by the fp32 HF engine at T=1, one training row per turn (exact logprobs)."""
+    from turnrl.engines import HFEngine, SamplingParams
+    from turnrl.envs import make
+    from turnrl.context import ChatRenderer
+    from turnrl.rollout import RolloutSettings, run_episodes
+
+    engine = HFEngine(policy.lm, eos_token_id=policy.eos_token_id, pad_token_id=policy.pad_token_id,
+                      generator=torch.Generator().manual_seed(0))
+    settings = RolloutSettings(max_turns=3, max_new_tokens=10, max_context_tokens=1024, think=False, turn_rows=True)
+    render = ChatRenderer(policy.tokenizer, system_prompt="Move on the lake.", response_prefix="<answer>")
+    trajs = run_episodes(engine, render, lambda: make("frozen_lake_det"), [1, 2, 3], 2, settings,
+                         SamplingParams(max_new_tokens=10))
+    # returns that differ inside each group (the untrained policy fails every episode alike): non-zero advantages
+    return [dataclasses.replace(t, turn_rewards=t.turn_rewards[:-1] + (r,))
+            for t, r in zip(trajs, (1.0, 0.0, 0.5, -0.5, -1.0, 1.0))]
+
+
+@pytest.mark.parametrize("mode, rows, agg", [("icepop", "episode", "token-mean"), ("geo-mask", "episode", "token-mean"),
+                                             ("icepop", "turn", "seq-mean-token-mean"),
+                                             ("geo-mask", "turn", "seq-mean-token-mean")])
+def test_rejected_tokens_train_as_if_they_were_not_in_the_loss(mode, rows, agg):
+    """Tokens whose sampler logprob is far off are dropped from every loss term and from the denominators (the
+    episode's token count of seq-mean-token-mean too): the same gradients as the uncorrected update on
+    trajectories where they are not model tokens."""
     policy = load_policy("tiny", seed=3, tiny=SPEC)
-    trajs = grouped_batch(policy, seed=5, noise=0.0)
+    trajs = grouped_batch(policy, seed=5, noise=0.0) if rows == "episode" else turn_row_episodes(policy)
+    assert all((t.row_starts is not None) == (rows == "turn") for t in trajs)
     off, masked = [], []
     for i, t in enumerate(trajs):
         model = [k for k, m in enumerate(t.loss_mask) if m]
@@ -132,12 +153,15 @@ def test_rejected_tokens_train_as_if_they_were_not_in_the_loss(mode):
         logprobs = [lp - 3.0 if k in bad else lp for k, lp in enumerate(t.logprobs)]  # ratio e^3 > 5
         off.append(dataclasses.replace(t, logprobs=tuple(logprobs)))
         masked.append(dataclasses.replace(t, loss_mask=tuple(0 if k in bad else m for k, m in enumerate(t.loss_mask))))
-    grads, losses, _, targets = update_grads(policy, off, AlgoConfig(filter="none", entropy_coef=0.01,
+    grads, losses, _, targets = update_grads(policy, off, AlgoConfig(filter="none", entropy_coef=0.01, loss_agg=agg,
                                                                     mismatch_correction=mode))
-    expected, expected_losses, _, _ = update_grads(policy, masked, AlgoConfig(filter="none", entropy_coef=0.01))
+    expected, expected_losses, _, _ = update_grads(policy, masked, AlgoConfig(filter="none", entropy_coef=0.01,
+                                                                              loss_agg=agg))
     n_bad = sum(1 - m for t in masked for m, o in zip(t.loss_mask, next(x for x in off if x.ids == t.ids).loss_mask)
                 if o)
     n_model = sum(sum(t.loss_mask) for t in off)
     assert targets.correction_stats["mismatch/affected_frac"] == pytest.approx(n_bad / n_model) and n_bad > 0
     assert_same_grads(grads, expected)
     assert losses == pytest.approx(expected_losses, rel=1e-4, abs=1e-6)
+    uncorrected, _, _, _ = update_grads(policy, off, AlgoConfig(filter="none", entropy_coef=0.01, loss_agg=agg))
+    assert any(not torch.allclose(uncorrected[k], expected[k], rtol=1e-3, atol=1e-5) for k in expected)

@@ -196,6 +196,15 @@ def prepare_targets(policy, batch: Batch, trajs: list[Trajectory], *, algo: Algo
     return targets
 
 
+def without_rejected(batch: Batch, targets: Targets) -> Batch:
+    """`batch` with the tokens the mismatch correction rejected taken out of its loss mask (and out of its
+    episodes' token counts): they leave every loss term and its denominators."""
+    if targets.loss_mask is None:
+        return batch
+    return dataclasses.replace(batch, mask=targets.loss_mask,
+                               seq_tokens=episode_tokens(targets.loss_mask, batch.episode_of, batch.num_episodes))
+
+
 @contextlib.contextmanager
 def _frozen(module: torch.nn.Module):
     """Parameters of `module` get no gradient inside the block (critic warm-up: only the value head learns)."""
@@ -361,10 +370,7 @@ def ppo_update(policy, optimizer, scheduler, trajs: list[Trajectory], *, algo: A
 
         # ---- advantages --------------------------------------------------------------------------------
         targets = prepare_targets(policy, batch, trajs, algo=algo, optim=optim, temperature=temperature, ref_lm=ref_lm)
-        if targets.loss_mask is not None:  # tokens the mismatch correction rejected leave every loss term
-            batch = dataclasses.replace(batch, mask=targets.loss_mask,
-                                        seq_tokens=episode_tokens(targets.loss_mask, batch.episode_of,
-                                                                  batch.num_episodes))
+        batch = without_rejected(batch, targets)
 
         # ---- PPO epochs over mini-batches -------------------------------------------------------------
         # A NaN/inf in the advantages (or value targets), in a mini-batch's loss or in its gradients skips
