@@ -26,6 +26,8 @@ import torch
 
 from turnrl.config import ConfigError, TrainConfig
 from turnrl.engines.base import SamplingParams
+from turnrl.env_pool import EnvPool
+from turnrl.envs import make
 from turnrl.envs.registry import ENVS
 from turnrl.faults import WorkerLostError
 from turnrl.trajectory import Trajectory
@@ -82,6 +84,8 @@ class RolloutWorker:
         self.engine = engine_for(self.policy, cfg, torch.Generator())
         self.renderer = renderer_for(self.policy, cfg)
         self.settings, self.params = settings_for(cfg), rollout_params(cfg)
+        # rollout.reuse_envs: the training env's instances kept across this worker's rollouts (and evaluations on it)
+        self.envs = EnvPool(lambda: make(cfg.env.name, **cfg.env.kwargs)) if cfg.rollout.reuse_envs else None
 
     def ready(self) -> int:
         return os.getpid()
@@ -99,19 +103,23 @@ class RolloutWorker:
         return weights_digest({k: held[k] for k in state})
 
     def close(self) -> None:
-        """Shuts the engine down (a vLLM engine's memory and temporary files); the HF engine holds nothing."""
+        """Shuts the engine down (a vLLM engine's memory and temporary files; the HF engine holds nothing) and
+        closes the envs kept for reuse."""
         if self.cfg.engine.name == "vllm":
             self.engine.close()
+        if self.envs is not None:
+            self.envs.close()
 
     def play(self, seeds: list[int], first_group: int, base: int, env_name: str | None = None,
              group_size: int | None = None, params: SamplingParams | None = None) -> list[Trajectory]:
         """One share of a rollout: the training rollout's env, group size and sampling unless given (an
         evaluation's)."""
-        from turnrl.envs import make
         from turnrl.rollout import run_episodes
 
         cfg, env_name = self.cfg, env_name or self.cfg.env.name
-        return run_episodes(self.engine, self.renderer, lambda: make(env_name, **cfg.env.kwargs), seeds,
+        make_env = self.envs if self.envs is not None and env_name == cfg.env.name else (
+            lambda: make(env_name, **cfg.env.kwargs))
+        return run_episodes(self.engine, self.renderer, make_env, seeds,
                             group_size or cfg.rollout.group_size, self.settings, params or self.params,
                             env_name=env_name, first_group=first_group, base=base)
 
@@ -167,7 +175,7 @@ class RolloutPool:
         ray = self._ray = import_ray()
         d = cfg.distributed
         self._own_ray = not ray.is_initialized()
-        self._vllm = cfg.engine.name == "vllm"
+        self._close_workers = cfg.engine.name == "vllm" or cfg.rollout.reuse_envs  # state to end (RolloutWorker.close)
         if self._own_ray:
             if d.address:
                 ray.init(address=d.address, logging_level="warning")
@@ -226,9 +234,9 @@ class RolloutPool:
                 "--resume RUN_DIR` (with another number of workers if need be)") from err
 
     def close(self) -> None:
-        """Ends the actors; vLLM workers first close their engines (its temporary files; 30 s at most, as a
-        worker finishes the call it is in first)."""
-        if self._workers and self._vllm:
+        """Ends the actors; workers with a vLLM engine or reused envs first close them (30 s at most, as a worker
+        finishes the call it is in first)."""
+        if self._workers and self._close_workers:
             self._ray.wait([w.close.remote() for w in self._workers], num_returns=len(self._workers), timeout=30)
         for w in self._workers:
             self._ray.kill(w)

@@ -20,6 +20,7 @@ import torch
 
 from turnrl.context import CONTEXTS, ChatRenderer, TurnContext
 from turnrl.engines.base import Completion, Engine, SamplingParams
+from turnrl.env_pool import EnvPool
 from turnrl.env_threads import run_concurrently
 from turnrl.faults import EnvTimeout, format_error, time_limit
 from turnrl.parsing import parse_reply
@@ -134,7 +135,8 @@ def run_episodes(engine: Engine, renderer: ChatRenderer, make_env: Callable[[], 
     soon as it ends (env done, turn budget, or context budget), and its env is closed and its engine cache
     freed then. `settings.max_live` > 0 bounds the episodes alive at once (their envs and the engine's
     per-episode KV caches): whole groups start as earlier episodes end, and their first turns share engine
-    calls with later turns of others. Every episode samples from its own stream (rollout base, episode index,
+    calls with later turns of others. `make_env` may be an `EnvPool` (rollout.reuse_envs): envs are then taken
+    from it and given back. Every episode samples from its own stream (rollout base, episode index,
     its own turn), so the trajectories do not depend on `max_live`. An env whose reset, step or close raises,
     or takes longer than `settings.env_timeout`, loses only its own episode: it ends with end_reason
     "env_error" and the traceback in `error` (Trajectory.failed), and the others play on. `settings.env_threads` > 0
@@ -178,7 +180,8 @@ def run_episodes(engine: Engine, renderer: ChatRenderer, make_env: Callable[[], 
 
     def end(ended: list[int]) -> None:
         engine.release([(call, i) for i in ended])
-        close_envs([episodes[i] for i in ended], settings, env_name)
+        close_envs([episodes[i] for i in ended], settings, env_name,
+                   make_env if isinstance(make_env, EnvPool) else None)
         if on_end is not None:
             on_end(len(ended))
 
@@ -318,11 +321,18 @@ def play_replies(eps: list[EpisodeState], texts: list[str], settings: RolloutSet
     return out
 
 
-def close_envs(eps: list[EpisodeState], settings: RolloutSettings, env_name: str) -> None:
-    """Closes the episodes' envs once (`env_calls`); an error while closing fails an episode that had none."""
+def close_envs(eps: list[EpisodeState], settings: RolloutSettings, env_name: str, pool: EnvPool | None = None
+               ) -> None:
+    """Closes the episodes' envs once (`env_calls`); an error while closing fails an episode that had none. With
+    a `pool` (rollout.reuse_envs), the env of an episode without an env error goes back to it instead."""
     closing = [(ep, ep.env) for ep in eps if ep.env is not None]
     for ep, _ in closing:
         ep.env = None
+    if pool is not None:
+        for ep, env in closing:
+            if not ep.error:
+                pool.give(env)
+        closing = [(ep, env) for ep, env in closing if ep.error]
     for (ep, _), (_, err, seconds) in zip(closing, env_calls([env.close for _, env in closing], settings)):
         ep.env_seconds += seconds
         if err is not None and not ep.error:

@@ -27,6 +27,7 @@ from turnrl.checkpoint import (MetricsLog, atomic_write_text, latest_checkpoint,
 from turnrl.config import DYNAMIC_SEED_OFFSET, TRAIN_SEED_BASE, ConfigError, TrainConfig, diff_configs
 from turnrl.diagnostics import collapse_metrics
 from turnrl.distributed import Playing, RolloutPool
+from turnrl.env_pool import EnvPool
 from turnrl.envs import make
 from turnrl.evaluate import engine_for, evaluate, renderer_for, rollout_params, settings_for
 from turnrl.faults import EnvFailureError, Interrupted, StopSignals
@@ -44,7 +45,8 @@ from turnrl.update import ppo_update
 RESUMABLE_CHANGES = ("iterations", "progress", "threads", "out", "rollout.gen_batch_size", "rollout.max_live_episodes",
                      "engine.vllm_gpu_memory_utilization", "engine.vllm_cpu_kv_cache_gib", "diag.mi_every",
                      "diag.mi_replies", "samples_per_iteration", "eval.every", "eval.every_episodes",
-                     "distributed.workers", "distributed.address", "distributed.cpus_per_worker", "rollout.env_threads")
+                     "distributed.workers", "distributed.address", "distributed.cpus_per_worker", "rollout.env_threads",
+                     "rollout.reuse_envs")
 
 
 def iteration_seeds(cfg: TrainConfig, iteration: int, round_: int = 0) -> list[int]:
@@ -297,6 +299,9 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
         renderer, settings = renderer_for(policy, cfg), settings_for(cfg)
         params = rollout_params(cfg)
         make_env = lambda: make(cfg.env.name, **cfg.env.kwargs)  # noqa: E731
+        if cfg.rollout.reuse_envs:  # env instances kept across rollouts, closed however the run ends
+            make_env = EnvPool(make_env)
+            cleanup.callback(make_env.close)
 
     # distributed.overlap: the workers play an iteration's first round while the previous iteration updates, with
     # the weights before that update; `ahead` = (its seeds, the rollout being played), or what a checkpoint saved.

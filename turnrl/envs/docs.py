@@ -147,7 +147,9 @@ A typo in a name gives `unknown environment 'sokobn'; did you mean 'sokoban'? (k
 and an unknown argument lists the accepted ones. For free-text answers set
 `free_text = True` (and leave `action_names` as None). Document your env the way the built-ins
 are: a one-line summary, a description, then the sections Observation, Actions, Rewards,
-Episode end and Arguments.
+Episode end and Arguments. An env that is slow to build (a subprocess, a browser, a container) can be kept from
+one rollout to the next with `--rollout.reuse-envs`: `reset(seed=...)` must then start the episode afresh on an
+instance that has played before, which `check_env` checks (it resets and replays the same instance).
 """
 
 
