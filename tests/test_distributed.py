@@ -256,6 +256,8 @@ def test_turnrl_eval_with_workers_gives_the_evaluation_of_one_process(tmp_path, 
     assert "--workers must be >= 0" in capsys.readouterr().err
     assert main(["eval", cfg.out, "--engine", "openai", "--base-url", "http://127.0.0.1:9/v1", "--workers", "2"]) == 2
     assert "with --engine openai the server plays them: remove --workers" in capsys.readouterr().err
+    assert main(["eval", cfg.out, "--address", "auto"]) == 2
+    assert "--address names the Ray cluster for --workers" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not HAS_RAY, reason="needs Ray: pip install 'turnrl[ray]'")

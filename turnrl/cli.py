@@ -179,6 +179,9 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--workers", type=int, default=0,
                    help="Ray rollout workers that play the episodes, the same ones (pip install 'turnrl[ray]'; "
                         "docs/distributed.md); 0 = this process")
+    p.add_argument("--address", default="",
+                   help="with --workers: the Ray cluster to run them on ('auto', 'host:6379'); default: a local Ray "
+                        "instance started and stopped by the command")
     served = p.add_argument_group("served models (--engine openai; evaluation only: a chat server returns text, "
                                   "not the token ids training needs)")
     served.add_argument("--engine", choices=("hf", "vllm", "openai"), default=None,
@@ -216,15 +219,15 @@ def cmd_eval(argv: list[str]) -> int:
         cfg.engine = EngineConfig(name=args.engine)
     check_env_config(cfg)
     if args.engine == "openai":
-        if args.workers:
+        if args.workers or args.address:
             raise UsageError("--workers plays episodes with the model's weights in Ray workers; with --engine openai "
-                             "the server plays them: remove --workers (the server decides its own parallelism)")
+                             "the server plays them: remove --workers and --address (the server decides its own parallelism)")
         result, served_model = _eval_served(cfg, args)
         payload = {"env": cfg.env.eval_name or cfg.env.name, "model": served_model, "engine": "openai",
                    "base_url": args.base_url, **result.to_dict()}
     else:
         policy = build_policy(cfg, model_name)
-        with _eval_pool(cfg, args.workers, model_name, policy) as pool:
+        with _eval_pool(cfg, args.workers, args.address, model_name, policy) as pool:
             result, _ = evaluate(policy, cfg, episodes=args.episodes, k=args.k, temperature=args.temperature,
                                  greedy=args.greedy, seed=args.seed, pool=pool,
                                  progress="eval" if sys.stderr.isatty() else None)
@@ -236,17 +239,20 @@ def cmd_eval(argv: list[str]) -> int:
 
 
 @contextlib.contextmanager
-def _eval_pool(cfg, workers: int, model_name: str | None, policy):
-    """Ray rollout workers holding `policy` for `turnrl eval --workers N` (None for 0), closed afterwards."""
+def _eval_pool(cfg, workers: int, address: str, model_name: str | None, policy):
+    """Ray rollout workers holding `policy` for `turnrl eval --workers N [--address A]` (None for 0), closed
+    afterwards."""
     from turnrl.config import DistributedConfig
     from turnrl.prepare import check_engine
 
     if workers < 0:
         raise UsageError(f"--workers must be >= 0, got {workers}")
     if workers == 0:
+        if address:
+            raise UsageError("--address names the Ray cluster for --workers: add --workers N or remove it")
         yield None
         return
-    cfg = dataclasses.replace(cfg, distributed=DistributedConfig(workers=workers))  # validated by TrainConfig
+    cfg = dataclasses.replace(cfg, distributed=DistributedConfig(workers=workers, address=address))  # validated
     check_engine(cfg)
     from turnrl.distributed import RolloutPool
 
