@@ -51,6 +51,10 @@ def test_panels_are_those_with_data_plus_requested_keys():
     assert panels["Seconds per iteration"] == ["perf/rollout_seconds", "perf/update_seconds"]  # no iteration_seconds
     assert "KL to the reference" not in panels  # every value null: nothing to draw
     assert set(panels) <= {title for title, _ in PANELS}
+    corrected = [dict(r, **{"mismatch/ratio_min": 0.8, "mismatch/ratio_mean": 1.0, "mismatch/ratio_max": 1.2,
+                            "mismatch/affected_frac": 0.0}) for r in RECORDS]
+    assert dict(panels_for(corrected))["Mismatch correction: token ratio pi_train / pi_rollout"] == [
+        "mismatch/ratio_min", "mismatch/ratio_mean", "mismatch/ratio_max"]
     extra = panels_for(RECORDS, ["train/*", "perf/update_seconds"])
     assert extra[-2:] == [("train/tokens", ["train/tokens"]), ("perf/update_seconds", ["perf/update_seconds"])]
 
