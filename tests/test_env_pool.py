@@ -102,6 +102,12 @@ def test_closing_goes_on_past_an_env_whose_close_raises():
         pool.give(env)
     errors = pool.close()
     assert [type(e).__name__ for e in errors] == ["OSError"] and sorted(closed) == [1, 2]
+    from turnrl.train import close_kept_envs  # what a run does with them: one log line each
+
+    pool.give(Env.__new__(Env))  # an env whose id attribute is missing: its close raises AttributeError
+    lines = []
+    close_kept_envs(pool, lines.append)
+    assert len(lines) == 1 and "raised in close: AttributeError" in lines[0]
 
 
 @pytest.mark.parametrize("workers", [0, 2])

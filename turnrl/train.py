@@ -301,7 +301,7 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
         make_env = lambda: make(cfg.env.name, **cfg.env.kwargs)  # noqa: E731
         if cfg.rollout.reuse_envs:  # env instances kept across rollouts, closed however the run ends
             make_env = EnvPool(make_env)
-            cleanup.callback(make_env.close)
+            cleanup.callback(close_kept_envs, make_env, log)
 
     # distributed.overlap: the workers play an iteration's first round while the previous iteration updates, with
     # the weights before that update; `ahead` = (its seeds, the rollout being played), or what a checkpoint saved.
@@ -427,6 +427,12 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
         _run_eval(policy, cfg, evals, "after_rl", eval_path, log, shared, pool)
     save_model_atomic(policy, run_dir / "final")
     return evals
+
+
+def close_kept_envs(pool: EnvPool, log) -> None:
+    """Closes the envs a run kept for reuse; an env whose `close` raised is reported, the others closed anyway."""
+    for err in pool.close():
+        log(f"[envs] an env kept for reuse (rollout.reuse_envs) raised in close: {type(err).__name__}: {err}")
 
 
 def periodic_eval_metrics(result) -> dict[str, float]:
