@@ -7,7 +7,9 @@ every update (`RolloutPool.sync`: every tensor the first time, then only the tra
 in group order. The trainer draws the rollout's stream base from its own rollout generator, as a single-process
 rollout does, and every share samples its episodes' own streams under their indices in the whole rollout
 (`turnrl.rollout.run_episodes`'s `first_group` and `base`): the trajectories are those of a single-process rollout,
-whatever the number of workers, so a run can be resumed with another number (or none).
+whatever the number of workers, so a run can be resumed with another number (or none). `RolloutPool.start` plays
+a rollout without waiting for it (`distributed.overlap`: the next iteration's rollout during the update). A worker
+with a vLLM engine pushes every weight load into it; with `rollout.reuse_envs` it keeps its envs across rollouts.
 
 Ray is an optional extra (`pip install 'turnrl[ray]'`), imported only when `distributed.workers` > 0. Without a
 cluster address the pool starts a local Ray instance (node address 127.0.0.1) and shuts it down when it closes. Ray runs
