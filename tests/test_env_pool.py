@@ -106,14 +106,14 @@ def test_closing_goes_on_past_an_env_whose_close_raises():
 
     pool.give(Env.__new__(Env))  # an env whose id attribute is missing: its close raises AttributeError
     lines = []
-    close_kept_envs(pool, lines.append)
+    close_kept_envs({"lake": pool}, lines.append)
     assert len(lines) == 1 and "raised in close: AttributeError" in lines[0]
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_run_with_reused_envs_is_the_run_without(tmp_path, monkeypatch, workers):
     """Same metrics, samples and final weights, in the training process and in Ray rollout workers; in the
-    training process the rollouts build only the first rollout's envs."""
+    training process the rollouts and evaluations build hardly more than one rollout's envs."""
     import importlib.util
     from pathlib import Path
 
@@ -127,10 +127,10 @@ def test_a_run_with_reused_envs_is_the_run_without(tmp_path, monkeypatch, worker
 
     if workers and importlib.util.find_spec("ray") is None:
         pytest.skip("needs Ray: pip install 'turnrl[ray]'")
-    import turnrl.train as train_module
+    import turnrl.evaluate as evaluate_module  # env_factory's make: training rollouts and evaluations
 
-    built, real_make = [], train_module.make
-    monkeypatch.setattr(train_module, "make", lambda *a, **kw: built.append(1) or real_make(*a, **kw))
+    built, real_make = [], evaluate_module.make
+    monkeypatch.setattr(evaluate_module, "make", lambda *a, **kw: built.append(1) or real_make(*a, **kw))
     runs, counts = [], []
     for reuse in (False, True):
         cfg = small_config(tmp_path / f"reuse-{reuse}")
@@ -142,8 +142,8 @@ def test_a_run_with_reused_envs_is_the_run_without(tmp_path, monkeypatch, worker
         runs.append(cfg)
         counts.append(len(built))
     episodes = runs[0].rollout.n_groups * runs[0].rollout.group_size
-    if not workers:
-        assert counts == [3 * episodes, episodes]
+    if not workers:  # every episode of 3 rollouts builds its env, and those of the evaluations
+        assert counts[0] >= 3 * episodes and counts[1] <= counts[0] - 2 * episodes
     a, b = (without_timing(MetricsLog(Path(c.out) / "metrics.jsonl").read()) for c in runs)
     assert a == b
     assert MetricsLog(Path(runs[0].out) / "samples.jsonl").read() == MetricsLog(Path(runs[1].out) / "samples.jsonl").read()

@@ -93,7 +93,7 @@ class RolloutConfig:
     env_timeout: float = 60.0  # seconds an env reset/step may take before its episode fails (0 = no limit; Unix main thread)
     max_env_error_rate: float = 0.1  # fraction of an iteration's episodes whose env may fail before the run stops
     env_threads: int = 0  # env resets, steps and closes run concurrently in this many threads, for envs that wait (web, subprocess, sandbox); 0 = one after another in the main thread. Not the trajectories (envs are independent); a call past env_timeout in a thread is abandoned with its env
-    reuse_envs: bool = False  # keep env instances from one training rollout to the next (reset with each episode's seed) instead of building one per episode: for envs that are slow to build. Same trajectories for envs that pass check_env; an env that failed is never reused
+    reuse_envs: bool = False  # keep env instances from one rollout or evaluation to the next (reset with each episode's seed) instead of building one per episode: for envs that are slow to build. Same trajectories for envs that pass check_env; an env that failed is never reused
 
     def __post_init__(self):
         _check(self.env_timeout >= 0, f"rollout.env_timeout must be >= 0 seconds (0 = no limit), got {self.env_timeout}")

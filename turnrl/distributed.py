@@ -28,8 +28,6 @@ import torch
 
 from turnrl.config import ConfigError, TrainConfig
 from turnrl.engines.base import SamplingParams
-from turnrl.env_pool import EnvPool
-from turnrl.envs import make
 from turnrl.envs.registry import ENVS
 from turnrl.faults import WorkerLostError
 from turnrl.trajectory import Trajectory
@@ -86,8 +84,7 @@ class RolloutWorker:
         self.engine = engine_for(self.policy, cfg, torch.Generator())
         self.renderer = renderer_for(self.policy, cfg)
         self.settings, self.params = settings_for(cfg), rollout_params(cfg)
-        # rollout.reuse_envs: the training env's instances kept across this worker's rollouts (and evaluations on it)
-        self.envs = EnvPool(lambda: make(cfg.env.name, **cfg.env.kwargs)) if cfg.rollout.reuse_envs else None
+        self.kept_envs = {} if cfg.rollout.reuse_envs else None  # env pools by name, across this worker's rollouts
 
     def ready(self) -> int:
         return os.getpid()
@@ -109,19 +106,18 @@ class RolloutWorker:
         closes the envs kept for reuse."""
         if self.cfg.engine.name == "vllm":
             self.engine.close()
-        if self.envs is not None:
-            self.envs.close()
+        for envs in (self.kept_envs or {}).values():
+            envs.close()
 
     def play(self, seeds: list[int], first_group: int, base: int, env_name: str | None = None,
              group_size: int | None = None, params: SamplingParams | None = None) -> list[Trajectory]:
         """One share of a rollout: the training rollout's env, group size and sampling unless given (an
         evaluation's)."""
+        from turnrl.evaluate import env_factory
         from turnrl.rollout import run_episodes
 
         cfg, env_name = self.cfg, env_name or self.cfg.env.name
-        make_env = self.envs if self.envs is not None and env_name == cfg.env.name else (
-            lambda: make(env_name, **cfg.env.kwargs))
-        return run_episodes(self.engine, self.renderer, make_env, seeds,
+        return run_episodes(self.engine, self.renderer, env_factory(cfg, env_name, self.kept_envs), seeds,
                             group_size or cfg.rollout.group_size, self.settings, params or self.params,
                             env_name=env_name, first_group=first_group, base=base)
 

@@ -1,4 +1,4 @@
-"""Env instances kept from one rollout to the next (`rollout.reuse_envs`).
+"""Env instances kept from one rollout or evaluation to the next (`rollout.reuse_envs`).
 
 Envs whose construction is expensive (a subprocess, a browser, a container, a large dataset) would otherwise be
 built for every episode of every rollout. With a pool, an episode takes an idle env and resets it with its own

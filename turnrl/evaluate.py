@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from turnrl.config import EVAL_SEED_LIMIT, TrainConfig
 from turnrl.context import SUMMARY_INSTRUCTION, ChatRenderer
 from turnrl.engines import HFEngine, SamplingParams
+from turnrl.env_pool import EnvPool
 from turnrl.envs import make
 from turnrl.parsing import parse_reply
 from turnrl.qa_metrics import mean_turns_to_success, mean_unique_answer_ratio, succ_at_k
@@ -143,10 +144,21 @@ def eval_arguments(cfg: TrainConfig, env_name: str | None, episodes: int | None,
             e.greedy if greedy is None else greedy)
 
 
+def env_factory(cfg: TrainConfig, env_name: str, kept: dict[str, EnvPool] | None = None) -> Callable[[], object]:
+    """What builds `env_name`'s envs for an episode: a new env each time, or with `kept` (rollout.reuse_envs) the
+    pool of that env's instances kept in it, made on first use."""
+    make_env = lambda: make(env_name, **cfg.env.kwargs)  # noqa: E731
+    if kept is None:
+        return make_env
+    if env_name not in kept:
+        kept[env_name] = EnvPool(make_env)
+    return kept[env_name]
+
+
 def evaluate(policy, cfg: TrainConfig, *, env_name: str | None = None, episodes: int | None = None,
              k: int | None = None, temperature: float | None = None, greedy: bool | None = None,
-             seed: int | None = None, engine=None, pool=None, progress: str | None = None
-             ) -> tuple[EvalResult, list[Trajectory]]:
+             seed: int | None = None, engine=None, pool=None, progress: str | None = None,
+             kept_envs: dict[str, EnvPool] | None = None) -> tuple[EvalResult, list[Trajectory]]:
     """Plays `episodes` held-out start states `k` times each with the policy (sampling at `temperature`).
 
     Arguments default to `cfg.eval`; the env defaults to `cfg.env.eval_name` or `cfg.env.name`.
@@ -154,7 +166,8 @@ def evaluate(policy, cfg: TrainConfig, *, env_name: str | None = None, episodes:
     generator is swapped for the evaluation's for the duration. Default: the engine `cfg.engine` names,
     built here (and closed again when it is a vLLM engine). `pool`: Ray rollout workers holding the policy's
     weights (turnrl.distributed.RolloutPool), which then play the episodes, the same ones. `progress`: the
-    description of a progress bar over the episodes (None: no bar).
+    description of a progress bar over the episodes (None: no bar). `kept_envs`: env pools by env name kept across
+    rollouts and evaluations (rollout.reuse_envs, `env_factory`).
     Returns the summary and the sampled trajectories (for logs).
     """
     env_name, episodes, k, temperature, greedy = eval_arguments(cfg, env_name, episodes, k, temperature, greedy)
@@ -163,14 +176,14 @@ def evaluate(policy, cfg: TrainConfig, *, env_name: str | None = None, episodes:
         engine = engine_for(policy, cfg, gen)
         try:
             return evaluate(policy, cfg, env_name=env_name, episodes=episodes, k=k, temperature=temperature,
-                            greedy=greedy, seed=seed, engine=engine, progress=progress)
+                            greedy=greedy, seed=seed, engine=engine, progress=progress, kept_envs=kept_envs)
         finally:
             if hasattr(engine, "close"):
                 engine.close()
     bar = tqdm(total=episodes * (k + bool(greedy)), desc=progress, disable=progress is None, leave=False,
                dynamic_ncols=True)
     settings = settings_for(cfg)
-    make_env = lambda: make(env_name, **cfg.env.kwargs)  # noqa: E731
+    make_env = env_factory(cfg, env_name, kept_envs)
     args = (make_env, settings, episodes, k, temperature, greedy)
 
     def play_pool(seeds, group_size, params):  # the stream bases the engine below would draw from `gen`

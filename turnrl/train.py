@@ -28,8 +28,7 @@ from turnrl.config import DYNAMIC_SEED_OFFSET, TRAIN_SEED_BASE, ConfigError, Tra
 from turnrl.diagnostics import collapse_metrics
 from turnrl.distributed import Playing, RolloutPool
 from turnrl.env_pool import EnvPool
-from turnrl.envs import make
-from turnrl.evaluate import engine_for, evaluate, renderer_for, rollout_params, settings_for
+from turnrl.evaluate import engine_for, env_factory, evaluate, renderer_for, rollout_params, settings_for
 from turnrl.faults import EnvFailureError, Interrupted, StopSignals
 from turnrl.prepare import (build_policy, check_engine, check_env_config, check_model_fits, check_output_dir,
                             reference_model, rl_optimizer, run_sft)
@@ -167,11 +166,12 @@ def eval_points(cfg: TrainConfig, name: str) -> list[tuple[str, str | None]]:
     return points
 
 
-def _run_eval(policy, cfg: TrainConfig, evals: dict, name: str, path: Path, log, engine=None, pool=None) -> None:
+def _run_eval(policy, cfg: TrainConfig, evals: dict, name: str, path: Path, log, engine=None, pool=None,
+              kept_envs: dict | None = None) -> None:
     for key, env_name in eval_points(cfg, name):
         if key in evals:  # a resumed run that already measured it
             continue
-        result, trajs = evaluate(policy, cfg, env_name=env_name, engine=engine, pool=pool,
+        result, trajs = evaluate(policy, cfg, env_name=env_name, engine=engine, pool=pool, kept_envs=kept_envs,
                                  progress=f"eval {key}" if cfg.progress else None)
         if cfg.samples_per_iteration:  # a few of its episodes for turnrl report (eval_samples.json)
             _write_eval_samples(path, {key: sample_episodes(trajs, cfg.samples_per_iteration)})
@@ -266,12 +266,17 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
     shared = engine_for(policy, cfg, generators["rollout"]) if cfg.engine.name == "vllm" and pool is None else None
     if shared is not None:
         cleanup.callback(shared.close)
+    # rollout.reuse_envs: env instances kept across rollouts and evaluations, by env name, closed however the run
+    # ends (Ray workers keep their own)
+    kept_envs: dict[str, EnvPool] | None = {} if cfg.rollout.reuse_envs and pool is None else None
+    if kept_envs is not None:
+        cleanup.callback(close_kept_envs, kept_envs, log)
     # Keep only the iterations the checkpoint knows about (a crash may have logged more).
     for log_file in (metrics, samples):
         log_file.truncate_to([r for r in log_file.read() if r.get("iteration", 0) < state["iteration"]])
 
     # ---- evaluation before training and SFT warm start --------------------------------------------
-    _run_eval(policy, cfg, evals, "untrained", eval_path, log, shared, pool)
+    _run_eval(policy, cfg, evals, "untrained", eval_path, log, shared, pool, kept_envs)
     if state["phase"] == "start":
         if cfg.sft.episodes > 0:
             run_sft(policy, cfg, log)
@@ -283,7 +288,7 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
     if cfg.sft.episodes == 0:  # same model, same eval seeds and sampling seed: the same result, no need to rerun
         _copy_eval(cfg, evals, "untrained", "after_sft", eval_path)
     else:
-        _run_eval(policy, cfg, evals, "after_sft", eval_path, log, shared, pool)
+        _run_eval(policy, cfg, evals, "after_sft", eval_path, log, shared, pool, kept_envs)
 
     # ---- RL ---------------------------------------------------------------------------------------
     optimizer, scheduler = rl_optimizer(policy, cfg)
@@ -298,10 +303,7 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
         engine = shared if shared is not None else engine_for(policy, cfg, generators["rollout"])
         renderer, settings = renderer_for(policy, cfg), settings_for(cfg)
         params = rollout_params(cfg)
-        make_env = lambda: make(cfg.env.name, **cfg.env.kwargs)  # noqa: E731
-        if cfg.rollout.reuse_envs:  # env instances kept across rollouts, closed however the run ends
-            make_env = EnvPool(make_env)
-            cleanup.callback(close_kept_envs, make_env, log)
+        make_env = env_factory(cfg, cfg.env.name, kept_envs)
 
     # distributed.overlap: the workers play an iteration's first round while the previous iteration updates, with
     # the weights before that update; `ahead` = (its seeds, the rollout being played), or what a checkpoint saved.
@@ -388,7 +390,7 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
                     # goes on exactly as without it
                     t_eval = time.perf_counter()
                     result, _ = evaluate(policy, cfg, episodes=cfg.eval.every_episodes or None, engine=shared,
-                                           pool=pool)
+                                           pool=pool, kept_envs=kept_envs)
                     record.update(periodic_eval_metrics(result))
                     record["perf/eval_seconds"] = time.perf_counter() - t_eval
                 metrics.append(record)
@@ -424,15 +426,16 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
     else:
         for key, _ in eval_points(cfg, "after_rl"):  # a resumed run with more iterations: measure the new end
             evals.pop(key, None)
-        _run_eval(policy, cfg, evals, "after_rl", eval_path, log, shared, pool)
+        _run_eval(policy, cfg, evals, "after_rl", eval_path, log, shared, pool, kept_envs)
     save_model_atomic(policy, run_dir / "final")
     return evals
 
 
-def close_kept_envs(pool: EnvPool, log) -> None:
+def close_kept_envs(kept: dict[str, EnvPool], log) -> None:
     """Closes the envs a run kept for reuse; an env whose `close` raised is reported, the others closed anyway."""
-    for err in pool.close():
-        log(f"[envs] an env kept for reuse (rollout.reuse_envs) raised in close: {type(err).__name__}: {err}")
+    for name, pool in kept.items():
+        for err in pool.close():
+            log(f"[envs] a {name} env kept for reuse (rollout.reuse_envs) raised in close: {type(err).__name__}: {err}")
 
 
 def periodic_eval_metrics(result) -> dict[str, float]:
