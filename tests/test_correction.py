@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from turnrl.algos.correction import mismatch_correction
+from turnrl.algos.correction import STATS, mismatch_correction
 from turnrl.config import AlgoConfig, ConfigError, OptimConfig
 from turnrl.models import load_policy
 from turnrl.batch import collate
@@ -24,6 +24,7 @@ def test_tis_caps_the_ratio_and_masks_nothing():
     weights, keep, stats = mismatch_correction(train, rollout, mask, mode="tis")
     torch.testing.assert_close(weights, torch.tensor([[1.0, 2.0, 0.5, 1.0]]))  # default cap 2
     assert torch.equal(keep, mask)
+    assert tuple(stats) == STATS  # the keys the trainer logs as mismatch/*
     assert stats["affected_frac"] == pytest.approx(1 / 3)
     assert stats["ratio_max"] == pytest.approx(3.0) and stats["ratio_min"] == pytest.approx(0.5)
     assert stats["ratio_mean"] == pytest.approx(1.5)

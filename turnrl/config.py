@@ -181,10 +181,9 @@ class AlgoConfig:
         _check((self.mismatch_low is None or self.mismatch_low > 0) and (self.mismatch_high is None or self.mismatch_high > 0),
                "algo.mismatch_low and algo.mismatch_high must be > 0")
         if mode in ("icepop", "geo-mask"):
-            from turnrl.algos.correction import DEFAULT_BOUNDS
+            from turnrl.algos.correction import bounds
 
-            low = DEFAULT_BOUNDS[mode][0] if self.mismatch_low is None else self.mismatch_low
-            high = DEFAULT_BOUNDS[mode][1] if self.mismatch_high is None else self.mismatch_high
+            low, high = bounds(mode, self.mismatch_low, self.mismatch_high)
             _check(low <= 1 <= high, f"algo.mismatch_low <= 1 <= algo.mismatch_high is needed (a band around "
                    f"rho = 1, where sampler and trainer agree), got [{low}, {high}]")
         _check(0 < self.filter_keep <= 1, f"algo.filter_keep must be in (0, 1], got {self.filter_keep}")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from turnrl.algos.correction import STATS as CORRECTION_STATS
 from turnrl.algos.filters import dynamic_sampling_keep, filter_by_reward_std
 from turnrl.checkpoint import (MetricsLog, atomic_write_text, latest_checkpoint, load_ahead, remove_stale_temps,
                                save_checkpoint, save_model_atomic, set_rng_state)
@@ -309,12 +310,11 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
     # the weights before that update; `ahead` = (its seeds, the rollout being played), or what a checkpoint saved.
     saved_ahead = load_ahead(ckpt) if ckpt is not None else None
     ahead = None if saved_ahead is None else (saved_ahead[0], Playing.done(saved_ahead[1]))
-    lagged = False  # whether this iteration's rollout was played ahead
 
     def play(seeds: list[int]) -> list[Trajectory]:
-        nonlocal ahead, lagged
+        nonlocal ahead
         if ahead is not None and ahead[0] == seeds:
-            lagged, (_, playing), ahead = True, ahead, None
+            (_, playing), ahead = ahead, None
             return playing.result()
         if pool is not None:  # the same trajectories as below, played by the workers (turnrl.distributed)
             return pool.play(seeds, base=draw_base(generators["rollout"]))
@@ -334,7 +334,8 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
         # more iteration before stopping; after the last iteration's, it stops the run before the final evaluation.)
         with stop.deferred():
             for iteration in bar:
-                t0, lagged = time.perf_counter(), False
+                t0 = time.perf_counter()
+                lagged = ahead is not None  # this iteration's first round was played during the last update
                 # rollout (n_groups start states x group_size samples each), reward shaping, then the group
                 # filter: StarPO-S keeps the groups whose raw env returns vary most; DAPO dynamic sampling
                 # drops groups with equal returns and plays more start states to refill the batch. Episodes
@@ -468,7 +469,7 @@ def update_metrics(stats: dict[str, float], cfg: TrainConfig) -> dict[str, float
     if cfg.algo.needs_critic:
         keys.append("loss/value")
     if cfg.algo.mismatch_correction != "off":
-        keys += [f"mismatch/{k}" for k in ("ratio_mean", "ratio_min", "ratio_max", "k3_kl", "affected_frac")]
+        keys += [f"mismatch/{k}" for k in CORRECTION_STATS]
     out = {k: stats.get(k) for k in keys}
     out["train/skipped_update"] = 0.0 if stats else 1.0
     return out

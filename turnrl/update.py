@@ -189,11 +189,16 @@ def prepare_targets(policy, batch: Batch, trajs: list[Trajectory], *, algo: Algo
         weights, keep, stats = mismatch_correction(train_logps, batch.old_logprobs, batch.mask,
                                                    mode=algo.mismatch_correction, low=algo.mismatch_low,
                                                    high=algo.mismatch_high)
-        gap = ((train_logps - batch.old_logprobs).abs() * batch.mask).sum() / batch.mask.sum().clamp(min=1)
-        stats = {f"mismatch/{k}": v for k, v in stats.items()} | {"actor/logprob_mismatch": gap.item()}
+        stats = {f"mismatch/{k}": v for k, v in stats.items()} | {
+            "actor/logprob_mismatch": logprob_gap(train_logps, batch.old_logprobs, batch.mask)}
         targets.old_logprobs, targets.loss_weights, targets.loss_mask = train_logps, weights, keep
         targets.correction_stats = stats
     return targets
+
+
+def logprob_gap(logprobs: torch.Tensor, sampled: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean |logprob - sampling logprob| over the masked tokens (actor/logprob_mismatch)."""
+    return float(((logprobs - sampled).abs() * mask).sum() / mask.sum().clamp(min=1))
 
 
 def without_rejected(batch: Batch, targets: Targets) -> Batch:
@@ -307,8 +312,7 @@ def minibatch_backward(policy, batch: Batch, targets: Targets, mb_rows: list[int
             _append(stats, "actor/clip_frac", pg_stats["clip_frac"], weight)
             if log_mismatch:
                 # Before the first step the policy is the sampler: any gap is engine/trainer numerics.
-                gap = ((logps.detach() - old).abs() * mask).sum() / mask.sum().clamp(min=1)
-                _append(stats, "actor/logprob_mismatch", gap.item(), weight)
+                _append(stats, "actor/logprob_mismatch", logprob_gap(logps.detach(), old, mask), weight)
     return totals
 
 

@@ -19,8 +19,18 @@ from torch import Tensor
 MODES = ("tis", "icepop", "geo-mask")
 # (low, high) bounds when the config leaves them unset; tis uses only `high` (its cap).
 DEFAULT_BOUNDS = {"tis": (None, 2.0), "icepop": (0.5, 5.0), "geo-mask": (0.999, 1.001)}
+# The keys of `mismatch_correction`'s stats (logged as mismatch/<key>).
+STATS = ("ratio_mean", "ratio_min", "ratio_max", "k3_kl", "affected_frac")
 # The same +-20 window on log-ratios as the PPO loss (turnrl.algos.losses): larger ones only overflow.
 _MAX_LOG_RATIO = 20.0
+
+
+def bounds(mode: str, low: float | None = None, high: float | None = None) -> tuple[float | None, float]:
+    """The band `mode` uses: `low` and `high` where given, the mode's defaults (`DEFAULT_BOUNDS`) where None."""
+    if mode not in MODES:
+        raise ValueError(f"mismatch correction mode must be one of {MODES}, got {mode!r}")
+    default_low, default_high = DEFAULT_BOUNDS[mode]
+    return (default_low if low is None else low), (default_high if high is None else high)
 
 
 def mismatch_correction(train_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor, *, mode: str,
@@ -50,11 +60,7 @@ def mismatch_correction(train_logprobs: Tensor, rollout_logprobs: Tensor, mask: 
         ``k3_kl`` (mean ``rho - 1 - log rho``, the k3 estimate of KL(rollout || train)) and ``affected_frac``
         (tis: truncated tokens; masks: rejected tokens).
     """
-    if mode not in MODES:
-        raise ValueError(f"mismatch correction mode must be one of {MODES}, got {mode!r}")
-    default_low, default_high = DEFAULT_BOUNDS[mode]
-    low = default_low if low is None else low
-    high = default_high if high is None else high
+    low, high = bounds(mode, low, high)
     on = mask > 0
     log_ratio = torch.where(on, train_logprobs.detach() - rollout_logprobs.detach(), torch.zeros_like(train_logprobs))
     log_ratio = log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
