@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal
 
+from turnrl.config_json import json_field_problem
+
 # Seed ranges never overlap: evaluation uses [0, TRAIN_SEED_BASE), RL rollouts and SFT demos use
 # disjoint ranges above it, so no held-out episode is ever trained on.
 EVAL_SEED_LIMIT = 1_000_000
@@ -464,50 +466,10 @@ class TrainConfig:
 def _typed_fields(cls, data: dict, prefix: str) -> dict:
     """`data` with every key a field of dataclass `cls` and every value of the field's type (ConfigError
     naming the field otherwise). tyro checks command-line values; this checks JSON files."""
-    import difflib
-    import typing
-
-    hints = typing.get_type_hints(cls)
-    for key, value in data.items():
-        if key not in hints:
-            close = difflib.get_close_matches(key, hints, n=1)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown config field '{prefix}{key}'{hint}")
-        if not dataclasses.is_dataclass(hints[key]) and not _is_instance(value, hints[key]):
-            raise ConfigError(f"config field {prefix}{key} must be {_type_name(hints[key])}, got {value!r}")
+    problem = json_field_problem(cls, data, prefix)
+    if problem is not None:
+        raise ConfigError(problem)
     return data
-
-
-def _is_instance(value, hint) -> bool:
-    import types
-    import typing
-
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Literal:
-        return value in args
-    if origin in (typing.Union, types.UnionType):
-        return any(_is_instance(value, a) for a in args)
-    if hint is type(None):
-        return value is None
-    if origin is tuple:  # JSON has no tuples: a tuple field comes back as a list
-        if not isinstance(value, (list, tuple)):
-            return False
-        if len(args) == 2 and args[1] is Ellipsis:
-            return all(_is_instance(v, args[0]) for v in value)
-        return len(value) == len(args) and all(_is_instance(v, a) for v, a in zip(value, args))
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, origin or hint)
-
-
-def _type_name(hint) -> str:
-    import typing
-
-    if typing.get_origin(hint) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
-    return "of type " + (getattr(hint, "__name__", None) or str(hint))
 
 
 def diff_configs(a: TrainConfig, b: TrainConfig, ignore: tuple[str, ...] = ()) -> list[str]:

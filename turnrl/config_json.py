@@ -1,0 +1,55 @@
+"""Type checks of config data read from JSON (a run's config.json) against the config dataclasses' fields.
+
+tyro checks command-line values; JSON files need their own check: unknown field names (with a "did you mean") and
+values of the wrong type, named by their dotted field. Generic over dataclasses, so turnrl.config only defines
+the fields and raises its ConfigError with the message found here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Literal
+
+
+def json_field_problem(cls, data: dict, prefix: str) -> str | None:
+    """What is wrong with `data` as fields of dataclass `cls` (the first unknown key or mistyped value, named
+    `prefix` + key), or None. Nested dataclass fields are left to the caller."""
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        if key not in hints:
+            close = difflib.get_close_matches(key, hints, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            return f"unknown config field '{prefix}{key}'{hint}"
+        if not dataclasses.is_dataclass(hints[key]) and not _is_instance(value, hints[key]):
+            return f"config field {prefix}{key} must be {_type_name(hints[key])}, got {value!r}"
+    return None
+
+
+def _is_instance(value, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return value in args
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_instance(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin is tuple:  # JSON has no tuples: a tuple field comes back as a list
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_is_instance(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_is_instance(v, a) for v, a in zip(value, args))
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, origin or hint)
+
+
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    return "of type " + (getattr(hint, "__name__", None) or str(hint))
