@@ -55,6 +55,9 @@ def test_panels_are_those_with_data_plus_requested_keys():
                             "mismatch/affected_frac": 0.0}) for r in RECORDS]
     assert dict(panels_for(corrected))["Mismatch correction: token ratio pi_train / pi_rollout"] == [
         "mismatch/ratio_min", "mismatch/ratio_mean", "mismatch/ratio_max"]
+    distilled = [dict(r, **{"distill/reverse_kl": 1.5}) for r in RECORDS]
+    assert dict(panels_for(distilled))["On-policy distillation: KL(student || teacher) per token"] == [
+        "distill/reverse_kl"]
     extra = panels_for(RECORDS, ["train/*", "perf/update_seconds"])
     assert extra[-2:] == [("train/tokens", ["train/tokens"]), ("perf/update_seconds", ["perf/update_seconds"])]
 

@@ -130,6 +130,21 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def is_run_dir(path: Path) -> bool:
+    """A turnrl run directory: its config.json with a final model or checkpoints."""
+    path = Path(path)
+    return (path / "config.json").exists() and ((path / "final").is_dir() or (path / "checkpoints").is_dir())
+
+
+def run_model_dir(run_dir: Path) -> Path | None:
+    """A run's final model directory, else its newest checkpoint's model, else None."""
+    final = Path(run_dir) / "final"
+    if final.is_dir():
+        return final
+    ckpt = latest_checkpoint(run_dir)
+    return None if ckpt is None else ckpt / "model"
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Writes `text` to `path` through a temporary file renamed into place: a reader (or a crash) never sees half
     a file."""

@@ -109,26 +109,20 @@ def _print_evals(evals: dict, run_dir: Path) -> None:
         print(f"  RL gain (after_rl - after_sft success): {gain:+.3f}")
 
 
-def is_run_dir(path: Path) -> bool:
-    return (path / "config.json").exists() and ((path / "final").is_dir() or (path / "checkpoints").is_dir())
-
-
 def run_model(run_dir: Path):
     """(the run's config, its final model directory or else its newest checkpoint's model)."""
-    from turnrl.checkpoint import latest_checkpoint
+    from turnrl.checkpoint import run_model_dir
     from turnrl.config import TrainConfig
 
     cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
-    model_dir = run_dir / "final"
-    if not model_dir.is_dir():
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise UsageError(f"run {str(run_dir)!r} has no final model and no checkpoint yet")
-        model_dir = ckpt / "model"
+    model_dir = run_model_dir(run_dir)
+    if model_dir is None:
+        raise UsageError(f"run {str(run_dir)!r} has no final model and no checkpoint yet")
     return cfg, str(model_dir)
 
 
 def cmd_export(argv: list[str]) -> int:
+    from turnrl.checkpoint import is_run_dir
     from turnrl.models import export_merged
     from turnrl.prepare import build_policy
 
@@ -152,6 +146,7 @@ def cmd_export(argv: list[str]) -> int:
 
 
 def cmd_eval(argv: list[str]) -> int:
+    from turnrl.checkpoint import is_run_dir
     from turnrl.config import EngineConfig, EnvConfig, ModelConfig, TrainConfig
     from turnrl.evaluate import evaluate
     from turnrl.prepare import build_policy, check_env_config
@@ -280,6 +275,7 @@ def _eval_served(cfg, args):
 
 
 def cmd_serve(argv: list[str]) -> int:
+    from turnrl.checkpoint import is_run_dir
     from turnrl.serve import AgentServer
     from turnrl.prepare import build_policy
 

@@ -1,4 +1,4 @@
-"""Typed configuration: one dataclass per concern, nested in `TrainConfig`, plus named presets.
+"""Typed configuration: one dataclass per concern, nested in `TrainConfig` (named presets: turnrl.presets).
 
 Every config validates itself in `__post_init__` and fails with a message that says what to change.
 A setting that would silently do nothing is an error.
@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal
 
-from turnrl.config_json import json_field_problem
+from turnrl.config_json import changed_fields, json_field_problem
 
 # Seed ranges never overlap: evaluation uses [0, TRAIN_SEED_BASE), RL rollouts and SFT demos use
 # disjoint ranges above it, so no held-out episode is ever trained on.
@@ -170,6 +170,7 @@ class AlgoConfig:
     mismatch_correction: Literal["off", "tis", "icepop", "geo-mask"] = "off"
     mismatch_low: float | None = None  # lower bound of rho (icepop, geo-mask); None = 0.5 (icepop), 0.999 (geo-mask)
     mismatch_high: float | None = None  # upper bound (tis: the weight cap); None = 2.0 (tis), 5.0 (icepop), 1.001 (geo-mask)
+    top_entropy_frac: float = 1.0  # policy gradient only on this fraction of model tokens, those of highest entropy at the update's start (0.2 = "80/20", Wang et al. 2025; one more forward); 1 = all
 
     def __post_init__(self):
         est = self.estimator
@@ -213,6 +214,10 @@ class AlgoConfig:
                "use loss='ppo' or a sequence/turn-level estimator")
         _check(not (self.loss == "gspo" and self.dual_clip is not None),
                "algo.dual_clip applies to loss='ppo' only: remove it or use loss='ppo'")
+        _check(0 < self.top_entropy_frac <= 1, f"algo.top_entropy_frac must be in (0, 1], got {self.top_entropy_frac}")
+        _check(self.loss != "gspo" or self.top_entropy_frac == 1.0,
+               "algo.top_entropy_frac selects tokens for the per-token ratio of loss='ppo'; loss='gspo' takes one "
+               "ratio per sequence: remove it or use loss='ppo'")
         _check(self.dynamic_max_rounds >= 1, "algo.dynamic_max_rounds must be >= 1")
         _check(self.filter == "dynamic" or self.dynamic_max_rounds == 3,
                "algo.dynamic_max_rounds is only used by algo.filter='dynamic': remove it or set filter='dynamic'")
@@ -378,6 +383,22 @@ class DistributedConfig:
 
 
 @dataclass
+class DistillConfig:
+    """On-policy distillation (docs/algorithms.md): a frozen teacher scores every token the student samples and
+    the per-token reverse KL enters the advantages (turnrl.algos.reverse_kl_advantages)."""
+
+    teacher: str = ""  # teacher model: a turnrl run directory (its final model), a model directory, 'tiny', a known name or hub id; must share the policy's tokenizer. "" = off
+    coef: float = 1.0  # weight of the per-token advantage log pi_teacher - log pi_student
+    task_reward: bool = True  # keep the estimator's task advantages and add the distillation term; false = distillation alone (needs algo.filter='none')
+
+    def __post_init__(self):
+        _check(self.coef > 0, f"distill.coef must be > 0, got {self.coef}")
+        _check(bool(self.teacher) or (self.coef == 1.0 and self.task_reward),
+               "distill.coef and distill.task_reward configure on-policy distillation, which is off: set "
+               "distill.teacher or remove them")
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
@@ -390,6 +411,7 @@ class TrainConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     diag: DiagConfig = field(default_factory=DiagConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     iterations: int = 200  # RL iterations
     seed: int = 0  # seed of model init, sampling and the RL seed stream
     out: str = "runs/latest"  # run directory (config.json, metrics.jsonl, eval.json, checkpoints/, final/)
@@ -441,6 +463,16 @@ class TrainConfig:
                f"reward.dense_until={self.reward.dense_until} >= iterations={self.iterations}: rewards never turn "
                "sparse; lower dense_until (0 = off) or raise iterations")
 
+        if self.distill.teacher:
+            _check(self.algo.loss != "gspo", "distill.teacher gives each token its own advantage, which algo.loss="
+                   "'gspo' (one ratio per sequence) cannot use: set algo.loss='ppo'")
+            _check(self.distill.task_reward or not self.algo.needs_critic,
+                   f"distill.task_reward=false trains on distillation alone, so estimator {self.algo.estimator!r}'s "
+                   "value head would learn returns nobody uses: use estimator 'grpo' or distill.task_reward=true")
+            _check(self.distill.task_reward or self.algo.filter == "none",
+                   f"distill.task_reward=false: every episode carries the distillation signal, but algo.filter="
+                   f"{self.algo.filter!r} selects groups by task reward: set algo.filter='none'")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -452,7 +484,8 @@ class TrainConfig:
         """Builds a config from JSON data (a run's config.json), checking every field's name and type."""
         nested = {"model": ModelConfig, "env": EnvConfig, "rollout": RolloutConfig, "algo": AlgoConfig,
                   "reward": RewardConfig, "optim": OptimConfig, "sft": SFTConfig, "eval": EvalConfig,
-                  "engine": EngineConfig, "diag": DiagConfig, "distributed": DistributedConfig}
+                  "engine": EngineConfig, "diag": DiagConfig, "distributed": DistributedConfig,
+                  "distill": DistillConfig}
         kwargs = {}
         for key, value in _typed_fields(cls, data, "").items():
             if key in nested:
@@ -474,19 +507,4 @@ def _typed_fields(cls, data: dict, prefix: str) -> dict:
 
 def diff_configs(a: TrainConfig, b: TrainConfig, ignore: tuple[str, ...] = ()) -> list[str]:
     """Dotted names of the fields that differ (used to refuse resuming with another config)."""
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict) and k != "kwargs":
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = v
-        return out
-    fa, fb = flat(a.to_dict()), flat(b.to_dict())
-    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k) and k not in ignore)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Presets
-# ---------------------------------------------------------------------------------------------------
-
+    return changed_fields(a.to_dict(), b.to_dict(), ignore)

@@ -53,3 +53,18 @@ def _type_name(hint) -> str:
     if typing.get_origin(hint) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
     return "of type " + (getattr(hint, "__name__", None) or str(hint))
+
+
+def changed_fields(a: dict, b: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Dotted names of the fields whose values differ between two configs' dicts (nested configs are walked; an
+    env's `kwargs` dict is one value), except those in `ignore`."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and k != "kwargs":
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+    fa, fb = flat(a), flat(b)
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k) and k not in ignore)

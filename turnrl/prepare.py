@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from turnrl.checkpoint import check_free_space, checkpoint_bytes, save_model_atomic
+from turnrl.checkpoint import check_free_space, checkpoint_bytes, is_run_dir, run_model_dir, save_model_atomic
 from turnrl.config import SFT_SEED_BASE, ConfigError, TrainConfig
 from turnrl.envs import make
 from turnrl.evaluate import renderer_for, settings_for
-from turnrl.models import LoraSpec, TinyModelSpec, load_policy
+from turnrl.models import LoraSpec, ModelLoadError, TinyModelSpec, count_parameters, load_policy
 from turnrl.reference import Reference, reference_of, saved_adapter_weights
 from turnrl.sft import make_demonstrations, sft
 
@@ -129,6 +129,27 @@ def reference_model(run_dir: Path, policy, cfg: TrainConfig, iteration: int, log
     ref = reference_of(policy)  # the policy is still the RL starting point
     save_model_atomic(policy, path)
     return ref
+
+
+def teacher_model(cfg: TrainConfig, policy, log=print) -> Reference:
+    """The frozen teacher of on-policy distillation (`distill.teacher`): a run directory's final model (or newest
+    checkpoint), or any model `load_policy` loads. It scores the student's token ids, so it must have the same
+    tokenizer (ModelLoadError otherwise)."""
+    name = cfg.distill.teacher
+    path = Path(name)
+    if is_run_dir(path):
+        model_dir = run_model_dir(path)
+        if model_dir is None:
+            raise ModelLoadError(f"distill.teacher: run {name!r} has no final model and no checkpoint yet")
+        name = str(model_dir)
+    teacher = load_policy(name)
+    if teacher.tokenizer.get_vocab() != policy.tokenizer.get_vocab():
+        raise ModelLoadError(f"distill.teacher {cfg.distill.teacher!r} has another tokenizer than the policy "
+                             f"{cfg.model.name!r}: distillation scores the student's token ids under the teacher, so "
+                             "both must share one tokenizer")
+    lm = teacher.lm.eval().requires_grad_(False)
+    log(f"[distill] teacher {name} ({count_parameters(lm) / 1e6:.1f}M parameters)")
+    return Reference(lm)
 
 
 def run_sft(policy, cfg: TrainConfig, log) -> list[float]:

@@ -33,6 +33,7 @@ PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Group filter: kept fraction", ("filter/kept_fraction",)),
     ("Policy entropy", ("loss/entropy",)),
     ("KL to the reference", ("loss/kl",)),
+    ("On-policy distillation: KL(student || teacher) per token", ("distill/reverse_kl",)),
     ("Value loss", ("loss/value",)),
     ("PPO clip fraction", ("actor/clip_frac",)),
     ("Gradient norm", ("actor/grad_norm",)),

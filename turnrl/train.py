@@ -32,7 +32,7 @@ from turnrl.env_pool import EnvPool
 from turnrl.evaluate import engine_for, env_factory, evaluate, renderer_for, rollout_params, settings_for
 from turnrl.faults import EnvFailureError, Interrupted, StopSignals
 from turnrl.prepare import (build_policy, check_engine, check_env_config, check_model_fits, check_output_dir,
-                            reference_model, rl_optimizer, run_sft)
+                            reference_model, rl_optimizer, run_sft, teacher_model)
 from turnrl.rollout import draw_base, run_episodes
 from turnrl.shaping import shape_rewards
 from turnrl.trajectory import Trajectory
@@ -255,6 +255,7 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
     else:
         policy = build_policy(cfg)
     check_model_fits(policy, cfg, run_dir)
+    teacher = teacher_model(cfg, policy, log) if cfg.distill.teacher else None  # fails here, before any compute
     # Ray rollout workers (distributed.workers) hold copies of the policy, each with its own engine, and play the
     # rollouts and the evaluations: weights pushed now, after SFT and after every update; the workers and their
     # Ray instance ended however the run ends. Without them, a vLLM engine holds its own copy of the policy here:
@@ -362,7 +363,8 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
                         shared.sleep()  # GPU: free vLLM's memory for the update
                     update_stats = ppo_update(policy, optimizer, scheduler, kept, algo=cfg.algo, optim=cfg.optim,
                                               temperature=cfg.rollout.temperature, ref_lm=ref_lm,
-                                              generator=generators["update"], critic_only=critic_only)
+                                              generator=generators["update"], critic_only=critic_only,
+                                              teacher=teacher, distill=cfg.distill)
                     for copy in (shared, pool):  # the next rollout samples from the updated policy
                         if copy is not None:
                             copy.sync(policy.lm)
@@ -470,6 +472,10 @@ def update_metrics(stats: dict[str, float], cfg: TrainConfig) -> dict[str, float
         keys.append("loss/value")
     if cfg.algo.mismatch_correction != "off":
         keys += [f"mismatch/{k}" for k in CORRECTION_STATS]
+    if cfg.distill.teacher:
+        keys += ["distill/reverse_kl", "distill/teacher_logprob"]
+    if cfg.algo.top_entropy_frac < 1:
+        keys += ["entropy_select/threshold", "entropy_select/kept_frac"]
     out = {k: stats.get(k) for k in keys}
     out["train/skipped_update"] = 0.0 if stats else 1.0
     return out

@@ -14,11 +14,13 @@ from typing import Callable
 
 import torch
 
+from turnrl.algos.advantages import reverse_kl_advantages
 from turnrl.algos.correction import mismatch_correction
-from turnrl.algos.losses import aggregate, gspo_loss, kl_penalty, ppo_clip_loss, token_logprobs_entropy, value_loss
+from turnrl.algos.losses import (aggregate, gspo_loss, high_entropy_mask, kl_penalty, ppo_clip_loss,
+                                 token_logprobs_entropy, value_loss)
 from turnrl.attention import gqa_attention
 from turnrl.batch import Batch, collate, episode_tokens, micro_batches
-from turnrl.config import AlgoConfig, OptimConfig
+from turnrl.config import AlgoConfig, DistillConfig, OptimConfig
 from turnrl.credit import Credit, compute_credit, compute_row_credit, turn_spread
 from turnrl.lm_parts import lm_parts, logits_at
 from turnrl.shared_prefix import (checkpointing, head_length, plan_micro_batches, shared_prefix_hidden,
@@ -103,14 +105,19 @@ def model_token_logits(lm, batch: Batch, rows: list[int], *, share: bool, bf16: 
 
 @torch.no_grad()
 def model_token_logprobs(lm, batch: Batch, rows_groups: list[list[int]], temperature: float, bf16: bool,
-                         share: bool = False) -> torch.Tensor:
+                         share: bool = False, *, entropy: bool = False):
     """(B, L-1) logprobs of the batch's targets under `lm` at model-token positions, 0 elsewhere, one forward per
-    micro-batch of `rows_groups` (`model_token_logits`; `share` as there)."""
+    micro-batch of `rows_groups` (`model_token_logits`; `share` as there). With `entropy`: (logprobs, (B, L-1)
+    entropies of the same positions)."""
     logps = torch.zeros_like(batch.old_logprobs)
+    ents = torch.zeros_like(batch.old_logprobs) if entropy else None
     for rows in rows_groups:
         logits, targets, index, cols = model_token_logits(lm, batch, rows, share=share, bf16=bf16)
-        logps[index, cols] = token_logprobs_entropy(logits, targets, temperature=temperature, entropy=False)[0]
-    return logps
+        lp, ent = token_logprobs_entropy(logits, targets, temperature=temperature, entropy=entropy)
+        logps[index, cols] = lp
+        if entropy:
+            ents[index, cols] = ent
+    return (logps, ents) if entropy else logps
 
 
 def reference_logprobs(ref, batch: Batch, rows_groups: list[list[int]], temperature: float,
@@ -158,11 +165,15 @@ class Targets:
     loss_weights: torch.Tensor | None = None
     loss_mask: torch.Tensor | None = None
     correction_stats: dict | None = None
+    distill_stats: dict | None = None  # distill/* metrics (on-policy distillation)
+    entropy_stats: dict | None = None  # entropy_select/* metrics (algo.top_entropy_frac)
 
 
 def prepare_targets(policy, batch: Batch, trajs: list[Trajectory], *, algo: AlgoConfig, optim: OptimConfig,
-                    temperature: float, ref_lm=None) -> Targets:
-    """Advantages and returns (turnrl.credit), old values and reference log-probs, all without grad."""
+                    temperature: float, ref_lm=None, teacher=None, distill: DistillConfig | None = None) -> Targets:
+    """Advantages and returns (turnrl.credit), old values and reference log-probs, all without grad. With a
+    `teacher` (on-policy distillation, `distill`), its per-token reverse-KL advantages are added to the
+    estimator's (or replace them: distill.task_reward=false)."""
     all_rows = list(range(batch.size))
     old_values = None
     if algo.needs_critic:
@@ -174,25 +185,48 @@ def prepare_targets(policy, batch: Batch, trajs: list[Trajectory], *, algo: Algo
               else compute_credit(trajs, batch.mask, old_values, algo))
     ref_logprobs = None
     head = None  # of the forwards below, which need no values
-    if algo.kl_coef > 0 or algo.mismatch_correction != "off":
+    select = algo.top_entropy_frac < 1
+    if algo.kl_coef > 0 or algo.mismatch_correction != "off" or select:
         head = sharable_head(policy.lm, batch, all_rows, enabled=optim.shared_prefix)
     if algo.kl_coef > 0:
         ref_logprobs = reference_logprobs(ref_lm, batch, plan(batch, all_rows, optim.micro_batch_tokens, head),
                                           temperature, optim.bf16, share=head is not None)
     targets = Targets(credit, old_values, ref_logprobs)
-    if algo.mismatch_correction != "off":
+    if algo.mismatch_correction != "off" or select:
         # One forward at the weights the update starts from: the sampler's (the trainer's view of the same policy),
         # or one update later with distributed.overlap (then the proximal policy of decoupled PPO).
         policy.eval()
-        train_logps = model_token_logprobs(policy.lm, batch, plan(batch, all_rows, optim.micro_batch_tokens, head),
-                                           temperature, optim.bf16, share=head is not None)
+        train_logps, entropies = model_token_logprobs(policy.lm, batch,
+                                                      plan(batch, all_rows, optim.micro_batch_tokens, head),
+                                                      temperature, optim.bf16, share=head is not None, entropy=True)
+    if select:  # the high-entropy ("forking") tokens alone get the policy gradient; the others weigh 0
+        chosen, threshold = high_entropy_mask(entropies, batch.mask, algo.top_entropy_frac)
+        targets.loss_weights = chosen
+        targets.entropy_stats = {"entropy_select/threshold": threshold,
+                                 "entropy_select/kept_frac": float(chosen.sum() / batch.mask.sum().clamp(min=1))}
+    if algo.mismatch_correction != "off":
         weights, keep, stats = mismatch_correction(train_logps, batch.old_logprobs, batch.mask,
                                                    mode=algo.mismatch_correction, low=algo.mismatch_low,
                                                    high=algo.mismatch_high)
         stats = {f"mismatch/{k}": v for k, v in stats.items()} | {
             "actor/logprob_mismatch": logprob_gap(train_logps, batch.old_logprobs, batch.mask)}
+        if targets.loss_weights is not None:
+            weights = weights * targets.loss_weights
         targets.old_logprobs, targets.loss_weights, targets.loss_mask = train_logps, weights, keep
         targets.correction_stats = stats
+    if teacher is not None:
+        coef, task_reward = (distill.coef, distill.task_reward) if distill is not None else (1.0, True)
+        head = sharable_head(teacher.lm, batch, all_rows, enabled=optim.shared_prefix)
+        teacher_logps = reference_logprobs(teacher, batch, plan(batch, all_rows, optim.micro_batch_tokens, head),
+                                           temperature, optim.bf16, share=head is not None)
+        # the student's log-probs as PPO's ratio uses them (the trainer's, when the mismatch correction recomputed them)
+        student = batch.old_logprobs if targets.old_logprobs is None else targets.old_logprobs
+        distilled = reverse_kl_advantages(student, teacher_logps, batch.mask, coef=coef)
+        task = credit.advantages if task_reward else torch.zeros_like(credit.advantages)
+        targets.credit = dataclasses.replace(credit, advantages=task + distilled)
+        n = batch.mask.sum().clamp(min=1)
+        targets.distill_stats = {"distill/reverse_kl": float(((student - teacher_logps) * batch.mask).sum() / n),
+                                 "distill/teacher_logprob": float((teacher_logps * batch.mask).sum() / n)}
     return targets
 
 
@@ -278,7 +312,7 @@ def minibatch_backward(policy, batch: Batch, targets: Targets, mb_rows: list[int
                 pg, pg_stats = ppo_clip_loss(logps, old, window(credit.advantages), mask,
                                              clip_low=algo.clip_low, clip_high=algo.clip_high,
                                              dual_clip=algo.dual_clip)
-            if targets.loss_weights is not None:  # truncated importance weights (algo.mismatch_correction='tis')
+            if targets.loss_weights is not None:  # TIS weights (mismatch_correction='tis'), 0/1 of top_entropy_frac
                 pg = pg * window(targets.loss_weights)
             agg = dict(num_seqs=num_seqs, num_tokens=num_tokens,
                        seq_tokens=None if seq_tokens is None else seq_tokens[rows])
@@ -359,10 +393,11 @@ def predicting(targets_on: torch.Tensor) -> torch.Tensor:
 
 def ppo_update(policy, optimizer, scheduler, trajs: list[Trajectory], *, algo: AlgoConfig, optim: OptimConfig,
                temperature: float, ref_lm=None, generator: torch.Generator | None = None,
-               critic_only: bool = False) -> dict[str, float]:
+               critic_only: bool = False, teacher=None, distill: DistillConfig | None = None) -> dict[str, float]:
     """One RL update on `trajs` (already filtered). Returns averaged loss statistics.
 
     `critic_only` (critic warm-up, ERA): the optimizer steps the value head only; the policy is unchanged.
+    `teacher` (a `turnrl.reference.Reference`) and `distill`: on-policy distillation (`prepare_targets`).
     """
     if all(t.row_starts is not None and not t.row_starts for t in trajs):
         return {}  # turn-as-sample episodes that ended before their first turn: no training row
@@ -373,7 +408,8 @@ def ppo_update(policy, optimizer, scheduler, trajs: list[Trajectory], *, algo: A
         stats: dict[str, list[float]] = {}
 
         # ---- advantages --------------------------------------------------------------------------------
-        targets = prepare_targets(policy, batch, trajs, algo=algo, optim=optim, temperature=temperature, ref_lm=ref_lm)
+        targets = prepare_targets(policy, batch, trajs, algo=algo, optim=optim, temperature=temperature, ref_lm=ref_lm,
+                                  teacher=teacher, distill=distill)
         batch = without_rejected(batch, targets)
 
         # ---- PPO epochs over mini-batches -------------------------------------------------------------
@@ -414,6 +450,8 @@ def ppo_update(policy, optimizer, scheduler, trajs: list[Trajectory], *, algo: A
     credit = targets.credit
     out = {k: _mean(v) for k, v in stats.items()}
     out.update(targets.correction_stats or {})  # its logprob_mismatch: over all model tokens, before any step
+    out.update(targets.distill_stats or {})
+    out.update(targets.entropy_stats or {})
     out["actor/skipped_steps"] = float(skipped)
     out["actor/lr"] = scheduler.get_last_lr()[0]
     out["train/tokens"] = float(sum(batch.lengths))

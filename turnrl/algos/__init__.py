@@ -10,6 +10,7 @@ from turnrl.algos.advantages import (
     grpo_advantages,
     rebn_advantages,
     reinforce_pp_advantages,
+    reverse_kl_advantages,
     rloo_advantages,
     turn_gae,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "ppo_clip_loss",
     "rebn_advantages",
     "reinforce_pp_advantages",
+    "reverse_kl_advantages",
     "rloo_advantages",
     "token_logprobs",
     "turn_gae",

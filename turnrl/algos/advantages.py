@@ -371,3 +371,26 @@ def rebn_advantages(turn_rewards: Tensor, turn_mask: Tensor, *, gamma: float,
         return out  # no spread, no signal (also avoids nan std of a single turn)
     out[m] = (g - g.mean()) / (g.std() + eps)
     return out
+
+
+def reverse_kl_advantages(student_logprobs: Tensor, teacher_logprobs: Tensor, mask: Tensor, *,
+                          coef: float = 1.0) -> Tensor:
+    """On-policy distillation: per-token advantage ``coef * (log pi_teacher(x_t) - log pi_student(x_t))``.
+
+    ``x_t`` is the token the student sampled; ``student_logprobs`` are the sampling policy's log-probabilities
+    of it and ``teacher_logprobs`` the teacher's, in the same context. Minus the per-token reverse KL
+    estimate ``log pi_S - log pi_T`` used as a reward with discount 0 (each token is credited only with its
+    own term), so the policy-gradient loss lowers KL(pi_S || pi_T) on the student's own samples: mode-seeking,
+    dense (one signal per token) and on-policy. Papers: Agarwal et al. 2024, "On-Policy Distillation of Language
+    Models: Learning from Self-Generated Mistakes" (GKD, arXiv 2306.13649); Gu et al. 2024, "MiniLLM: Knowledge
+    Distillation of Large Language Models" (arXiv 2306.08543, reverse KL); Lu & Thinking Machines Lab 2025,
+    "On-Policy Distillation" (per-token reverse KL as the advantage, added to or replacing the task reward).
+
+    Args:
+        student_logprobs, teacher_logprobs: ``(B, T)``; mask: ``(B, T)`` 1 on model tokens.
+    Returns:
+        ``(B, T)`` advantages, 0 off the mask.
+    """
+    m = mask.detach() != 0
+    gap = _float(teacher_logprobs.detach()) - _float(student_logprobs.detach())
+    return torch.where(m, coef * gap, torch.zeros_like(gap))

@@ -13,6 +13,7 @@ from torch import Tensor
 
 __all__ = [
     "ppo_clip_loss",
+    "high_entropy_mask",
     "aggregate",
     "kl_penalty",
     "entropy_from_logits",
@@ -93,6 +94,32 @@ def ppo_clip_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, ma
         "approx_kl": _masked_mean_float(-log_ratio, m),
     }
     return loss, stats
+
+
+def high_entropy_mask(entropy: Tensor, mask: Tensor, frac: float) -> tuple[Tensor, float]:
+    """The model tokens whose entropy is among the highest ``frac`` of the batch's: the "forking" tokens that
+    alone get the policy gradient in Wang et al. 2025, "Beyond the 80/20 Rule: High-Entropy Minority Tokens Drive
+    Effective Reinforcement Learning for LLM Reasoning" (arXiv 2506.01939; their best setting keeps 20%).
+
+    The threshold is the ``1 - frac`` quantile (linear interpolation, ``torch.quantile``) of the entropies of all
+    masked tokens; a token is kept when its entropy is at or above it, so ties at the threshold are all kept.
+
+    Args:
+        entropy: ``(B, T)`` per-token entropies of the policy; mask: ``(B, T)`` 1 on model tokens;
+        frac: in ``(0, 1]``; 1 keeps every model token.
+    Returns:
+        ``(keep, threshold)``: ``(B, T)`` float mask (a subset of ``mask``) and the entropy threshold (0.0 when
+        ``mask`` is empty).
+    """
+    if not 0 < frac <= 1:
+        raise ValueError(f"frac must be in (0, 1], got {frac}")
+    m = _bool_mask(mask, entropy)
+    values = entropy.detach()[m].float()
+    if values.numel() == 0:
+        return m.to(torch.float32), 0.0
+    threshold = torch.quantile(values, 1.0 - frac) if frac < 1 else values.min()
+    keep = m & (entropy.detach() >= threshold.to(entropy.dtype))
+    return keep.to(torch.float32), float(threshold)
 
 
 def aggregate(loss: Tensor, mask: Tensor, mode: str, *, num_seqs: int | None = None,
