@@ -51,6 +51,7 @@ def test_update_of_a_grouped_query_model_stacks_the_group_with_the_same_step(che
     recomputed forward) with the stacked group; the step equals the one with transformers' repeat_kv up to
     float rounding; the model is SDPA again afterwards."""
     import turnrl.attention as attention
+    import turnrl.forward as forward
     import turnrl.update as update
 
     tiny = load_policy("tiny", seed=0)
@@ -68,7 +69,8 @@ def test_update_of_a_grouped_query_model_stacks_the_group_with_the_same_step(che
     results = []
     for stacked in (True, False):
         if not stacked:
-            monkeypatch.setattr(update, "gqa_attention", lambda lm: contextlib.nullcontext())
+            for module in (update, forward):  # the update's passes and the reference's
+                monkeypatch.setattr(module, "gqa_attention", lambda lm: contextlib.nullcontext())
         policy = copy.deepcopy(start)
         ref = copy.deepcopy(start.lm)
         optimizer = torch.optim.SGD(policy.parameters(), lr=optim.lr)

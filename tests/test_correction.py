@@ -96,7 +96,7 @@ def test_an_exact_sampler_leaves_the_update_as_it_is(mode):
     trajs = grouped_batch(policy, seed=5, noise=0.0)
     plain = update_grads(policy, trajs, AlgoConfig(filter="none", entropy_coef=0.01))
     corrected = update_grads(policy, trajs, AlgoConfig(filter="none", entropy_coef=0.01, mismatch_correction=mode))
-    stats = corrected[3].correction_stats
+    stats = corrected[3].stats
     assert stats["mismatch/affected_frac"] == 0.0 and stats["actor/logprob_mismatch"] < 1e-5
     assert abs(stats["mismatch/ratio_max"] - 1) < 1e-5 and abs(stats["mismatch/ratio_min"] - 1) < 1e-5
     assert_same_grads(corrected[0], plain[0])
@@ -111,7 +111,7 @@ def test_with_a_noisy_sampler_the_ratio_starts_at_one_and_tis_weights_the_loss()
     grads, _, stats, targets = update_grads(policy, trajs, AlgoConfig(filter="none", mismatch_correction="tis"))
     assert plain_stats["actor/clip_frac"][0][0] > 0.1  # against the noisy sampler's logprobs
     assert stats["actor/clip_frac"][0][0] == 0.0
-    c = targets.correction_stats
+    c = targets.stats
     assert c["mismatch/ratio_max"] > 2.0 and 0 < c["mismatch/affected_frac"] < 0.5
     assert 0.25 < c["actor/logprob_mismatch"] < 0.55  # mean |N(0, 0.5)| = 0.40
     on = targets.loss_weights[collate(trajs, policy.pad_token_id).mask > 0]
@@ -161,7 +161,7 @@ def test_rejected_tokens_train_as_if_they_were_not_in_the_loss(mode, rows, agg):
     n_bad = sum(1 - m for t in masked for m, o in zip(t.loss_mask, next(x for x in off if x.ids == t.ids).loss_mask)
                 if o)
     n_model = sum(sum(t.loss_mask) for t in off)
-    assert targets.correction_stats["mismatch/affected_frac"] == pytest.approx(n_bad / n_model) and n_bad > 0
+    assert targets.stats["mismatch/affected_frac"] == pytest.approx(n_bad / n_model) and n_bad > 0
     assert_same_grads(grads, expected)
     assert losses == pytest.approx(expected_losses, rel=1e-4, abs=1e-6)
     uncorrected, _, _, _ = update_grads(policy, off, AlgoConfig(filter="none", entropy_coef=0.01, loss_agg=agg))

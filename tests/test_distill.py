@@ -47,7 +47,7 @@ def test_a_teacher_equal_to_the_student_adds_nothing():
     _, plain = targets_for(policy, trajs, None)
     _, same = targets_for(policy, trajs, teacher)
     torch.testing.assert_close(same.credit.advantages, plain.credit.advantages, atol=1e-5, rtol=0)
-    assert abs(same.distill_stats["distill/reverse_kl"]) < 1e-5
+    assert abs(same.stats["distill/reverse_kl"]) < 1e-5
     _, alone = targets_for(policy, trajs, teacher, DistillConfig(teacher="t", task_reward=False))
     assert alone.credit.advantages.abs().max() < 1e-5
     assert plain.credit.advantages.abs().max() > 0.1
@@ -68,9 +68,9 @@ def test_the_advantage_is_the_teacher_minus_the_student_logprob_on_model_tokens(
     expected = plain.credit.advantages + 0.5 * (teacher - student) * batch.mask
     torch.testing.assert_close(got.credit.advantages, expected, atol=1e-5, rtol=1e-5)
     n = batch.mask.sum()
-    assert got.distill_stats["distill/reverse_kl"] == pytest.approx(float(((student - teacher) * batch.mask).sum() / n),
+    assert got.stats["distill/reverse_kl"] == pytest.approx(float(((student - teacher) * batch.mask).sum() / n),
                                                                    abs=1e-5)
-    assert got.distill_stats["distill/teacher_logprob"] == pytest.approx(float(teacher.sum() / n), abs=1e-5)
+    assert got.stats["distill/teacher_logprob"] == pytest.approx(float(teacher.sum() / n), abs=1e-5)
 
 
 MODEL = ModelConfig(name="tiny", tiny_hidden=64, tiny_layers=2, tiny_heads=2, tiny_ff=128)

@@ -365,7 +365,7 @@ def trained_batches(monkeypatch) -> list[list]:
 def sampled_logprob_gap(cfg, model_dir: Path, trajs) -> float:
     """Largest gap between the logprobs recorded at sampling and those of the model saved in `model_dir`."""
     from turnrl.batch import collate
-    from turnrl.update import model_token_logprobs
+    from turnrl.forward import model_token_logprobs
 
     policy = build_policy(cfg, str(model_dir))
     batch = collate(trajs, policy.pad_token_id)

@@ -14,7 +14,8 @@ from turnrl.models import LoraSpec, TinyModelSpec, load_policy
 from turnrl.reference import Reference
 from turnrl.shared_prefix import plan_micro_batches
 from turnrl.batch import collate
-from turnrl.update import minibatch_backward, prepare_targets, shared_head
+from turnrl.forward import shared_head
+from turnrl.update import minibatch_backward, prepare_targets
 from tests.test_credit import make_traj
 from tests.test_models import scale_logits
 

@@ -170,6 +170,7 @@ class AlgoConfig:
     mismatch_correction: Literal["off", "tis", "icepop", "geo-mask"] = "off"
     mismatch_low: float | None = None  # lower bound of rho (icepop, geo-mask); None = 0.5 (icepop), 0.999 (geo-mask)
     mismatch_high: float | None = None  # upper bound (tis: the weight cap); None = 2.0 (tis), 5.0 (icepop), 1.001 (geo-mask)
+    off_policy_mask: float | None = None  # DeepSeek-V3.2's off-policy sequence mask: negative-advantage tokens of rows whose mean log(pi_sampled / pi_current) exceeds this leave the policy loss; None = off
     top_entropy_frac: float = 1.0  # policy gradient only on this fraction of model tokens, those of highest entropy at the update's start (0.2 = "80/20", Wang et al. 2025; one more forward); 1 = all
 
     def __post_init__(self):
@@ -214,6 +215,8 @@ class AlgoConfig:
                "use loss='ppo' or a sequence/turn-level estimator")
         _check(not (self.loss == "gspo" and self.dual_clip is not None),
                "algo.dual_clip applies to loss='ppo' only: remove it or use loss='ppo'")
+        _check(self.off_policy_mask is None or self.off_policy_mask > 0,
+               f"algo.off_policy_mask must be > 0 (or None = off), got {self.off_policy_mask}")
         _check(0 < self.top_entropy_frac <= 1, f"algo.top_entropy_frac must be in (0, 1], got {self.top_entropy_frac}")
         _check(self.loss != "gspo" or self.top_entropy_frac == 1.0,
                "algo.top_entropy_frac selects tokens for the per-token ratio of loss='ppo'; loss='gspo' takes one "

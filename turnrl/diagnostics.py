@@ -82,7 +82,7 @@ def cross_logprobs(policy, prompts: list[tuple[int, ...]], replies: list[tuple[i
     reply's tokens at the sampling `temperature`. Runs like the update's forward (turnrl.update): each prompt
     once per micro-batch with `shared_prefix`, the vocabulary head only at reply positions."""
     from turnrl.batch import collate
-    from turnrl.update import model_token_logprobs, plan, sharable_head
+    from turnrl.forward import model_token_logprobs, plan, sharable_head
 
     pairs = [Trajectory(ids=p + r, loss_mask=(0,) * len(p) + (1,) * len(r), logprobs=(0.0,) * (len(p) + len(r)),
                         turn_spans=((len(p), len(p) + len(r)),), turn_rewards=(0.0,), terminated=True,

@@ -21,7 +21,7 @@ from turnrl.parsing import format_reply
 from turnrl.rollout import RolloutSettings
 from turnrl.trajectory import Trajectory
 from turnrl.batch import collate
-from turnrl.update import model_token_logits, plan, sharable_head
+from turnrl.forward import model_token_logits, plan, sharable_head
 
 
 def demonstration(env, renderer: ChatRenderer, seed: int, settings: RolloutSettings, epsilon: float,

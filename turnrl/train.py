@@ -374,7 +374,7 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
                 record.update(update_metrics(update_stats, cfg))
                 if cfg.algo.needs_critic:
                     record["train/critic_warmup"] = float(critic_only)
-                # NaN/inf in advantages, loss or gradients skipped optimizer steps (update.py); a streak of
+                # NaN/inf in advantages, loss or gradients skipped optimizer steps (turnrl.update); a streak of
                 # such updates means the run has diverged: stop before checkpointing anything from it.
                 bad_streak = bad_streak + 1 if update_stats.get("actor/skipped_steps", 0.0) > 0 else 0
                 record["actor/bad_update_streak"] = float(bad_streak)
@@ -474,6 +474,8 @@ def update_metrics(stats: dict[str, float], cfg: TrainConfig) -> dict[str, float
         keys += [f"mismatch/{k}" for k in CORRECTION_STATS]
     if cfg.distill.teacher:
         keys += ["distill/reverse_kl", "distill/teacher_logprob"]
+    if cfg.algo.off_policy_mask is not None:
+        keys.append("actor/off_policy_masked_frac")
     if cfg.algo.top_entropy_frac < 1:
         keys += ["entropy_select/threshold", "entropy_select/kept_frac"]
     out = {k: stats.get(k) for k in keys}

@@ -1,5 +1,5 @@
-"""From trajectories to one PPO-style policy update: collate (turnrl.batch), advantages (turnrl.credit),
-micro-batched loss, step.
+"""From trajectories to one PPO-style policy update: collate (turnrl.batch), advantages (turnrl.credit), the
+forwards (turnrl.forward), micro-batched loss, step.
 
 Token position t of the shifted tensors predicts ids[t + 1]; every per-token tensor here is `(B, L-1)`.
 """
@@ -10,146 +10,21 @@ import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from turnrl.algos.advantages import reverse_kl_advantages
 from turnrl.algos.correction import mismatch_correction
-from turnrl.algos.losses import (aggregate, gspo_loss, high_entropy_mask, kl_penalty, ppo_clip_loss,
-                                 token_logprobs_entropy, value_loss)
+from turnrl.algos.losses import (aggregate, gspo_loss, high_entropy_mask, kl_penalty, off_policy_sequence_mask,
+                                 ppo_clip_loss, token_logprobs_entropy, value_loss)
 from turnrl.attention import gqa_attention
-from turnrl.batch import Batch, collate, episode_tokens, micro_batches
+from turnrl.batch import Batch, collate, episode_tokens
 from turnrl.config import AlgoConfig, DistillConfig, OptimConfig
 from turnrl.credit import Credit, compute_credit, compute_row_credit, turn_spread
-from turnrl.lm_parts import lm_parts, logits_at
-from turnrl.shared_prefix import (checkpointing, head_length, plan_micro_batches, shared_prefix_hidden,
-                                  shares_under_checkpointing, windows, worth_sharing)
+from turnrl.forward import (model_token_forward, model_token_logprobs, plan, policy_values, reference_logprobs,
+                            sharable_head, shared_head)
 from turnrl.trajectory import Trajectory
 
-
-def _autocast(enabled: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
-
-
-@dataclass
-class ModelTokens:
-    """The forward of some rows of a batch at the positions that predict a model token (`model_token_forward`)."""
-
-    logits: torch.Tensor  # (N, V), N = on.sum(), in row-major order of `on`
-    on: torch.Tensor  # (R, W) bool: the model-token positions in the rows' window layout
-    window: Callable[[torch.Tensor], torch.Tensor]  # a (B, L-1) batch tensor -> its (R, W) window over the rows
-    values: torch.Tensor | None  # (R, W) value-head outputs in the window layout (with `values_of`)
-
-
-@dataclass
-class Windows:
-    """Last hidden states of some rows over their loss windows (`window_hidden`)."""
-
-    hidden: torch.Tensor  # (R, W, hidden); the logits instead for a model lm_parts cannot split
-    window: Callable[[torch.Tensor], torch.Tensor]  # a (B, L-1) batch tensor -> its (R, W) window over the rows
-    starts: torch.Tensor  # (R,) the shifted column where each row's window starts
-
-
-def window_hidden(lm, batch: Batch, rows: list[int]) -> Windows:
-    """The shared-prompt forward of `rows` (planned by `plan`): their prompts' common head once, each distinct
-    first prompt once, then every row's continuation (turnrl.shared_prefix). A row's window runs from its last
-    prompt position (which predicts the first sampled token) to its end; columns past the end read as 0."""
-    hidden, starts, width = shared_prefix_hidden(lm, batch.input_ids, batch.lengths, rows, batch.prompt_len,
-                                                 batch.prompt_id)
-    ends = torch.tensor([batch.lengths[r] - 1 for r in rows])
-    return Windows(hidden, lambda t: windows(t, rows, starts, width, ends), starts)
-
-
-def model_token_forward(lm, batch: Batch, rows: list[int], *, share: bool, bf16: bool,
-                        values_of=None) -> ModelTokens:
-    """The forward of `rows` for a loss on their model tokens: the vocabulary-sized head runs only where a model
-    token is predicted (the prompt, env replies and padding never enter a loss). With `share` (rows planned by
-    `plan`), the prompts run as in the update: their common head once and each distinct first prompt once
-    (`window_hidden`); the window of a row then runs from its last prompt position to its end. Without it the
-    window is the rows' first L-1 columns. `values_of`: a policy whose value head runs too, on the same hidden
-    states (every position a value loss reads lies in the window: see `critic_can_share`)."""
-    if share and values_of is not None and not critic_can_share(lm):
-        raise ValueError("this model's value head needs its full forward: lm_parts cannot split it")
-    with _autocast(bf16):
-        if share:
-            w = window_hidden(lm, batch, rows)
-            window = w.window
-        else:
-            n = max(batch.lengths[r] for r in rows)
-            window = lambda t: t[rows, : n - 1]  # noqa: E731
-        on = window(batch.mask) > 0
-        values = None
-        if share:
-            logits = lm_parts(lm).head(w.hidden[on])
-            if values_of is not None:
-                values = values_of.values(w.hidden)
-        elif values_of is not None:
-            logits, values = values_of(batch.input_ids[rows, :n], batch.attention[rows, :n], with_values=True,
-                                       at=predicting(on))
-            values = values[:, :-1]
-        else:
-            logits = logits_at(lm, batch.input_ids[rows, :n], batch.attention[rows, :n], predicting(on))[0]
-    return ModelTokens(logits, on, window, values)
-
-
-def model_token_logits(lm, batch: Batch, rows: list[int], *, share: bool, bf16: bool):
-    """Logits at the positions of `rows` that predict a model token (`model_token_forward`), flat: (logits (N, V),
-    their targets (N,), batch rows (N,), columns (N,) in the (B, L-1) target layout)."""
-    f = model_token_forward(lm, batch, rows, share=share, bf16=bf16)
-    b, w = batch.mask.shape
-    index = f.window(torch.arange(b)[:, None].expand(b, w))[f.on]
-    cols = f.window(torch.arange(w)[None].expand(b, w))[f.on]
-    return f.logits, f.window(batch.targets)[f.on], index, cols
-
-
-@torch.no_grad()
-def model_token_logprobs(lm, batch: Batch, rows_groups: list[list[int]], temperature: float, bf16: bool,
-                         share: bool = False, *, entropy: bool = False):
-    """(B, L-1) logprobs of the batch's targets under `lm` at model-token positions, 0 elsewhere, one forward per
-    micro-batch of `rows_groups` (`model_token_logits`; `share` as there). With `entropy`: (logprobs, (B, L-1)
-    entropies of the same positions)."""
-    logps = torch.zeros_like(batch.old_logprobs)
-    ents = torch.zeros_like(batch.old_logprobs) if entropy else None
-    for rows in rows_groups:
-        logits, targets, index, cols = model_token_logits(lm, batch, rows, share=share, bf16=bf16)
-        lp, ent = token_logprobs_entropy(logits, targets, temperature=temperature, entropy=entropy)
-        logps[index, cols] = lp
-        if entropy:
-            ents[index, cols] = ent
-    return (logps, ents) if entropy else logps
-
-
-def reference_logprobs(ref, batch: Batch, rows_groups: list[list[int]], temperature: float,
-                       bf16: bool, share: bool = False) -> torch.Tensor:
-    """`model_token_logprobs` under `ref` (a `turnrl.reference.Reference`: its context swaps in the reference
-    weights once for all micro-batches)."""
-    with ref.context(), gqa_attention(ref.lm):
-        return model_token_logprobs(ref.lm, batch, rows_groups, temperature, bf16, share)
-
-
-@torch.no_grad()
-def policy_values(policy, batch: Batch, rows_groups: list[list[int]], bf16: bool, share: bool = False) -> torch.Tensor:
-    """(B, L-1) value-head outputs of `policy` (the LM head does not run). With `share` (rows planned by `plan`),
-    only over the rows' windows (`window_hidden`), 0 on the prompt positions before them, which no estimator
-    reads (`critic_can_share`); else at every position."""
-    values = torch.zeros_like(batch.old_logprobs)
-    for rows in rows_groups:
-        with _autocast(bf16):
-            if share:
-                w = window_hidden(policy.lm, batch, rows)
-                vals = policy.values(w.hidden)
-                for i, r in enumerate(rows):
-                    start = int(w.starts[i])
-                    n = batch.lengths[r] - 1 - start
-                    values[r, start:start + n] = vals[i, :n]
-                continue
-            n = max(batch.lengths[r] for r in rows)
-            attn = batch.attention[rows, :n]
-            no_logits = torch.zeros_like(attn, dtype=torch.bool)
-            _, vals = policy(batch.input_ids[rows, :n], attn, with_values=True, at=no_logits)
-        values[rows, : n - 1] = vals[:, :-1].float()
-    return values
 
 
 @dataclass
@@ -164,9 +39,9 @@ class Targets:
     old_logprobs: torch.Tensor | None = None
     loss_weights: torch.Tensor | None = None
     loss_mask: torch.Tensor | None = None
-    correction_stats: dict | None = None
-    distill_stats: dict | None = None  # distill/* metrics (on-policy distillation)
-    entropy_stats: dict | None = None  # entropy_select/* metrics (algo.top_entropy_frac)
+    # metrics computed here, once per update: mismatch/* and actor/logprob_mismatch (mismatch correction),
+    # entropy_select/* (algo.top_entropy_frac), distill/* (on-policy distillation)
+    stats: dict = dataclasses.field(default_factory=dict)
 
 
 def prepare_targets(policy, batch: Batch, trajs: list[Trajectory], *, algo: AlgoConfig, optim: OptimConfig,
@@ -202,8 +77,8 @@ def prepare_targets(policy, batch: Batch, trajs: list[Trajectory], *, algo: Algo
     if select:  # the high-entropy ("forking") tokens alone get the policy gradient; the others weigh 0
         chosen, threshold = high_entropy_mask(entropies, batch.mask, algo.top_entropy_frac)
         targets.loss_weights = chosen
-        targets.entropy_stats = {"entropy_select/threshold": threshold,
-                                 "entropy_select/kept_frac": float(chosen.sum() / batch.mask.sum().clamp(min=1))}
+        targets.stats.update({"entropy_select/threshold": threshold,
+                              "entropy_select/kept_frac": float(chosen.sum() / batch.mask.sum().clamp(min=1))})
     if algo.mismatch_correction != "off":
         weights, keep, stats = mismatch_correction(train_logps, batch.old_logprobs, batch.mask,
                                                    mode=algo.mismatch_correction, low=algo.mismatch_low,
@@ -213,21 +88,30 @@ def prepare_targets(policy, batch: Batch, trajs: list[Trajectory], *, algo: Algo
         if targets.loss_weights is not None:
             weights = weights * targets.loss_weights
         targets.old_logprobs, targets.loss_weights, targets.loss_mask = train_logps, weights, keep
-        targets.correction_stats = stats
+        targets.stats.update(stats)
     if teacher is not None:
-        coef, task_reward = (distill.coef, distill.task_reward) if distill is not None else (1.0, True)
-        head = sharable_head(teacher.lm, batch, all_rows, enabled=optim.shared_prefix)
-        teacher_logps = reference_logprobs(teacher, batch, plan(batch, all_rows, optim.micro_batch_tokens, head),
-                                           temperature, optim.bf16, share=head is not None)
-        # the student's log-probs as PPO's ratio uses them (the trainer's, when the mismatch correction recomputed them)
-        student = batch.old_logprobs if targets.old_logprobs is None else targets.old_logprobs
-        distilled = reverse_kl_advantages(student, teacher_logps, batch.mask, coef=coef)
-        task = credit.advantages if task_reward else torch.zeros_like(credit.advantages)
-        targets.credit = dataclasses.replace(credit, advantages=task + distilled)
-        n = batch.mask.sum().clamp(min=1)
-        targets.distill_stats = {"distill/reverse_kl": float(((student - teacher_logps) * batch.mask).sum() / n),
-                                 "distill/teacher_logprob": float((teacher_logps * batch.mask).sum() / n)}
+        add_distillation(targets, teacher, batch, distill or DistillConfig(), optim=optim,
+                         temperature=temperature)
     return targets
+
+
+def add_distillation(targets: Targets, teacher, batch: Batch, distill: DistillConfig, *, optim: OptimConfig,
+                     temperature: float) -> None:
+    """On-policy distillation: one forward of `teacher` (a `turnrl.reference.Reference`) over the batch, without
+    grad, and its per-token reverse-KL advantages added to `targets`' (or in their place: distill.task_reward)."""
+    all_rows = list(range(batch.size))
+    head = sharable_head(teacher.lm, batch, all_rows, enabled=optim.shared_prefix)
+    teacher_logps = reference_logprobs(teacher, batch, plan(batch, all_rows, optim.micro_batch_tokens, head),
+                                       temperature, optim.bf16, share=head is not None)
+    # the student's log-probs as PPO's ratio uses them (the trainer's, when the mismatch correction recomputed them)
+    student = batch.old_logprobs if targets.old_logprobs is None else targets.old_logprobs
+    distilled = reverse_kl_advantages(student, teacher_logps, batch.mask, coef=distill.coef)
+    credit = targets.credit
+    task = credit.advantages if distill.task_reward else torch.zeros_like(credit.advantages)
+    targets.credit = dataclasses.replace(credit, advantages=task + distilled)
+    n = batch.mask.sum().clamp(min=1)
+    targets.stats.update({"distill/reverse_kl": float(((student - teacher_logps) * batch.mask).sum() / n),
+                          "distill/teacher_logprob": float((teacher_logps * batch.mask).sum() / n)})
 
 
 def logprob_gap(logprobs: torch.Tensor, sampled: torch.Tensor, mask: torch.Tensor) -> float:
@@ -314,6 +198,14 @@ def minibatch_backward(policy, batch: Batch, targets: Targets, mb_rows: list[int
                                              dual_clip=algo.dual_clip)
             if targets.loss_weights is not None:  # TIS weights (mismatch_correction='tis'), 0/1 of top_entropy_frac
                 pg = pg * window(targets.loss_weights)
+            masked_frac = None
+            if algo.off_policy_mask is not None:  # DeepSeek-V3.2: drifted rows' negative-advantage tokens leave
+                advantages = (window(credit.advantages) if algo.loss != "gspo"
+                              else credit.seq_advantages[rows][:, None].expand_as(logps))
+                kept, _ = off_policy_sequence_mask(logps, window(batch.old_logprobs), advantages, mask,
+                                                   threshold=algo.off_policy_mask)
+                pg = pg * kept
+                masked_frac = float((mask.sum() - kept.sum()) / mask.sum().clamp(min=1))
             agg = dict(num_seqs=num_seqs, num_tokens=num_tokens,
                        seq_tokens=None if seq_tokens is None else seq_tokens[rows])
             loss = aggregate(pg, mask, algo.loss_agg, **agg)
@@ -343,52 +235,13 @@ def minibatch_backward(policy, batch: Batch, targets: Targets, mb_rows: list[int
             if loss.requires_grad:
                 loss.backward()
             weight = len(rows) / len(mb_rows)
+            if masked_frac is not None:
+                _append(stats, "actor/off_policy_masked_frac", masked_frac, weight)
             _append(stats, "actor/clip_frac", pg_stats["clip_frac"], weight)
             if log_mismatch:
                 # Before the first step the policy is the sampler: any gap is engine/trainer numerics.
                 _append(stats, "actor/logprob_mismatch", logprob_gap(logps.detach(), old, mask), weight)
     return totals
-
-
-def shared_head(policy, batch: Batch, rows: list[int], *, algo: AlgoConfig, optim: OptimConfig) -> int | None:
-    """`sharable_head` for the update's forward (and the critic's old values), or None when a critic estimator
-    cannot share (`critic_can_share`)."""
-    head = sharable_head(policy.lm, batch, rows, enabled=optim.shared_prefix)
-    return None if head is not None and algo.needs_critic and not critic_can_share(policy.lm) else head
-
-
-def critic_can_share(lm) -> bool:
-    """Whether the value head can run on the shared-prompt forward's hidden states: it needs the LM's last hidden
-    state, which `lm_parts` gives only when it can split the LM into body and head. The rows' windows then hold
-    every position a critic estimator reads: the model-token positions (GAE, bi-level GAE) and each turn's first
-    reply position (turn GAE), all at or after the last prompt position (turnrl.credit)."""
-    return bool(lm_parts(lm).split)
-
-
-def sharable_head(lm, batch: Batch, rows: list[int], *, enabled: bool = True) -> int | None:
-    """None when the shared-prefix forward does not apply to `rows`, else the length of the head all their first
-    prompts share (0 when only identical prompts are shared). It applies when `enabled`, when some rows share a
-    prompt or all prompts share a head, and under gradient checkpointing only where the prompts' keys/values can
-    pass through the checkpointed layers (`shares_under_checkpointing`)."""
-    if (not enabled or batch.prompt_id is None
-            or (checkpointing(lm) and not shares_under_checkpointing(lm))):
-        return None
-    head = head_length(batch.input_ids, rows, batch.prompt_len)
-    return head if worth_sharing(rows, batch.prompt_id, head) else None
-
-
-def plan(batch: Batch, rows: list[int], token_budget: int, head: int | None) -> list[list[int]]:
-    """Micro-batches of `rows`: packed group by group around the shared prompts when `head` is not None
-    (`plan_micro_batches`), else length-sorted (`micro_batches`)."""
-    if head is None:
-        return micro_batches(batch.lengths, rows, token_budget)
-    return plan_micro_batches(rows, batch.lengths, batch.prompt_len, batch.prompt_id, token_budget, head=head)
-
-
-def predicting(targets_on: torch.Tensor) -> torch.Tensor:
-    """(B, n) positions whose logits predict a marked target, from a (B, n-1) mask over the targets (position t
-    predicts target t, the token at t+1; the last position predicts nothing)."""
-    return torch.nn.functional.pad(targets_on, (0, 1))
 
 
 def ppo_update(policy, optimizer, scheduler, trajs: list[Trajectory], *, algo: AlgoConfig, optim: OptimConfig,
@@ -449,9 +302,7 @@ def ppo_update(policy, optimizer, scheduler, trajs: list[Trajectory], *, algo: A
                 _append(stats, "actor/grad_norm", grad_norm.item())
     credit = targets.credit
     out = {k: _mean(v) for k, v in stats.items()}
-    out.update(targets.correction_stats or {})  # its logprob_mismatch: over all model tokens, before any step
-    out.update(targets.distill_stats or {})
-    out.update(targets.entropy_stats or {})
+    out.update(targets.stats)  # its logprob_mismatch: over all model tokens, before any step
     out["actor/skipped_steps"] = float(skipped)
     out["actor/lr"] = scheduler.get_last_lr()[0]
     out["train/tokens"] = float(sum(batch.lengths))

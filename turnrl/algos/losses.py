@@ -14,6 +14,7 @@ from torch import Tensor
 __all__ = [
     "ppo_clip_loss",
     "high_entropy_mask",
+    "off_policy_sequence_mask",
     "aggregate",
     "kl_penalty",
     "entropy_from_logits",
@@ -120,6 +121,34 @@ def high_entropy_mask(entropy: Tensor, mask: Tensor, frac: float) -> tuple[Tenso
     threshold = torch.quantile(values, 1.0 - frac) if frac < 1 else values.min()
     keep = m & (entropy.detach() >= threshold.to(entropy.dtype))
     return keep.to(torch.float32), float(threshold)
+
+
+def off_policy_sequence_mask(logprobs: Tensor, sampled_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
+                             threshold: float) -> tuple[Tensor, Tensor]:
+    """Off-policy sequence masking of DeepSeek-AI 2025, "DeepSeek-V3.2: Pushing the Frontier of Open Large Language
+    Models" (arXiv 2512.02556): a token with a negative advantage leaves the policy loss when its row has drifted
+    too far from the policy that sampled it,
+
+        keep[i, t] = 0  if  A[i, t] < 0  and  mean_t' (log pi_sampled - log pi_theta)[i, t'] > threshold,
+
+    the mean over the row's masked tokens (a per-token KL(pi_sampled || pi_theta) estimate of the row). Positive
+    advantages always stay: a stale or mismatched sample can only push down what the current policy no longer
+    does through tokens the old policy liked. ``sampled_logprobs`` are the sampler's (the inference engine's), so
+    the divergence covers both staleness and the sampler/trainer mismatch.
+
+    Args:
+        logprobs: ``(B, T)`` current log-probs (gradient ignored); sampled_logprobs, advantages, mask: ``(B, T)``.
+    Returns:
+        ``(keep, row_kl)``: ``(B, T)`` float, 1 where the token stays (0 off the mask), and ``(B,)`` each row's
+        divergence (0 for a row without masked tokens).
+    """
+    if threshold <= 0:
+        raise ValueError(f"threshold must be > 0, got {threshold}")
+    m = _bool_mask(mask, logprobs)
+    gap = torch.where(m, sampled_logprobs.detach() - logprobs.detach(), torch.zeros_like(logprobs))
+    row_kl = gap.sum(-1) / m.sum(-1).clamp(min=1)
+    drop = (advantages.detach() < 0) & (row_kl > threshold)[:, None]
+    return (m & ~drop).to(torch.float32), row_kl
 
 
 def aggregate(loss: Tensor, mask: Tensor, mode: str, *, num_seqs: int | None = None,
