@@ -25,6 +25,7 @@ commands:
   report  runs' evaluations, training curves and episodes as one HTML page:   turnrl report RUN_DIR [RUN_DIR ...]
   play    play an environment yourself in the terminal:   turnrl play ENV [--seed S]
   envs    list the registered environments
+  env-server  serve an environment over HTTP for --env.name remote:   turnrl env-server ENV [--port N] [--kwargs JSON]
 
 `turnrl <command> --help` shows the options of a command."""
 
@@ -311,6 +312,39 @@ def cmd_serve(argv: list[str]) -> int:
     return 0
 
 
+def cmd_env_server(argv: list[str]) -> int:
+    from turnrl.env_server import EnvServer
+
+    p = argparse.ArgumentParser(prog="turnrl env-server", description="Serve an environment over HTTP for "
+                                "`--env.name remote --env.kwargs url http://HOST:PORT` (docs/envs.md, 'Remote "
+                                "environments'). Each client env gets its own instance.")
+    p.add_argument("env", help="an env name (turnrl envs) or mypkg.module:EnvClass")
+    p.add_argument("--kwargs", default="{}", help="the env's constructor arguments as a JSON object")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only; no auth, no TLS)")
+    p.add_argument("--port", type=int, default=8765, help="port (0 picks a free one)")
+    args = p.parse_args(argv)
+    try:
+        kwargs = json.loads(args.kwargs)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"--kwargs is not JSON: {err}") from err
+    if not isinstance(kwargs, dict):
+        raise UsageError("--kwargs must be a JSON object, e.g. '{\"dim\": 8}'")
+    if not 0 <= args.port < 65536:
+        raise UsageError("--port must be in [0, 65535]")
+    try:
+        server = EnvServer(args.env, kwargs, host=args.host, port=args.port)
+    except OSError as err:
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {err.strerror}") from err
+    print(f"turnrl: serving env {args.env!r} on {server.url} (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:  # Ctrl-C is how a server is stopped: not an error
+        print("turnrl: env server stopped", file=sys.stderr)
+    finally:
+        server.close()
+    return 0
+
+
 def cmd_play(argv: list[str]) -> int:
     from turnrl.envs import make
     from turnrl.parsing import ACTION_SEP
@@ -384,11 +418,12 @@ def cmd_envs(argv: list[str]) -> int:
     width = max(len(n) for n in names)
     for name in names:
         print(f"{name:<{width}}  {env_summary(name)}")
+    print(f"\n{'remote':<{width}}  {env_summary('remote')} (--env.kwargs url http://HOST:PORT)")
     return 0
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "serve": cmd_serve, "report": cmd_report,
-            "play": cmd_play, "envs": cmd_envs}
+            "play": cmd_play, "envs": cmd_envs, "env-server": cmd_env_server}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from turnrl.checkpoint import check_free_space, checkpoint_bytes, is_run_dir, run_model_dir, save_model_atomic
 from turnrl.config import SFT_SEED_BASE, ConfigError, TrainConfig
-from turnrl.envs import make
+from turnrl.envs import RemoteEnvError, make
 from turnrl.evaluate import renderer_for, settings_for
 from turnrl.models import LoraSpec, ModelLoadError, TinyModelSpec, count_parameters, load_policy
 from turnrl.reference import Reference, reference_of, saved_adapter_weights
@@ -64,14 +64,14 @@ def check_engine(cfg: TrainConfig) -> None:
 
 
 def check_env_config(cfg: TrainConfig) -> None:
-    """Fails early (ConfigError) on an unknown env or bad env arguments."""
+    """Fails early (ConfigError) on an unknown env, bad env arguments or an env server that does not answer."""
     envs = {(cfg.env.name, True), (cfg.env.eval_name or cfg.env.name, True)}
     if cfg.sft.env and cfg.sft.episodes > 0:
         envs.add((cfg.sft.env, False))
     for name, with_kwargs in envs:
         try:
             make(name, **(cfg.env.kwargs if with_kwargs else {})).close()
-        except (ValueError, TypeError) as err:
+        except (ValueError, TypeError, RemoteEnvError) as err:
             raise ConfigError(str(err)) from err
 
 

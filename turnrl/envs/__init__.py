@@ -11,7 +11,8 @@ from .countdown import CountdownEnv
 from .frozen_lake import FrozenLakeEnv
 from .math_qa import MathQAEnv
 from .qa import MultiTurnQAEnv, StaticQAEnv
-from .registry import ENVS, UnknownEnvError, env_summary, list_envs, make, register
+from .registry import ADAPTERS, ENVS, UnknownEnvError, env_summary, list_envs, make, register
+from .remote import RemoteEnv, RemoteEnvError
 from .sokoban import SokobanEnv
 from .sudoku import SudokuEnv
 from .toy_text import GymBlackjackEnv, GymCliffWalkingEnv, GymFrozenLakeEnv, GymTaxiEnv
@@ -34,8 +35,10 @@ register("gym_frozenlake", GymFrozenLakeEnv)
 register("gym_taxi", GymTaxiEnv)
 register("gym_cliffwalking", GymCliffWalkingEnv)
 register("gym_blackjack", GymBlackjackEnv)
+ADAPTERS["remote"] = RemoteEnv  # needs url: served by `turnrl env-server` (turnrl.env_server)
 
 __all__ = [
+    "ADAPTERS",
     "ENVS",
     "BanditEnv",
     "CountdownEnv",
@@ -43,6 +46,8 @@ __all__ = [
     "FrozenLakeEnv",
     "MathQAEnv",
     "MultiTurnQAEnv",
+    "RemoteEnv",
+    "RemoteEnvError",
     "SokobanEnv",
     "StaticQAEnv",
     "StepResult",

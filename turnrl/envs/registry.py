@@ -15,6 +15,9 @@ from typing import Any, Callable
 from .base import Env
 
 ENVS: dict[str, Callable[..., Env]] = {}
+# Names `make` resolves that cannot be built without arguments (`remote` needs its server's url), so they stay out
+# of `list_envs()`, whose every env tests and tools build with its defaults.
+ADAPTERS: dict[str, Callable[..., Env]] = {}
 
 
 class UnknownEnvError(ValueError):
@@ -82,9 +85,11 @@ def _resolve(name: str) -> Callable[..., Env]:
         raise TypeError(f"environment name must be a str, got {type(name).__name__}")
     if name in ENVS:
         return ENVS[name]
+    if name in ADAPTERS:
+        return ADAPTERS[name]
     if ":" in name:
         return _import_factory(name)
-    known = list_envs()
+    known = list_envs() + sorted(ADAPTERS)
     close = difflib.get_close_matches(name, known, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     raise UnknownEnvError(f"unknown environment '{name}'{hint} (known: {', '.join(known)})")
