@@ -40,7 +40,7 @@ def rows_of(t):
 # ------------------------------------------------------------------------- window
 
 
-@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("k", [0, 1, 2, 3])
 def test_window_prompt_holds_exactly_the_last_k_turns(tiny_tokenizer, k):
     # turn t replies with a distinct (invalid) action "Xt": the episode never ends before max_turns
     engine = ScriptedEngine(tiny_tokenizer, lambda call, row, prompt: f"X{call}</answer><|im_end|>")
@@ -65,7 +65,7 @@ def test_window_prompt_holds_exactly_the_last_k_turns(tiny_tokenizer, k):
         assert list(rows_of(t)[turn]) == prompt + tiny_tokenizer(f"X{turn}</answer><|im_end|>",
                                                                  add_special_tokens=False)["input_ids"]
     # the previous reply sits in the prompt as the very ids the engine sampled (not re-tokenised text)
-    for turn in range(1, 6):
+    for turn in range(1, 6 if k else 1):
         start, end = t.turn_spans[turn - 1]
         sampled = list(t.ids[start:end])
         prompt = prompts[turn]
@@ -245,7 +245,7 @@ def test_full_history_as_turn_rows_gives_the_single_sequence_loss(setup, agg):
 
 
 @pytest.mark.parametrize("args, field", [
-    (["--rollout.context", "window", "--rollout.context-window", "0"], "rollout.context_window"),
+    (["--rollout.context", "window", "--rollout.context-window", "-1"], "rollout.context_window"),
     (["--rollout.context-window", "3"], "rollout.context_window"),
     (["--rollout.context", "summary", "--rollout.samples", "episode"], "rollout.samples"),
     (["--rollout.context", "summary", "--rollout.no-think"], "rollout.think"),
@@ -261,7 +261,7 @@ def test_rollout_settings_refuse_window_without_turn_rows():
     with pytest.raises(ValueError, match="turn_rows"):
         RolloutSettings(context="window")
     with pytest.raises(ValueError, match="context_window"):
-        RolloutSettings(context="window", context_window=0, turn_rows=True)
+        RolloutSettings(context="window", context_window=-1, turn_rows=True)
 
 
 # ------------------------------------------------------------------------- training end to end

@@ -25,6 +25,7 @@ commands:
   report  runs' evaluations, training curves and episodes as one HTML page:   turnrl report RUN_DIR [RUN_DIR ...]
   play    play an environment yourself in the terminal:   turnrl play ENV [--seed S]
   envs    list the registered environments
+  demos   write an env's solver episodes as chat JSONL for SFT:   turnrl demos ENV --out FILE [--episodes N]
   env-server  serve an environment over HTTP for --env.name remote:   turnrl env-server ENV [--port N] [--kwargs JSON]
 
 `turnrl <command> --help` shows the options of a command."""
@@ -32,6 +33,17 @@ commands:
 
 class UsageError(ValueError):
     pass
+
+
+def _env_kwargs(text: str) -> dict:
+    """An env's constructor arguments given as a JSON object on the command line (--kwargs)."""
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"--kwargs is not valid JSON: {err.msg}") from err
+    if not isinstance(kwargs, dict):
+        raise UsageError("--kwargs must be a JSON object, e.g. '{\"dim\": 8}'")
+    return kwargs
 
 
 def _fail(message: str) -> int:
@@ -323,12 +335,7 @@ def cmd_env_server(argv: list[str]) -> int:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only; no auth, no TLS)")
     p.add_argument("--port", type=int, default=8765, help="port (0 picks a free one)")
     args = p.parse_args(argv)
-    try:
-        kwargs = json.loads(args.kwargs)
-    except json.JSONDecodeError as err:
-        raise UsageError(f"--kwargs is not JSON: {err}") from err
-    if not isinstance(kwargs, dict):
-        raise UsageError("--kwargs must be a JSON object, e.g. '{\"dim\": 8}'")
+    kwargs = _env_kwargs(args.kwargs)
     if not 0 <= args.port < 65536:
         raise UsageError("--port must be in [0, 65535]")
     try:
@@ -345,6 +352,35 @@ def cmd_env_server(argv: list[str]) -> int:
     return 0
 
 
+def cmd_demos(argv: list[str]) -> int:
+    from turnrl.config import SFT_SEED_BASE
+    from turnrl.demos import demo_records, write_demos
+
+    p = argparse.ArgumentParser(prog="turnrl demos", description="Write the env's solver episodes as chat "
+                                "conversations (JSONL, one {\"messages\": [...]} per episode) for SFT with any tool.")
+    p.add_argument("env", help="an env name (turnrl envs) or mypkg.module:EnvClass")
+    p.add_argument("--out", required=True, help="output .jsonl file")
+    p.add_argument("--episodes", type=int, default=1000)
+    p.add_argument("--kwargs", default="{}", help="env constructor arguments as JSON")
+    p.add_argument("--first-seed", type=int, default=SFT_SEED_BASE, help="seed of the first episode (default: "
+                   "turnrl's SFT range, disjoint from its held-out evaluation seeds)")
+    p.add_argument("--max-turns", type=int, default=10)
+    p.add_argument("--actions-per-turn", type=int, default=1, help="expert actions per reply ('A || B')")
+    p.add_argument("--think", action="store_true", help="replies start with an empty <think></think>")
+    p.add_argument("--epsilon", type=float, default=0.0, help="probability of a random action instead of the expert's")
+    p.add_argument("--no-system-prompt", action="store_true", help="start at the first observation (no system message)")
+    args = p.parse_args(argv)
+    if args.episodes < 1 or args.max_turns < 1 or args.actions_per_turn < 1 or not 0 <= args.epsilon <= 1:
+        raise UsageError("--episodes, --max-turns and --actions-per-turn must be >= 1 and --epsilon in [0, 1]")
+    records = demo_records(args.env, args.episodes, env_kwargs=_env_kwargs(args.kwargs), first_seed=args.first_seed,
+                           max_turns=args.max_turns, max_actions_per_turn=args.actions_per_turn, think=args.think,
+                           epsilon=args.epsilon, system_prompt=not args.no_system_prompt)
+    stats = write_demos(Path(args.out), records)
+    print(f"wrote {stats['episodes']} episodes of {args.env!r} to {args.out} (solved {stats['success_rate']:.3f}, "
+          f"{stats['mean_turns']:.1f} turns on average)")
+    return 0
+
+
 def cmd_play(argv: list[str]) -> int:
     from turnrl.envs import make
     from turnrl.parsing import ACTION_SEP
@@ -355,10 +391,7 @@ def cmd_play(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kwargs", default="{}", help="env constructor arguments as JSON")
     args = p.parse_args(argv)
-    try:
-        kwargs = json.loads(args.kwargs)
-    except json.JSONDecodeError as err:
-        raise UsageError(f"--kwargs is not valid JSON: {err.msg}") from err
+    kwargs = _env_kwargs(args.kwargs)
     env = make(args.env, **kwargs)
     print(env.system_prompt(), "\n")
     obs, _ = env.reset(seed=args.seed)
@@ -423,7 +456,8 @@ def cmd_envs(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "serve": cmd_serve, "report": cmd_report,
-            "play": cmd_play, "envs": cmd_envs, "env-server": cmd_env_server}
+            "play": cmd_play, "envs": cmd_envs, "env-server": cmd_env_server,
+            "demos": cmd_demos}
 
 
 def main(argv: list[str] | None = None) -> int:

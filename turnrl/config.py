@@ -89,7 +89,7 @@ class RolloutConfig:
     max_live_episodes: int = 0  # episodes played at once (their envs and KV caches; bounds rollout/eval memory): whole groups start as others end; 0 = all. Not the draws: every episode samples from its own stream
     # -- context policy (turnrl/context.py) --
     context: Literal["full", "window", "summary"] = "full"  # full: whole history (RAGEN/UFO); window: last k turns (VAGEN); summary: own last reflection + newest observation (ERA)
-    context_window: int = 2  # context=window: completed turns (observation + reply) kept in the prompt
+    context_window: int = 2  # context=window: completed turns (observation + reply) kept in the prompt; 0 = the newest observation alone
     samples: Literal["auto", "episode", "turn"] = "auto"  # training samples: one per episode, or one per turn (ERA/SkyRL); auto: episode for full, turn otherwise
     # -- fault tolerance (docs/reliability.md) --
     env_timeout: float = 60.0  # seconds an env reset/step may take before its episode fails (0 = no limit; Unix main thread)
@@ -111,7 +111,7 @@ class RolloutConfig:
         _check(self.max_context_tokens > self.max_new_tokens,
                "rollout.max_context_tokens must exceed rollout.max_new_tokens")
         _check(self.format_penalty <= 0, f"rollout.format_penalty is a penalty and must be <= 0, got {self.format_penalty}")
-        _check(self.context_window >= 1, f"rollout.context_window must be >= 1, got {self.context_window}")
+        _check(self.context_window >= 0, f"rollout.context_window must be >= 0, got {self.context_window}")
         _check(self.context == "window" or self.context_window == 2,
                f"rollout.context_window={self.context_window} is used only with rollout.context='window'")
         _check(not (self.context != "full" and self.samples == "episode"),

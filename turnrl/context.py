@@ -6,7 +6,8 @@ Context policies (`RolloutSettings.context`) decide what the model sees at each 
 * ``full`` (RAGEN, UFO): the whole history. Each episode is one growing token sequence: the model's
   tokens are appended exactly as sampled (loss mask 1, with their logprobs); everything else (system
   prompt, observations, chat-template glue) is tokenised once when it is appended (loss mask 0).
-* ``window`` (VAGEN): the last `context_window` turns (observation + reply) and the newest observation.
+* ``window`` (VAGEN): the last `context_window` turns (observation + reply) and the newest observation (k = 0: that
+  observation alone, a fresh conversation every turn, as each role of a multi-agent chain sees it).
   The prompt is assembled from the same once-tokenised pieces as under ``full`` (the sampled reply ids
   and the continuation glue), only the window's first observation is rendered afresh as the opening
   user message.
@@ -162,6 +163,8 @@ class TurnContext:
         # window: the last k completed turns, then the newest observation
         turn = len(self._replies)  # index of the turn being opened
         first = max(0, turn - self.settings.context_window)
+        if first == turn:  # k = 0: every turn a fresh conversation with the newest observation alone
+            return r.prompt_ids(obs)
         if first not in self._openings:
             self._openings[first] = r.prompt_ids(self._obs[first])
         ids = list(self._openings[first])

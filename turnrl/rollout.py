@@ -48,8 +48,8 @@ class RolloutSettings:
     def __post_init__(self):
         if self.context not in CONTEXTS:
             raise ValueError(f"context must be one of {CONTEXTS}, got {self.context!r}")
-        if self.context_window < 1:
-            raise ValueError(f"context_window must be >= 1, got {self.context_window}")
+        if self.context_window < 0:
+            raise ValueError(f"context_window must be >= 0, got {self.context_window}")
         if self.max_live < 0:
             raise ValueError(f"max_live must be >= 0 (0 = all episodes at once), got {self.max_live}")
         if self.env_threads < 0:

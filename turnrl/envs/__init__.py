@@ -13,6 +13,7 @@ from .math_qa import MathQAEnv
 from .qa import MultiTurnQAEnv, StaticQAEnv
 from .registry import ADAPTERS, ENVS, UnknownEnvError, env_summary, list_envs, make, register
 from .remote import RemoteEnv, RemoteEnvError
+from .role_chain import RoleChainEnv
 from .sokoban import SokobanEnv
 from .sudoku import SudokuEnv
 from .toy_text import GymBlackjackEnv, GymCliffWalkingEnv, GymFrozenLakeEnv, GymTaxiEnv
@@ -35,6 +36,7 @@ register("gym_frozenlake", GymFrozenLakeEnv)
 register("gym_taxi", GymTaxiEnv)
 register("gym_cliffwalking", GymCliffWalkingEnv)
 register("gym_blackjack", GymBlackjackEnv)
+register("role_chain", RoleChainEnv)
 ADAPTERS["remote"] = RemoteEnv  # needs url: served by `turnrl env-server` (turnrl.env_server)
 
 __all__ = [
@@ -48,6 +50,7 @@ __all__ = [
     "MultiTurnQAEnv",
     "RemoteEnv",
     "RemoteEnvError",
+    "RoleChainEnv",
     "SokobanEnv",
     "StaticQAEnv",
     "StepResult",

@@ -56,7 +56,9 @@ and deterministic FrozenLake, finite-horizon value iteration for slippery Frozen
 gymnasium toy-text tables, an exhaustive expression search for Countdown, the stored unique
 solution for Sudoku (backtracking in `turnrl.envs.solvers.sudoku_solve` double-checks it), the
 gold answer for math QA, basic strategy for Blackjack and the risky arm for the bandit. Use it
-for SFT demonstrations; `turnrl.envs.solvers.solve(env)` plays it to the end of the episode.
+for SFT demonstrations; `turnrl.envs.solvers.solve(env)` plays it to the end of the episode, and
+`turnrl demos ENV --out demos.jsonl` writes its episodes as chat conversations (`{"messages": [...]}` per line) for
+SFT with other tools.
 
 ## Gymnasium, both ways
 
