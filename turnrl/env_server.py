@@ -11,8 +11,8 @@ Protocol (JSON bodies, POST unless noted): `/open` {} -> {id, name, action_names
 `/close` {id} -> {}; GET `/health` -> {env, open}. An env that raises answers 500 with {error}; an unknown id or
 method, 404/400. Another server (any language) speaking this protocol works the same.
 
-Written on the standard library's `http.server`, like `turnrl serve`: five small JSON endpoints need no web
-framework. Meant for loopback or a private network (no auth, no TLS); it binds 127.0.0.1 unless told otherwise.
+Written on the standard library's `http.server` (turnrl.http_json, like `turnrl serve`): five small JSON endpoints
+need no web framework. Meant for loopback or a private network (no auth, no TLS); it binds 127.0.0.1 unless told otherwise.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ import json
 import math
 import threading
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 from turnrl.envs import make
+from turnrl.http_json import JSONHandler
 
 CALLS = ("expert_action", "available_actions", "render", "system_prompt")
 
@@ -128,22 +129,8 @@ class EnvServer:
     def _handler(self):
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # keep-alive: one connection per client env
-            # Headers and body leave in two writes; with Nagle's algorithm the second waits for the client's delayed
-            # ACK (~40 ms a request on Linux loopback, measured). TCP_NODELAY sends it at once.
-            disable_nagle_algorithm = True
-
-            def log_message(self, *_args):  # one line per step would drown the console
-                pass
-
-            def _reply(self, status: int, payload: dict) -> None:
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+        class Handler(JSONHandler):  # keep-alive (one connection per client env), TCP_NODELAY
+            _reply = JSONHandler.send_json
 
             def do_GET(self):
                 if self.path == "/health":
@@ -155,8 +142,7 @@ class EnvServer:
 
             def do_POST(self):
                 try:
-                    length = int(self.headers.get("Content-Length", 0))
-                    body = json.loads(self.rfile.read(length) or b"{}")
+                    body = self.read_json()
                     if not isinstance(body, dict):
                         raise _Error(400, "the request body must be a JSON object")
                     self._reply(200, server.handle(self.path, body))

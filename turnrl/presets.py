@@ -3,6 +3,8 @@ TrainConfig, so callers may modify the result."""
 
 from __future__ import annotations
 
+import json
+
 from turnrl.config import (AlgoConfig, ConfigError, EngineConfig, EnvConfig, EvalConfig, ModelConfig, OptimConfig,
                            RolloutConfig, SFTConfig, TrainConfig)
 
@@ -67,6 +69,25 @@ def countdown_tiny() -> TrainConfig:
         iterations=60,
         out="runs/countdown-tiny",
     )
+
+
+def role_chain_tiny() -> TrainConfig:
+    """Evo-MARL's analyst -> executor -> verifier chain (env role_chain) on countdown-tiny's tasks, every role played
+    by the one tiny policy with a prompt of its own (rollout.context window 0, one training row per turn): SFT on
+    the solver's chains, then StarPO-S on the team's outcome. The tiny model does not learn it yet (0 held-out
+    success after SFT and RL: it does not read the task's numbers out of the longer role prompts; docs/results.md):
+    a starting point for a real model (--model.name ...), not a result."""
+    cfg = countdown_tiny()
+    task = cfg.env.kwargs
+    cfg.env = EnvConfig(name="role_chain", system_prompt=False, kwargs={"task_kwargs": json.dumps(task)})
+    cfg.rollout.max_turns, cfg.rollout.context, cfg.rollout.context_window = 4, "window", 0
+    cfg.rollout.max_context_tokens, cfg.rollout.samples = 512, "turn"
+    # Each role's prompt holds the task and the team's messages (~170-300 byte-level tokens), so SFT (countdown-tiny's
+    # 300 steps x 64 episodes) takes most of the run's ~20 minutes on 2 cores; 150 x 32 left the team at 0 success.
+    cfg.rollout.n_groups, cfg.iterations = 8, 40
+    cfg.out = "runs/role-chain-tiny"
+    cfg.rollout.__post_init__()
+    return cfg
 
 
 def math_tiny() -> TrainConfig:
@@ -242,6 +263,7 @@ PRESETS = {
     "quickstart-sokoban": quickstart_sokoban,
     "countdown-tiny": countdown_tiny,
     "math-tiny": math_tiny,
+    "role-chain-tiny": role_chain_tiny,
     "ragen-sokoban-0.5b": ragen_sokoban_05b,
     "ragen-frozenlake-0.5b": ragen_frozenlake_05b,
     "ragen-bandit-0.5b": ragen_bandit_05b,

@@ -19,11 +19,12 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import torch
 
 from turnrl.engines import HFEngine, SamplingParams
+from turnrl.http_json import JSONHandler
 
 
 class BadRequest(ValueError):
@@ -163,19 +164,8 @@ def _messages(raw) -> list[dict]:
 
 
 def _handler_for(server: AgentServer):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, format, *args):  # noqa: A002 - stdlib signature; one line per request is noise
-            pass
-
-        def _send(self, status: int, payload: dict) -> None:
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    class Handler(JSONHandler):
+        _send = JSONHandler.send_json
 
         def _error(self, status: int, message: str) -> None:
             kind = "invalid_request_error" if status < 500 else "server_error"
@@ -194,8 +184,7 @@ def _handler_for(server: AgentServer):
                 self._error(404, f"no route {self.path} (this server has /v1/chat/completions)")
                 return
             try:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length) or b"{}")
+                body = self.read_json()
                 if not isinstance(body, dict):
                     raise BadRequest("the request body must be a JSON object")
                 self._send(200, server.complete(body))

@@ -44,19 +44,26 @@ class RoleChainEnv(Env):
         task: the task env's registered name ("countdown"). roles: comma-separated role names
         ("analyst,executor,verifier"; the three have instructions, other names a generic one). attack: text
         appended to each message passed on ("" = none). max_message_chars: longest message passed on (1000).
+        task_kwargs: the task env's arguments as a JSON object string ('{"max_number": 10}'; "" = its defaults).
     """
 
     name = "role_chain"
     free_text = True
 
     def __init__(self, task: str = "countdown", roles: str = "analyst,executor,verifier", attack: str = "",
-                 max_message_chars: int = 1000) -> None:
+                 max_message_chars: int = 1000, task_kwargs: str = "") -> None:
         self.roles = tuple(r.strip() for r in roles.split(",") if r.strip())
         if not self.roles:
             raise ValueError(f"roles must name at least one role, got {roles!r}")
         if max_message_chars < 1:
             raise ValueError(f"max_message_chars must be >= 1, got {max_message_chars}")
-        self.task = make(task)
+        try:
+            kwargs = json.loads(task_kwargs) if task_kwargs else {}
+        except json.JSONDecodeError as err:
+            raise ValueError(f"task_kwargs must be a JSON object, got {task_kwargs!r}: {err.msg}") from err
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"task_kwargs must be a JSON object, got {task_kwargs!r}")
+        self.task = make(task, **kwargs)
         if not getattr(self.task, "free_text", False):
             raise ValueError(f"task {task!r} must be a free-text (single-answer) env such as 'countdown' or 'math_qa'")
         self.attack, self.max_message_chars = attack, max_message_chars
