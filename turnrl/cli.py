@@ -372,6 +372,8 @@ def cmd_demos(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.episodes < 1 or args.max_turns < 1 or args.actions_per_turn < 1 or not 0 <= args.epsilon <= 1:
         raise UsageError("--episodes, --max-turns and --actions-per-turn must be >= 1 and --epsilon in [0, 1]")
+    if not Path(args.out).resolve().parent.is_dir():
+        raise UsageError(f"--out {args.out!r}: its directory does not exist")
     records = demo_records(args.env, args.episodes, env_kwargs=_env_kwargs(args.kwargs), first_seed=args.first_seed,
                            max_turns=args.max_turns, max_actions_per_turn=args.actions_per_turn, think=args.think,
                            epsilon=args.epsilon, system_prompt=not args.no_system_prompt)
