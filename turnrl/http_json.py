@@ -2,8 +2,8 @@
 
 Standard library only (`http.server`): each server has a handful of JSON endpoints, which a web framework would
 not make simpler. HTTP/1.1 keep-alive, so a client reuses one connection; TCP_NODELAY, because a response leaves
-in two writes (headers, body) and with Nagle's algorithm the second waits for the client's delayed ACK: about
-40 ms per request on Linux loopback, measured (0.3 ms with it off).
+in two writes (headers, body) and with Nagle's algorithm the second waits for the client's delayed ACK: measured on
+loopback, an env-server call 44 ms -> 0.14-0.3 ms, a one-token `turnrl serve` request 48 ms -> 3.4-4.1 ms.
 """
 
 from __future__ import annotations
