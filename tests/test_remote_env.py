@@ -139,3 +139,18 @@ def test_the_env_server_command_serves_until_interrupted(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "turnrl.cli", "env-server", "sokoban", "--kwargs", "[1]"],
                          capture_output=True, text=True, env=env, timeout=60)
     assert bad.returncode == 2 and "--kwargs must be a JSON object" in bad.stderr
+
+
+def test_turnrl_eval_plays_a_served_env_given_by_env_kwargs(serve, tmp_path, capsys):
+    cfg = tiny_config(tmp_path / "run", iterations=1)
+    train(cfg, log=lambda *_: None)
+    url = serve("frozen_lake_det")
+    results = []
+    for args in (["--env", "frozen_lake_det"], ["--env", "remote", "--env-kwargs", json.dumps({"url": url})]):
+        out = tmp_path / f"eval{len(results)}.json"
+        assert main(["eval", str(tmp_path / "run"), "--episodes", "6", "--k", "2", "--out", str(out), *args]) == 0
+        results.append({k: v for k, v in json.loads(out.read_text()).items() if k != "env"})
+    capsys.readouterr()
+    assert results[0] == results[1] and results[0]["episodes"] == 6
+    assert main(["eval", str(tmp_path / "run"), "--env", "remote", "--env-kwargs", "[]"]) == 2
+    assert "--env-kwargs must be a JSON object" in capsys.readouterr().err

@@ -35,14 +35,14 @@ class UsageError(ValueError):
     pass
 
 
-def _env_kwargs(text: str) -> dict:
-    """An env's constructor arguments given as a JSON object on the command line (--kwargs)."""
+def _env_kwargs(text: str, flag: str = "--kwargs") -> dict:
+    """An env's constructor arguments given as a JSON object on the command line."""
     try:
         kwargs = json.loads(text)
     except json.JSONDecodeError as err:
-        raise UsageError(f"--kwargs is not valid JSON: {err.msg}") from err
+        raise UsageError(f"{flag} is not valid JSON: {err.msg}") from err
     if not isinstance(kwargs, dict):
-        raise UsageError("--kwargs must be a JSON object, e.g. '{\"dim\": 8}'")
+        raise UsageError(f"{flag} must be a JSON object, e.g. '{{\"dim\": 8}}'")
     return kwargs
 
 
@@ -170,6 +170,8 @@ def cmd_eval(argv: list[str]) -> int:
                    help="a turnrl run directory or a model (directory or hub id); with --engine openai, optional: "
                         "a run directory whose env and rollout settings to use")
     p.add_argument("--env", default=None, help="environment (default: the run's evaluation env)")
+    p.add_argument("--env-kwargs", default=None, metavar="JSON", help="the env's constructor arguments as a JSON "
+                   "object (default: the run's env.kwargs), e.g. --env remote --env-kwargs '{\"url\": \"http://H:P\"}'")
     p.add_argument("--episodes", type=int, default=None, help="held-out start states (seeds 0..N-1)")
     p.add_argument("--k", type=int, default=None, help="samples per start state (pass@k)")
     p.add_argument("--temperature", type=float, default=None)
@@ -218,6 +220,8 @@ def cmd_eval(argv: list[str]) -> int:
         model_name = None
     if args.env:
         cfg.env.name, cfg.env.eval_name = args.env, None
+    if args.env_kwargs is not None:
+        cfg.env.kwargs = _env_kwargs(args.env_kwargs, "--env-kwargs")
     for field_, value in (("max_turns", args.max_turns), ("max_new_tokens", args.max_new_tokens), ("think", args.think),
                           ("max_live_episodes", args.max_live_episodes), ("env_threads", args.env_threads)):
         if value is not None:

@@ -161,6 +161,7 @@ simulator that is slow to start) is served over HTTP and played as the env `remo
 ```bash
 turnrl env-server sokoban --port 8765                       # any env name or mypkg.envs:MyEnv, plus --kwargs JSON
 turnrl train --preset quickstart-sokoban --env.name remote --env.kwargs url http://127.0.0.1:8765
+turnrl eval runs/qs --env remote --env-kwargs '{"url": "http://127.0.0.1:8765"}'   # any run, on the served env
 ```
 
 Each `RemoteEnv` (`turnrl.envs.remote`) opens its own instance on the server and forwards `reset`, `step`,
