@@ -93,13 +93,18 @@ class EnvServer:
     def handle(self, path: str, body: dict) -> dict:
         if path == "/open":
             env = make(self.env_name, **self.env_kwargs)
+            try:
+                names = getattr(env, "action_names", None)
+                opened = {"name": getattr(env, "name", "") or self.env_name,
+                          "action_names": None if names is None else list(names),
+                          "free_text": bool(getattr(env, "free_text", False)), "system_prompt": env.system_prompt()}
+            except Exception:
+                env.close()  # not registered: nothing else would ever close it
+                raise
             env_id = uuid.uuid4().hex
             with self.registry_lock:
                 self.envs[env_id], self.locks[env_id] = env, threading.Lock()
-            names = getattr(env, "action_names", None)
-            return {"id": env_id, "name": getattr(env, "name", "") or self.env_name,
-                    "action_names": None if names is None else list(names),
-                    "free_text": bool(getattr(env, "free_text", False)), "system_prompt": env.system_prompt()}
+            return {"id": env_id, **opened}
         env_id = body.get("id")
         with self.registry_lock:
             env, lock = self.envs.get(env_id), self.locks.get(env_id)
