@@ -27,7 +27,7 @@ class RemoteEnv(Env):
 
     def __init__(self, url: str = "", timeout: float = 60.0):
         if not url:
-            raise ValueError("environment 'remote' needs its server's address: --env.kwargs '{\"url\": \"http://HOST:PORT\"}' "
+            raise ValueError("environment 'remote' needs its server's address: --env.kwargs url http://HOST:PORT "
                              "(start one with: turnrl env-server ENV)")
         parts = urlsplit(url if "://" in url else f"http://{url}")
         if parts.scheme != "http" or not parts.hostname:
