@@ -402,6 +402,22 @@ class DistillConfig:
 
 
 @dataclass
+class TrackConfig:
+    """Experiment trackers (turnrl.trackers): metrics.jsonl and eval.json mirrored to TensorBoard and/or W&B."""
+
+    to: tuple[Literal["tensorboard", "wandb"], ...] = ()  # trackers to log to (pip install 'turnrl[track]'); tensorboard writes <out>/tensorboard, wandb logs to a W&B run (WANDB_MODE=offline: into <out>/wandb)
+    project: str = "turnrl"  # wandb: project of the run
+    name: str = ""  # wandb: display name of the run; "" = the run directory's name
+
+    def __post_init__(self):
+        self.to = tuple(self.to)  # a list after a JSON round trip
+        _check(len(set(self.to)) == len(self.to), f"track.to names a tracker twice: {list(self.to)}")
+        _check("wandb" in self.to or (self.project == "turnrl" and not self.name),
+               "track.project and track.name configure a W&B run, but track.to does not include 'wandb': add it "
+               "or remove them")
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
@@ -415,6 +431,7 @@ class TrainConfig:
     diag: DiagConfig = field(default_factory=DiagConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
     iterations: int = 200  # RL iterations
     seed: int = 0  # seed of model init, sampling and the RL seed stream
     out: str = "runs/latest"  # run directory (config.json, metrics.jsonl, eval.json, checkpoints/, final/)
@@ -488,7 +505,7 @@ class TrainConfig:
         nested = {"model": ModelConfig, "env": EnvConfig, "rollout": RolloutConfig, "algo": AlgoConfig,
                   "reward": RewardConfig, "optim": OptimConfig, "sft": SFTConfig, "eval": EvalConfig,
                   "engine": EngineConfig, "diag": DiagConfig, "distributed": DistributedConfig,
-                  "distill": DistillConfig}
+                  "distill": DistillConfig, "track": TrackConfig}
         kwargs = {}
         for key, value in _typed_fields(cls, data, "").items():
             if key in nested:

@@ -35,6 +35,7 @@ from turnrl.prepare import (build_policy, check_engine, check_env_config, check_
                             reference_model, rl_optimizer, run_sft, teacher_model)
 from turnrl.rollout import draw_base, run_episodes
 from turnrl.shaping import shape_rewards
+from turnrl.trackers import Trackers
 from turnrl.trajectory import Trajectory
 from turnrl.update import ppo_update
 
@@ -46,7 +47,7 @@ RESUMABLE_CHANGES = ("iterations", "progress", "threads", "out", "rollout.gen_ba
                      "engine.vllm_gpu_memory_utilization", "engine.vllm_cpu_kv_cache_gib", "diag.mi_every",
                      "diag.mi_replies", "samples_per_iteration", "eval.every", "eval.every_episodes",
                      "distributed.workers", "distributed.address", "distributed.cpus_per_worker", "rollout.env_threads",
-                     "rollout.reuse_envs")
+                     "rollout.reuse_envs", "track.to", "track.project", "track.name")
 
 
 def iteration_seeds(cfg: TrainConfig, iteration: int, round_: int = 0) -> list[int]:
@@ -168,7 +169,7 @@ def eval_points(cfg: TrainConfig, name: str) -> list[tuple[str, str | None]]:
 
 
 def _run_eval(policy, cfg: TrainConfig, evals: dict, name: str, path: Path, log, engine=None, pool=None,
-              kept_envs: dict | None = None) -> None:
+              kept_envs: dict | None = None, trackers: Trackers | None = None) -> None:
     for key, env_name in eval_points(cfg, name):
         if key in evals:  # a resumed run that already measured it
             continue
@@ -178,6 +179,8 @@ def _run_eval(policy, cfg: TrainConfig, evals: dict, name: str, path: Path, log,
             _write_eval_samples(path, {key: sample_episodes(trajs, cfg.samples_per_iteration)})
         evals[key] = result.to_dict()
         write_eval(path, evals)
+        if trackers is not None:
+            trackers.evaluation(key, evals[key], _eval_step(cfg, name))
         greedy = "" if result.greedy_success_rate is None else f", greedy {result.greedy_success_rate:.3f}"
         log(f"[eval] {key}: success {result.success_rate:.3f} (T={result.temperature}){greedy}, "
             f"return {result.mean_return:.3f}, pass@{result.k} {result.pass_at_k:.3f}"
@@ -185,16 +188,24 @@ def _run_eval(policy, cfg: TrainConfig, evals: dict, name: str, path: Path, log,
                f"{result.qa[f'succ@{cfg.rollout.max_turns}']:.3f}" if result.qa else ""))
 
 
-def _copy_eval(cfg: TrainConfig, evals: dict, src: str, dst: str, path: Path) -> None:
+def _copy_eval(cfg: TrainConfig, evals: dict, src: str, dst: str, path: Path,
+               trackers: Trackers | None = None) -> None:
     """The same model as an earlier point: its results, without rerunning them."""
     samples, copied = _read_eval_samples(path), {}
     for (key_src, _), (key_dst, _) in zip(eval_points(cfg, src), eval_points(cfg, dst)):
         evals[key_dst] = dict(evals[key_src])
+        if trackers is not None:
+            trackers.evaluation(key_dst, evals[key_dst], _eval_step(cfg, dst))
         if key_src in samples:
             copied[key_dst] = samples[key_src]
     if copied:
         _write_eval_samples(path, copied)
     write_eval(path, evals)
+
+
+def _eval_step(cfg: TrainConfig, name: str) -> int:
+    """The RL iteration an evaluation point is measured at, its step in the trackers."""
+    return cfg.iterations if name == "after_rl" else 0
 
 
 def _read_eval_samples(eval_path: Path) -> dict:
@@ -250,6 +261,10 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
     state = {"phase": "start", "iteration": 0}
     if ckpt is not None:
         state = json.loads((ckpt / "state.json").read_text())
+    # TensorBoard / W&B (track.to): a missing package or a refused login fails here, before any compute
+    trackers = Trackers(cfg, run_dir, state["iteration"] if resume else None, log)
+    cleanup.push(lambda kind, *_: trackers.close(failed=kind is not None))
+    if ckpt is not None:
         policy = build_policy(cfg, str(ckpt / "model"))
         log(f"[resume] {ckpt.name}: phase {state['phase']}, iteration {state['iteration']}")
     else:
@@ -278,7 +293,7 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
         log_file.truncate_to([r for r in log_file.read() if r.get("iteration", 0) < state["iteration"]])
 
     # ---- evaluation before training and SFT warm start --------------------------------------------
-    _run_eval(policy, cfg, evals, "untrained", eval_path, log, shared, pool, kept_envs)
+    _run_eval(policy, cfg, evals, "untrained", eval_path, log, shared, pool, kept_envs, trackers)
     if state["phase"] == "start":
         if cfg.sft.episodes > 0:
             run_sft(policy, cfg, log)
@@ -288,9 +303,9 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
         state = {"phase": "rl", "iteration": 0}
         save_checkpoint(run_dir, 0, policy, None, None, state, generators, cfg.keep_checkpoints)
     if cfg.sft.episodes == 0:  # same model, same eval seeds and sampling seed: the same result, no need to rerun
-        _copy_eval(cfg, evals, "untrained", "after_sft", eval_path)
+        _copy_eval(cfg, evals, "untrained", "after_sft", eval_path, trackers)
     else:
-        _run_eval(policy, cfg, evals, "after_sft", eval_path, log, shared, pool, kept_envs)
+        _run_eval(policy, cfg, evals, "after_sft", eval_path, log, shared, pool, kept_envs, trackers)
 
     # ---- RL ---------------------------------------------------------------------------------------
     optimizer, scheduler = rl_optimizer(policy, cfg)
@@ -397,6 +412,7 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
                     record.update(periodic_eval_metrics(result))
                     record["perf/eval_seconds"] = time.perf_counter() - t_eval
                 metrics.append(record)
+                trackers.iteration(record)
                 if cfg.samples_per_iteration:
                     samples.append({"iteration": iteration,
                                     "episodes": sample_episodes(trajs, cfg.samples_per_iteration)})
@@ -425,11 +441,11 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
 
     # ---- evaluation after RL and the final model --------------------------------------------------
     if cfg.iterations == 0:  # no RL step was taken: the after_sft evaluation already measured this model
-        _copy_eval(cfg, evals, "after_sft", "after_rl", eval_path)
+        _copy_eval(cfg, evals, "after_sft", "after_rl", eval_path, trackers)
     else:
         for key, _ in eval_points(cfg, "after_rl"):  # a resumed run with more iterations: measure the new end
             evals.pop(key, None)
-        _run_eval(policy, cfg, evals, "after_rl", eval_path, log, shared, pool, kept_envs)
+        _run_eval(policy, cfg, evals, "after_rl", eval_path, log, shared, pool, kept_envs, trackers)
     save_model_atomic(policy, run_dir / "final")
     return evals
 
