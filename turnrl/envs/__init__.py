@@ -13,6 +13,7 @@ from .math_qa import MathQAEnv
 from .qa import MultiTurnQAEnv, StaticQAEnv
 from .registry import ADAPTERS, ENVS, UnknownEnvError, env_summary, list_envs, make, register
 from .remote import RemoteEnv, RemoteEnvError
+from .rgym import ReasoningGymEnv
 from .role_chain import RoleChainEnv
 from .sokoban import SokobanEnv
 from .sudoku import SudokuEnv
@@ -37,6 +38,8 @@ register("gym_taxi", GymTaxiEnv)
 register("gym_cliffwalking", GymCliffWalkingEnv)
 register("gym_blackjack", GymBlackjackEnv)
 register("role_chain", RoleChainEnv)
+# Reasoning Gym's ~100 procedural tasks (reasoning-gym is imported only when one is made)
+register("reasoning_gym", ReasoningGymEnv)
 ADAPTERS["remote"] = RemoteEnv  # needs url: served by `turnrl env-server` (turnrl.env_server)
 
 __all__ = [
@@ -48,6 +51,7 @@ __all__ = [
     "FrozenLakeEnv",
     "MathQAEnv",
     "MultiTurnQAEnv",
+    "ReasoningGymEnv",
     "RemoteEnv",
     "RemoteEnvError",
     "RoleChainEnv",

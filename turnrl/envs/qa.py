@@ -90,6 +90,7 @@ class MultiTurnQAEnv(Env):
     """
 
     free_text = True
+    partial_credit = False  # reward = gamma^t x answer_score (a verifier's partial credit) instead of success only
 
     def __init__(self, max_attempts: int = 5, gamma: float = 0.5, repetition_penalty: float = 0.5,
                  feedback: str = DEFAULT_FEEDBACK, max_answer_chars: int = MAX_ANSWER_CHARS,
@@ -115,6 +116,12 @@ class MultiTurnQAEnv(Env):
     def sample_item(self, rng: random.Random) -> QAItem:
         """The question of a new episode, drawn with the episode's own RNG."""
 
+    def answer_score(self, answer: str) -> float:
+        """How well `answer` (the reply's answer text) answers the current question, in [0, 1]; 1 = correct.
+        Default: 1.0 when it matches the item's answer under `normalize_answer`; envs with their own verifier
+        override it."""
+        return float(normalize_answer(answer) == normalize_answer(self._require_reset().answer))
+
     # ------------------------------------------------------------------ gym API
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[str, dict]:
@@ -125,7 +132,7 @@ class MultiTurnQAEnv(Env):
         return self.render(), {"max_attempts": self.max_attempts}
 
     def step(self, action: str) -> StepResult:
-        item = self._require_reset()
+        self._require_reset()
         if self._done:
             return self._after_done_step(self._success, not self._success, self._success)
         if not isinstance(action, str) or not action.strip() or len(action) > self.max_answer_chars:
@@ -137,8 +144,9 @@ class MultiTurnQAEnv(Env):
 
         attempt = len(self._answers)  # 0-based index of this answer
         self._answers.append(normalize_answer(action))
-        correct = self._answers[-1] == normalize_answer(item.answer)
-        reward = self.gamma**attempt if correct else 0.0
+        score = self.answer_score(action)
+        correct = score >= 1.0
+        reward = self.gamma**attempt * (score if self.partial_credit else float(correct))
         self._done = correct or len(self._answers) >= self.max_attempts
         self._success = correct
         info = {"success": correct, "action_valid": True, "action_effective": True,
