@@ -104,3 +104,16 @@ def test_an_interrupt_leaves_a_python_callers_signal_handlers_alone(monkeypatch,
     assert cli.main(["train"]) == 130
     assert {s: signal.getsignal(s) for s in before} == before
     assert "interrupted" in capsys.readouterr().err
+
+
+def test_env_kwargs_replace_a_presets_kwargs_and_dotted_ones_edit_them(monkeypatch):
+    import turnrl.train
+
+    seen = []
+    monkeypatch.setattr(turnrl.train, "train", lambda cfg, resume: seen.append(cfg) or {})
+    # math-tiny's env.kwargs has keys; a whole new dict (another env's arguments) replaces them
+    assert main(["train", "--preset", "math-tiny", "--env.name", "reasoning_gym", "--env.kwargs", "task",
+                 "leg_counting", "max_animals", "3"]) == 0
+    assert seen[-1].env.kwargs == {"task": "leg_counting", "max_animals": 3}
+    assert main(["train", "--preset", "math-tiny", "--env.kwargs.difficulty", "2"]) == 0  # one key edited
+    assert seen[-1].env.kwargs == {"difficulty": 2, "kind": "arithmetic", "repetition_penalty": 0.5}

@@ -72,6 +72,8 @@ def cmd_train(argv: list[str]) -> int:
         base.out = str(run_dir)
     else:
         base = get_preset(known.preset or "quickstart")
+    if "--env.kwargs" in rest:  # `--env.kwargs K V ...` replaces the preset's dict (whose keys tyro would fix)
+        base.env.kwargs = {}
     description = (f"Train an agent. --preset NAME picks the starting config (known: {', '.join(PRESETS)}; "
                    "default quickstart); --resume DIR continues a run from its newest checkpoint.")
     cfg = _parse_config(TrainConfig, base, rest, description)
