@@ -402,6 +402,33 @@ class DistillConfig:
 
 
 @dataclass
+class JudgeConfig:
+    """LLM-judge rewards (turnrl.judge, docs/algorithms.md): a chat model behind an OpenAI-compatible API scores
+    the played episodes, each group's together (RULER) or one by one."""
+
+    url: str = ""  # base URL of the judge's OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (key: OPENAI_API_KEY); "" = off
+    model: str = ""  # the judge model's name on that server; "" = the server's only model
+    mode: Literal["group", "single"] = "group"  # group: a group's episodes in one request, scored against each other (RULER); single: one request per episode
+    rubric: str = ""  # what makes an episode good, put in the judge's instructions; "" = a generic rubric (turnrl.judge.DEFAULT_RUBRIC)
+    weight: float = 1.0  # the judge's score (in [0, 1]) times this is added to the episode's last turn reward
+    env_reward: bool = True  # keep the env's rewards (and format penalties); false = the judge's score is the only reward
+    max_chars: int = 4000  # transcript characters per episode sent to the judge (the middle is cut)
+    max_tokens: int = 512  # the judge's reply length limit
+    retries: int = 1  # asks again when a reply holds no valid scores
+    concurrency: int = 8  # judge requests in flight
+    timeout: float = 120.0  # seconds per judge request
+
+    def __post_init__(self):
+        _check(self.weight > 0, f"judge.weight must be > 0, got {self.weight}")
+        _check(self.max_chars >= 200 and self.max_tokens >= 1, "judge.max_chars must be >= 200 and judge.max_tokens >= 1")
+        _check(self.retries >= 0 and self.concurrency >= 1 and self.timeout > 0,
+               "judge.retries must be >= 0, judge.concurrency >= 1 and judge.timeout > 0")
+        changed = [f.name for f in dataclasses.fields(self) if f.name != "url" and getattr(self, f.name) != f.default]
+        _check(bool(self.url) or not changed, f"judge.{changed[0] if changed else ''} configures LLM-judge rewards, "
+               "which are off: set judge.url or remove it")
+
+
+@dataclass
 class TrackConfig:
     """Experiment trackers (turnrl.trackers): metrics.jsonl and eval.json mirrored to TensorBoard and/or W&B."""
 
@@ -431,6 +458,7 @@ class TrainConfig:
     diag: DiagConfig = field(default_factory=DiagConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
     iterations: int = 200  # RL iterations
     seed: int = 0  # seed of model init, sampling and the RL seed stream
@@ -505,7 +533,7 @@ class TrainConfig:
         nested = {"model": ModelConfig, "env": EnvConfig, "rollout": RolloutConfig, "algo": AlgoConfig,
                   "reward": RewardConfig, "optim": OptimConfig, "sft": SFTConfig, "eval": EvalConfig,
                   "engine": EngineConfig, "diag": DiagConfig, "distributed": DistributedConfig,
-                  "distill": DistillConfig, "track": TrackConfig}
+                  "distill": DistillConfig, "judge": JudgeConfig, "track": TrackConfig}
         kwargs = {}
         for key, value in _typed_fields(cls, data, "").items():
             if key in nested:

@@ -31,6 +31,7 @@ from turnrl.distributed import Playing, RolloutPool
 from turnrl.env_pool import EnvPool
 from turnrl.evaluate import engine_for, env_factory, evaluate, renderer_for, rollout_params, settings_for
 from turnrl.faults import EnvFailureError, Interrupted, StopSignals
+from turnrl.judge import Judge, JudgeStats
 from turnrl.prepare import (build_policy, check_engine, check_env_config, check_model_fits, check_output_dir,
                             reference_model, rl_optimizer, run_sft, teacher_model)
 from turnrl.rollout import draw_base, run_episodes
@@ -47,7 +48,8 @@ RESUMABLE_CHANGES = ("iterations", "progress", "threads", "out", "rollout.gen_ba
                      "engine.vllm_gpu_memory_utilization", "engine.vllm_cpu_kv_cache_gib", "diag.mi_every",
                      "diag.mi_replies", "samples_per_iteration", "eval.every", "eval.every_episodes",
                      "distributed.workers", "distributed.address", "distributed.cpus_per_worker", "rollout.env_threads",
-                     "rollout.reuse_envs", "track.to", "track.project", "track.name")
+                     "rollout.reuse_envs", "track.to", "track.project", "track.name",
+                     "judge.url", "judge.concurrency", "judge.timeout")
 
 
 def iteration_seeds(cfg: TrainConfig, iteration: int, round_: int = 0) -> list[int]:
@@ -71,13 +73,13 @@ def env_return(t: Trajectory, format_penalty: float) -> float:
     return t.total_reward - (t.num_turns - t.valid_turns) * format_penalty
 
 
-def rollout_and_filter(cfg: TrainConfig, iteration: int, play: Callable[[list[int]], list[Trajectory]]
-                       ) -> tuple[list[Trajectory], list[Trajectory], dict[str, float]]:
-    """Rollout -> reward shaping -> group filter. Returns (every episode played, as played; the kept
-    episodes, shaped; filter metrics).
+def rollout_and_filter(cfg: TrainConfig, iteration: int, play: Callable[[list[int]], list[Trajectory]],
+                       judge: Judge | None = None) -> tuple[list[Trajectory], list[Trajectory], dict[str, float]]:
+    """Rollout -> LLM-judge rewards (`judge`, if any) -> reward shaping -> group filter. Returns (every episode
+    played, as played; the kept episodes, judged and shaped; filter metrics).
 
     filter='std' (StarPO-S) ranks groups by the std of raw env returns (before shaping and format
-    penalties). filter='dynamic' (DAPO) keeps groups whose shaped returns are not all equal and plays
+    penalties; with a judge, of the judged returns). filter='dynamic' (DAPO) keeps groups whose shaped returns are not all equal and plays
     n_groups new start states per extra round until n_groups such groups are kept (the first ones, in
     round then group order) or dynamic_max_rounds rounds were played.
 
@@ -92,6 +94,7 @@ def rollout_and_filter(cfg: TrainConfig, iteration: int, play: Callable[[list[in
     kept: list[Trajectory] = []
     shaped_returns: list[float] = []
     env_errors, env_seconds = 0, 0.0
+    judge_stats = JudgeStats()
     for round_ in range(rounds):
         played = play(iteration_seeds(cfg, iteration, round_))
         env_seconds += sum(t.env_seconds for t in played)  # failed episodes too: a hanging env is where time goes
@@ -102,11 +105,15 @@ def rollout_and_filter(cfg: TrainConfig, iteration: int, play: Callable[[list[in
         if round_ > 0:  # group ids stay unique across rounds
             played = [replace(t, group_id=t.group_id + round_ * n) for t in played]
         played_all += played
+        if judge is not None:  # episodes whose judge request failed are left out, as failed envs are
+            played, judged = judge(played)
+            judge_stats += judged
         shaped = shape_rewards(played, cfg.reward, iteration)
         shaped_returns += [t.total_reward for t in shaped]
         group_ids = torch.tensor([t.group_id for t in played])
         if algo.filter == "std":
-            raw = torch.tensor([env_return(t, cfg.rollout.format_penalty) for t in played])
+            raw = torch.tensor([t.total_reward if judge is not None else env_return(t, cfg.rollout.format_penalty)
+                                for t in played])
             keep = set(filter_by_reward_std(raw, group_ids, algo.filter_keep, drop_zero_std=algo.drop_zero_std).tolist())
         elif algo.filter == "dynamic":
             informative = dynamic_sampling_keep(torch.tensor([t.total_reward for t in shaped]), group_ids).tolist()
@@ -119,7 +126,9 @@ def rollout_and_filter(cfg: TrainConfig, iteration: int, play: Callable[[list[in
     metrics = {"filter/kept_fraction": len(kept) / len(played_all), "filter/rollout_rounds": float(round_ + 1),
                "rollout/env_errors": float(env_errors), "perf/env_seconds": env_seconds}
     if cfg.reward.active:
-        metrics["reward/shaped_mean"] = sum(shaped_returns) / len(shaped_returns)
+        metrics["reward/shaped_mean"] = sum(shaped_returns) / max(1, len(shaped_returns))
+    if judge is not None:
+        metrics.update(judge_stats.metrics())
     return played_all, kept, metrics
 
 
@@ -271,6 +280,7 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
         policy = build_policy(cfg)
     check_model_fits(policy, cfg, run_dir)
     teacher = teacher_model(cfg, policy, log) if cfg.distill.teacher else None  # fails here, before any compute
+    judge = Judge(cfg.judge) if cfg.judge.url else None  # an unreachable judge server too
     # Ray rollout workers (distributed.workers) hold copies of the policy, each with its own engine, and play the
     # rollouts and the evaluations: weights pushed now, after SFT and after every update; the workers and their
     # Ray instance ended however the run ends. Without them, a vLLM engine holds its own copy of the policy here:
@@ -356,7 +366,7 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
                 # filter: StarPO-S keeps the groups whose raw env returns vary most; DAPO dynamic sampling
                 # drops groups with equal returns and plays more start states to refill the batch. Episodes
                 # whose env raised or hung are counted and left out (EnvFailureError past the allowed rate).
-                trajs, kept, filter_stats = rollout_and_filter(cfg, iteration, play)
+                trajs, kept, filter_stats = rollout_and_filter(cfg, iteration, play, judge)
                 t_rollout = time.perf_counter() - t0
                 record = {"iteration": iteration, **rollout_metrics(trajs, cfg), **filter_stats}
                 if cfg.distributed.overlap:

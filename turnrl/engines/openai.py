@@ -47,9 +47,13 @@ class OpenAIEngine:
         self.concurrency = concurrency
         self.model = model or self._only_model()
 
+    def served_models(self) -> list[str]:
+        """The model names the server lists (GET /models)."""
+        return [m.id for m in self._call(self.client.models.list).data]
+
     def _only_model(self) -> str:
         """The served model when the server serves exactly one (as `turnrl serve` and `vllm serve` do)."""
-        ids = [m.id for m in self._call(self.client.models.list).data]
+        ids = self.served_models()
         if len(ids) != 1:
             raise ServerError(f"{self.base_url} serves {len(ids)} models ({', '.join(ids[:5])}): pick one with --model")
         return ids[0]
