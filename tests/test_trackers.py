@@ -29,6 +29,12 @@ def tensorboard_scalars(directory) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+def text_events(directory, tag) -> list[tuple[int, str]]:
+    acc = event_accumulator.EventAccumulator(str(directory), size_guidance={event_accumulator.TENSORS: 0})
+    acc.Reload()
+    return [(e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(f"{tag}/text_summary")]
+
+
 def wandb_records(path):
     """The records of a .wandb file (a LevelDB-style log of 32 KiB blocks of checksummed chunks; the wandb
     package ships the protobuf schema but no reader)."""
@@ -99,8 +105,21 @@ def test_tensorboard_and_wandb_get_every_metric_and_evaluation(tmp_path):
         for key, value in scalars(evals[point]).items():
             assert heldout[f"heldout/{point}/{key}"] == [(step, pytest.approx(value, abs=1e-6))]
 
+    texts = text_events(run / "tensorboard", "samples")
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert [step for step, _ in texts] == [0, 1]
+    for (_, text), line in zip(texts, samples):
+        for e in line["episodes"]:
+            assert f"seed {e['seed']}, group_id {e['group_id']}, success {e['success']}" in text
+            assert e["transcript"][0][1].splitlines()[0] in text
+
     history, summary, config = wandb_run(run)
     rows = [{k: v for k, v in row.items() if not k.startswith("_")} for row in history]
+    tables = [row for row in rows if "samples/_type" in row]  # a table's fields are stored as samples/<field>
+    assert [row["iteration"] for row in tables] == [0, 1]
+    assert all(row["samples/_type"] == "table-file" and row["samples/nrows"] == cfg.samples_per_iteration
+               for row in tables)
+    rows = [row for row in rows if "samples/_type" not in row]
     assert rows == [{**scalars(r), "iteration": r["iteration"]} for r in records]
     for point in ("untrained", "after_sft", "after_rl"):
         for key, value in scalars(evals[point]).items():
@@ -130,7 +149,8 @@ def test_a_resumed_run_replaces_the_replayed_iterations_and_continues_the_wandb_
     files = list(run.glob("wandb/offline-run-*/run-*.wandb"))  # one per process that opened the run
     assert len(files) == 2 and {p.name for p in files} == {f"run-{run_id.strip()}.wandb"}
     history, _summary, _config = wandb_run(run)
-    assert [row["iteration"] for row in history] == [0, 1, 1]  # W&B keeps both; plotted against `iteration`
+    metric_rows = [row for row in history if "samples/_type" not in row]
+    assert [row["iteration"] for row in metric_rows] == [0, 1, 1]  # W&B keeps both; plotted against `iteration`
 
 
 def test_a_failing_tracker_is_turned_off_and_training_goes_on(tmp_path, monkeypatch):

@@ -3,7 +3,7 @@
 metrics.jsonl and eval.json stay the record (docs/metrics.md); a tracker gets a copy of every finite number in
 them: each iteration's metrics at step = iteration, and each held-out evaluation point of eval.json as
 `heldout/<point>/<key>` (TensorBoard: scalars of the run `heldout`, at step 0 before RL and `iterations` after
-it; W&B: the run's summary). Both are optional extras (`pip install 'turnrl[track]'`), imported only
+it; W&B: the run's summary); and samples.jsonl's episodes (TensorBoard: text `samples`; W&B: a table `samples`). Both are optional extras (`pip install 'turnrl[track]'`), imported only
 when chosen, and a missing one fails before any compute.
 
 A resumed run continues the same tracker run: TensorBoard purges the iteration metrics from the resumed
@@ -60,6 +60,10 @@ class _TensorBoard:
     def log_eval(self, values: dict[str, float], step: int) -> None:
         self.log(values, step, self.heldout)
 
+    def log_samples(self, episodes: list[dict], step: int) -> None:
+        self.writer.add_text("samples", "\n\n".join(_markdown(e) for e in episodes), step)
+        self.writer.flush()
+
     def close(self, failed: bool) -> None:
         self.writer.close()
         self.heldout.close()
@@ -93,11 +97,29 @@ class _WandB:
     def log_eval(self, values: dict[str, float], step: int) -> None:
         self.run.summary.update(values)
 
+    def log_samples(self, episodes: list[dict], step: int) -> None:
+        table = self.wandb.Table(columns=["iteration", *SAMPLE_COLUMNS, "transcript"])
+        for e in episodes:
+            table.add_data(step, *(e[c] for c in SAMPLE_COLUMNS), _transcript_text(e))
+        self.run.log({"samples": table, "iteration": step})
+
     def close(self, failed: bool) -> None:
         self.run.finish(exit_code=1 if failed else 0)
 
 
 _BACKENDS = {"tensorboard": _TensorBoard, "wandb": _WandB}
+SAMPLE_COLUMNS = ("seed", "group_id", "success", "reward", "turns", "end_reason")
+
+
+def _transcript_text(episode: dict) -> str:
+    return "\n".join(f"[{role}] {text}" for role, text in episode["transcript"])
+
+
+def _markdown(episode: dict) -> str:
+    """One samples.jsonl episode as TensorBoard markdown: a header line, then the transcript as a code block."""
+    head = ", ".join(f"{c} {episode[c]}" for c in SAMPLE_COLUMNS)
+    body = _transcript_text(episode).replace("```", "'''")
+    return f"**{head}**\n\n```\n{body}\n```"
 
 
 class Trackers:
@@ -118,11 +140,16 @@ class Trackers:
         """One metrics.jsonl record, at step = its iteration."""
         self._each("log", scalars(record), record["iteration"])
 
+    def samples(self, iteration: int, episodes: list[dict]) -> None:
+        """One samples.jsonl line's episodes (TensorBoard: text `samples`; W&B: a table `samples`)."""
+        if episodes:
+            self._each("log_samples", episodes, iteration)
+
     def evaluation(self, point: str, result: dict, step: int) -> None:
         """One eval.json entry (`point`: its key, e.g. after_rl), measured at RL iteration `step`."""
         self._each("log_eval", scalars(result, f"heldout/{point}/"), step)
 
-    def _each(self, method: str, values: dict[str, float], step: int) -> None:
+    def _each(self, method: str, values, step: int) -> None:
         for name, backend in list(self.active.items()):
             try:
                 getattr(backend, method)(values, step)

@@ -424,8 +424,9 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
                 metrics.append(record)
                 trackers.iteration(record)
                 if cfg.samples_per_iteration:
-                    samples.append({"iteration": iteration,
-                                    "episodes": sample_episodes(trajs, cfg.samples_per_iteration)})
+                    episodes = sample_episodes(trajs, cfg.samples_per_iteration)
+                    samples.append({"iteration": iteration, "episodes": episodes})
+                    trackers.samples(iteration, episodes)
                 bar.set_postfix(reward=f"{record['rollout/mean_reward']:.2f}",
                                 success=f"{record['rollout/success_rate']:.2f}",
                                 kept=f"{record['filter/kept_fraction']:.2f}")
