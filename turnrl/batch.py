@@ -42,9 +42,14 @@ class Batch:
     def turn_rows(self) -> bool:
         return self.rows is not None and any(r[1] >= 0 for r in self.rows)
 
+    @property
+    def device(self) -> torch.device:
+        return self.input_ids.device
 
-def collate(trajs: list[Trajectory], pad_id: int) -> Batch:
-    """One row per training row of each trajectory: the whole episode, or each turn (turn-as-sample)."""
+
+def collate(trajs: list[Trajectory], pad_id: int, device: torch.device | None = None) -> Batch:
+    """One row per training row of each trajectory: the whole episode, or each turn (turn-as-sample). Built on the
+    host row by row, then each tensor moved to `device` (the model's) at once."""
     rows, pieces = [], []
     for index, t in enumerate(trajs):
         if t.row_starts is None:
@@ -68,6 +73,8 @@ def collate(trajs: list[Trajectory], pad_id: int) -> Batch:
         attn[row, :n] = 1
         mask[row, :n] = torch.tensor(t.loss_mask[start:end], dtype=torch.float32)
         logp[row, :n] = torch.tensor(t.logprobs[start:end], dtype=torch.float32)
+    if device is not None and device.type != "cpu":
+        ids, attn, mask, logp = (x.to(device) for x in (ids, attn, mask, logp))
     shifted = mask[:, 1:]
     seq_tokens = episode_tokens(shifted, [r[0] for r in rows], len(trajs))
     row_ids = [t.ids[start:end] for t, start, end in pieces]
@@ -78,8 +85,8 @@ def collate(trajs: list[Trajectory], pad_id: int) -> Batch:
 
 def episode_tokens(mask: torch.Tensor, episode_of: list[int], num_episodes: int) -> torch.Tensor:
     """(B,) the model tokens of each row's whole episode under `mask` (B, L-1) (`Batch.seq_tokens`)."""
-    index = torch.tensor(episode_of)
-    return torch.zeros(num_episodes).index_add_(0, index, mask.sum(1).float())[index]
+    index = torch.tensor(episode_of, device=mask.device)
+    return torch.zeros(num_episodes, device=mask.device).index_add_(0, index, mask.sum(1).float())[index]
 
 
 def micro_batches(lengths: list[int], rows: list[int], token_budget: int) -> list[list[int]]:

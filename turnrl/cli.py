@@ -153,6 +153,7 @@ def cmd_export(argv: list[str]) -> int:
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"output directory {str(out)!r} exists and is not empty")
     cfg, model_dir = run_model(run_dir)
+    cfg.model.device = "cpu"  # merging and writing need no accelerator, wherever the run trained
     policy = build_policy(cfg, model_dir)
     export_merged(policy, out)
     kind = "LoRA adapters merged" if cfg.model.lora_rank else "full model"
@@ -179,6 +180,8 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=None, help="also report greedy success")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (hf and vllm engines)")
+    p.add_argument("--device", default=None, help="where the hf engine runs the model: cpu, cuda, cuda:N, auto "
+                   "(default: the run's model.device, else cpu)")
     p.add_argument("--max-turns", type=int, default=None, help="model replies per episode")
     p.add_argument("--max-new-tokens", type=int, default=None, help="tokens per reply")
     p.add_argument("--think", action=argparse.BooleanOptionalAction, default=None,
@@ -222,6 +225,8 @@ def cmd_eval(argv: list[str]) -> int:
         model_name = None
     if args.env:
         cfg.env.name, cfg.env.eval_name = args.env, None
+    if args.device is not None:
+        cfg.model.device = args.device
     if args.env_kwargs is not None:
         cfg.env.kwargs = _env_kwargs(args.env_kwargs, "--env-kwargs")
     for field_, value in (("max_turns", args.max_turns), ("max_new_tokens", args.max_new_tokens), ("think", args.think),
@@ -307,6 +312,8 @@ def cmd_serve(argv: list[str]) -> int:
     p.add_argument("--model-name", default=None, help="model name clients use (default: the run directory's name)")
     p.add_argument("--max-batch", type=int, default=32, help="requests generated together at most")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--device", default=None, help="where the model runs: cpu, cuda, cuda:N, auto (default: the run's "
+                   "model.device)")
     args = p.parse_args(argv)
     run_dir = Path(args.run)
     if not is_run_dir(run_dir):
@@ -314,6 +321,8 @@ def cmd_serve(argv: list[str]) -> int:
     if args.max_batch < 1 or not 0 <= args.port < 65536:
         raise UsageError("--max-batch must be >= 1 and --port in [0, 65535]")
     cfg, model_dir = run_model(run_dir)
+    if args.device is not None:
+        cfg.model.device = args.device
     policy = build_policy(cfg, model_dir)
     try:
         server = AgentServer(policy, model_name=args.model_name or run_dir.resolve().name,

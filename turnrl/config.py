@@ -47,6 +47,7 @@ class ModelConfig:
     lora_dropout: float = 0.0  # dropout on the LoRA input
     lora_targets: tuple[str, ...] = LORA_TARGETS  # module names that get adapters (Llama/Qwen/SmolLM2 names by default)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: about half the peak memory
+    device: str = "cpu"  # where the policy trains and the hf engine samples: cpu, cuda, cuda:N, or auto (cuda when available). The vllm engine has its own device
 
     def __post_init__(self):
         _check(bool(self.name), "model.name is empty: give 'tiny', a model directory or a hub id")

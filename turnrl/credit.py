@@ -12,6 +12,7 @@ padded with masked turns. See docs/algorithms.md, "Wiring in the trainer".
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, replace
 
 import torch
@@ -44,6 +45,13 @@ class Credit:
     turn_mask: Tensor           # (B, K) bool
     returns: Tensor | None = None     # (B, L-1) value targets (critic estimators)
     value_mask: Tensor | None = None  # (B, L-1) positions where the value head is trained
+
+    def to(self, device: torch.device) -> "Credit":
+        """The same credit with every tensor on `device` (itself when they are there already)."""
+        if device.type == "cpu":
+            return self
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device)
+                                            for f in dataclasses.fields(self) if getattr(self, f.name) is not None})
 
 
 def turn_layout(trajs: list[Trajectory], width: int) -> TurnLayout:

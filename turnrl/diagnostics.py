@@ -89,7 +89,7 @@ def cross_logprobs(policy, prompts: list[tuple[int, ...]], replies: list[tuple[i
                         truncated=False, success=False, env_name="", seed=0, group_id=j, num_actions=0,
                         valid_turns=0, end_reason="env")
              for r in replies for j, p in enumerate(prompts)]
-    batch = collate(pairs, policy.pad_token_id)
+    batch = collate(pairs, policy.pad_token_id, policy.device)
     rows = list(range(batch.size))
     head = sharable_head(policy.lm, batch, rows, enabled=shared_prefix)
     was_training = policy.training
@@ -112,6 +112,6 @@ def collapse_metrics(policy, trajs: list[Trajectory], *, max_replies: int, micro
         return {}
     logp = cross_logprobs(policy, prompts, replies, micro_batch_tokens=micro_batch_tokens, bf16=bf16,
                           temperature=temperature, shared_prefix=shared_prefix)
-    stats = mutual_information(logp, torch.tensor(source))
+    stats = mutual_information(logp.cpu(), torch.tensor(source))  # a few numbers: on the host
     return {**{f"collapse/{k}": v for k, v in stats.items()}, "collapse/prompts": float(len(prompts)),
             "collapse/replies": float(len(replies))}

@@ -78,6 +78,7 @@ class RolloutWorker:
 
         torch.set_num_threads(max(1, threads))
         self.cfg = cfg = TrainConfig.from_dict(cfg_data)
+        cfg.model.device = "cpu"  # a worker's hf engine samples on its CPUs (a vllm engine places itself on its GPU)
         ENVS.update(env_factories or {})  # envs registered in the trainer's process only (a user's script)
         self.policy = build_policy(cfg, model_name, value_head=False)  # `model_name`: a saved run's model
         self.policy.lm.eval()

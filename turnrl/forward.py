@@ -23,8 +23,9 @@ from turnrl.shared_prefix import (checkpointing, head_length, plan_micro_batches
                                   shares_under_checkpointing, windows, worth_sharing)
 
 
-def _autocast(enabled: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+def _autocast(enabled: bool, device: torch.device):
+    """bf16 autocast (optim.bf16, sft.bf16) on the batch's device."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
 @dataclass
@@ -52,7 +53,7 @@ def window_hidden(lm, batch: Batch, rows: list[int]) -> Windows:
     prompt position (which predicts the first sampled token) to its end; columns past the end read as 0."""
     hidden, starts, width = shared_prefix_hidden(lm, batch.input_ids, batch.lengths, rows, batch.prompt_len,
                                                  batch.prompt_id)
-    ends = torch.tensor([batch.lengths[r] - 1 for r in rows])
+    ends = torch.tensor([batch.lengths[r] - 1 for r in rows], device=batch.device)
     return Windows(hidden, lambda t: windows(t, rows, starts, width, ends), starts)
 
 
@@ -66,7 +67,7 @@ def model_token_forward(lm, batch: Batch, rows: list[int], *, share: bool, bf16:
     states (every position a value loss reads lies in the window: see `critic_can_share`)."""
     if share and values_of is not None and not critic_can_share(lm):
         raise ValueError("this model's value head needs its full forward: lm_parts cannot split it")
-    with _autocast(bf16):
+    with _autocast(bf16, batch.device):
         if share:
             w = window_hidden(lm, batch, rows)
             window = w.window
@@ -93,8 +94,8 @@ def model_token_logits(lm, batch: Batch, rows: list[int], *, share: bool, bf16: 
     their targets (N,), batch rows (N,), columns (N,) in the (B, L-1) target layout)."""
     f = model_token_forward(lm, batch, rows, share=share, bf16=bf16)
     b, w = batch.mask.shape
-    index = f.window(torch.arange(b)[:, None].expand(b, w))[f.on]
-    cols = f.window(torch.arange(w)[None].expand(b, w))[f.on]
+    index = f.window(torch.arange(b, device=batch.device)[:, None].expand(b, w))[f.on]
+    cols = f.window(torch.arange(w, device=batch.device)[None].expand(b, w))[f.on]
     return f.logits, f.window(batch.targets)[f.on], index, cols
 
 
@@ -130,7 +131,7 @@ def policy_values(policy, batch: Batch, rows_groups: list[list[int]], bf16: bool
     reads (`critic_can_share`); else at every position."""
     values = torch.zeros_like(batch.old_logprobs)
     for rows in rows_groups:
-        with _autocast(bf16):
+        with _autocast(bf16, batch.device):
             if share:
                 w = window_hidden(policy.lm, batch, rows)
                 vals = policy.values(w.hidden)

@@ -133,6 +133,11 @@ class Policy(nn.Module):
             nn.init.zeros_(self.value_head.bias)
 
     @property
+    def device(self) -> torch.device:
+        """Where the weights are (model.device): the update's and the hf engine's tensors are made there."""
+        return next(self.lm.parameters()).device
+
+    @property
     def eos_token_id(self) -> int:
         return self.tokenizer.eos_token_id
 

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from turnrl.checkpoint import check_free_space, checkpoint_bytes, is_run_dir, run_model_dir, save_model_atomic
 from turnrl.config import SFT_SEED_BASE, ConfigError, TrainConfig
+from turnrl.devcheck import simulation_active
 from turnrl.envs import RemoteEnvError, make
 from turnrl.evaluate import renderer_for, settings_for
 from turnrl.models import LoraSpec, ModelLoadError, TinyModelSpec, count_parameters, load_policy
@@ -83,9 +84,40 @@ def build_policy(cfg: TrainConfig, name: str | None = None, *, value_head: bool 
                          intermediate_size=m.tiny_ff)
     lora = LoraSpec(m.lora_rank, m.lora_alpha, m.lora_dropout, m.lora_targets) if m.lora_rank else None
     value_head = cfg.algo.needs_critic if value_head is None else value_head
-    return load_policy(name or m.name, value_head=value_head, seed=cfg.seed, tiny=spec,
-                       gguf_file=None if name else m.gguf_file, lora=lora,
-                       gradient_checkpointing=m.gradient_checkpointing)
+    device = policy_device(cfg)
+    policy = load_policy(name or m.name, value_head=value_head, seed=cfg.seed, tiny=spec,
+                         gguf_file=None if name else m.gguf_file, lora=lora,
+                         gradient_checkpointing=m.gradient_checkpointing)
+    return placed(policy, device)
+
+
+def placed(policy, device: torch.device):
+    """The policy moved to `device` (loaded models start on the host)."""
+    if device.type == "cpu":
+        return policy
+    policy.to(device)
+    if hasattr(policy.lm, "tie_weights"):  # a move that made new Parameters (turnrl.devcheck's) must not untie them
+        policy.lm.tie_weights()
+    return policy
+
+
+def policy_device(cfg: TrainConfig) -> torch.device:
+    """The device of `model.device` (ConfigError when it is not one, or has no hardware here)."""
+    name = cfg.model.device
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"model.device={name!r} is not a device: use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"model.device={name!r}, but torch sees no CUDA device (torch.cuda.is_available() is "
+                          "False): install a CUDA build of torch, or use model.device=cpu (turnrl eval / serve: --device cpu)")
+    if device.type == "meta" and not simulation_active():
+        raise ConfigError("model.device='meta' is the simulated device of turnrl.devcheck (tests only)")
+    if device.type not in ("cpu", "cuda", "meta"):
+        raise ConfigError(f"model.device={name!r}: turnrl trains on cpu or cuda")
+    return device
 
 
 def rl_optimizer(policy, cfg: TrainConfig):
@@ -142,7 +174,7 @@ def teacher_model(cfg: TrainConfig, policy, log=print) -> Reference:
         if model_dir is None:
             raise ModelLoadError(f"distill.teacher: run {name!r} has no final model and no checkpoint yet")
         name = str(model_dir)
-    teacher = load_policy(name)
+    teacher = placed(load_policy(name), policy.device)
     if teacher.tokenizer.get_vocab() != policy.tokenizer.get_vocab():
         raise ModelLoadError(f"distill.teacher {cfg.distill.teacher!r} has another tokenizer than the policy "
                              f"{cfg.model.name!r}: distillation scores the student's token ids under the teacher, so "

@@ -120,7 +120,7 @@ def _ragen_v1(env: EnvConfig, *, max_turns: int, max_actions_per_turn: int, max_
     decay 0.01, 200 iterations; rollouts at T=1 through vLLM (gpu_memory_utilization 0.5, eager);
     evaluation on 256 held-out start states at T=0.5. For GPU machines (pip install 'turnrl[vllm]')."""
     return TrainConfig(
-        model=ModelConfig(name="Qwen/Qwen2.5-0.5B-Instruct"),
+        model=ModelConfig(name="Qwen/Qwen2.5-0.5B-Instruct", device="auto"),
         env=env,
         rollout=RolloutConfig(n_groups=8, group_size=16, max_turns=max_turns, max_actions_per_turn=max_actions_per_turn,
                               max_new_tokens=max_new_tokens, max_context_tokens=3600, think=True, format_penalty=-0.1,
@@ -166,7 +166,7 @@ def ufo_math_3b() -> TrainConfig:
     200 iterations; Succ@5 evaluation on 128 questions at T=0.5. UFO runs vLLM with tensor parallelism 2 on
     2 GPUs; turnrl's vLLM engine uses one GPU (gpu_memory_utilization 0.5)."""
     return TrainConfig(
-        model=ModelConfig(name="Qwen/Qwen2.5-3B-Instruct"),
+        model=ModelConfig(name="Qwen/Qwen2.5-3B-Instruct", device="auto"),
         env=EnvConfig(name="math_qa_jsonl", kwargs={"hf_dataset": "metamathqa", "max_attempts": 5, "gamma": 0.5,
                                                     "repetition_penalty": 0.5}),
         rollout=RolloutConfig(n_groups=8, group_size=16, max_turns=5, max_actions_per_turn=1, max_new_tokens=400,

@@ -97,7 +97,7 @@ def sft(policy, demos: list[Trajectory], *, steps: int, batch_size: int, lr: flo
             rng.shuffle(more)
             order.extend(more)
         chosen, order = order[:batch_size], order[batch_size:]
-        batch = collate([demos[i] for i in chosen], policy.pad_token_id)
+        batch = collate([demos[i] for i in chosen], policy.pad_token_id, policy.device)
         total_tokens = batch.mask.sum().clamp(min=1)
         step_loss = 0.0
         rows = list(range(batch.size))

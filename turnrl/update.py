@@ -56,8 +56,10 @@ def prepare_targets(policy, batch: Batch, trajs: list[Trajectory], *, algo: Algo
         head = shared_head(policy, batch, all_rows, algo=algo, optim=optim)
         old_values = policy_values(policy, batch, plan(batch, all_rows, optim.micro_batch_tokens, head), optim.bf16,
                                    share=head is not None)
-    credit = (compute_row_credit(trajs, batch.rows, batch.mask, old_values, algo) if batch.turn_rows
-              else compute_credit(trajs, batch.mask, old_values, algo))
+    # the estimators run on the host (small (B, L) tensors built from the trajectories), then move to the model
+    host_mask, host_values = batch.mask.cpu(), None if old_values is None else old_values.cpu()
+    credit = (compute_row_credit(trajs, batch.rows, host_mask, host_values, algo) if batch.turn_rows
+              else compute_credit(trajs, host_mask, host_values, algo)).to(batch.device)
     ref_logprobs = None
     head = None  # of the forwards below, which need no values
     select = algo.top_entropy_frac < 1
@@ -171,9 +173,7 @@ def minibatch_backward(policy, batch: Batch, targets: Targets, mb_rows: list[int
     seq_tokens = batch.seq_tokens if batch.turn_rows else None
     seq_value_tokens = None
     if batch.turn_rows and algo.needs_critic:
-        index = torch.tensor(episode_of)
-        per_episode = torch.zeros(batch.num_episodes).index_add_(0, index, credit.value_mask.sum(1).float())
-        seq_value_tokens = per_episode[index]
+        seq_value_tokens = episode_tokens(credit.value_mask, episode_of, batch.num_episodes)
     totals: dict[str, float] = {}  # micro-batch parts of this mini-batch's losses (they add up)
     head = shared_head(policy, batch, mb_rows, algo=algo, optim=optim)
     share = head is not None
@@ -257,7 +257,7 @@ def ppo_update(policy, optimizer, scheduler, trajs: list[Trajectory], *, algo: A
     # Grouped-query attention without repeat_kv copies (turnrl.attention), for the forwards and the backward
     # passes alike (a gradient-checkpointed layer recomputes its forward during backward).
     with gqa_attention(policy.lm):
-        batch = collate(trajs, policy.pad_token_id)
+        batch = collate(trajs, policy.pad_token_id, policy.device)
         stats: dict[str, list[float]] = {}
 
         # ---- advantages --------------------------------------------------------------------------------

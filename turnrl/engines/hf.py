@@ -71,7 +71,8 @@ def sample_rows(probs: torch.Tensor, generator: torch.Generator | None = None,
     if generators is not None:
         u = 1.0 - torch.cat([torch.rand((1, 1), generator=g, dtype=torch.float64) for g in generators]).to(probs.device)
     else:
-        u = 1.0 - torch.rand((probs.shape[0], 1), generator=generator, dtype=torch.float64, device=probs.device)
+        # drawn on the host: the generator is a CPU one on every device (the same draws on a GPU as on the CPU)
+        u = 1.0 - torch.rand((probs.shape[0], 1), generator=generator, dtype=torch.float64).to(probs.device)
     return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1)
 
 
