@@ -99,3 +99,16 @@ def test_device_names_are_checked():
             policy_device(cfg)
     cfg.model.device = "cpu"
     assert build_policy(cfg).device.type == "cpu"
+
+
+def test_a_device_run_resumes_with_its_optimizer_and_reference_on_the_device(tmp_path):
+    over = dict(iterations=1, algo=AlgoConfig(estimator="gae", filter="none", kl_coef=0.01))
+    run(tmp_path / "cpu", "cpu", **{**over, "iterations": 2})
+    run(tmp_path / "device", "meta", **over)
+    cfg = tiny_config(tmp_path / "device", **{**over, "iterations": 2})
+    cfg.sft.bf16, cfg.model.device = False, "meta"
+    with simulated_accelerator():
+        train(cfg, resume=True, log=lambda *_: None)  # the reference model and the optimizer state come back
+    cpu = [json.loads(line) for line in (tmp_path / "cpu" / "metrics.jsonl").read_text().splitlines()]
+    device = [json.loads(line) for line in (tmp_path / "device" / "metrics.jsonl").read_text().splitlines()]
+    assert [close(a, b) for a, b in zip(cpu, device)] == [[], []]

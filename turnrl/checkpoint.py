@@ -50,7 +50,8 @@ def save_checkpoint(run_dir: Path, step: int, policy, optimizer, scheduler, stat
     if tmp.exists():
         shutil.rmtree(tmp)
     policy.save(tmp / "model")
-    torch.save({"optimizer": optimizer.state_dict() if optimizer else None,
+    # host copies: a checkpoint of a GPU run loads anywhere (optimizer.load_state_dict moves them to the params)
+    torch.save({"optimizer": to_host(optimizer.state_dict()) if optimizer else None,
                 "scheduler": scheduler.state_dict() if scheduler else None,
                 "rng": rng_state(generators)}, tmp / "trainer.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=2))
@@ -152,6 +153,17 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def to_host(obj):
+    """`obj` (dicts, lists, tuples of tensors and plain values) with every tensor copied to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_host(v) for v in obj)
+    return obj
 
 
 class MetricsLog:

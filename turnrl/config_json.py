@@ -2,7 +2,8 @@
 
 tyro checks command-line values; JSON files need their own check: unknown field names (with a "did you mean") and
 values of the wrong type, named by their dotted field. Generic over dataclasses, so turnrl.config only defines
-the fields and raises its ConfigError with the message found here.
+the fields and raises ConfigError (defined here, with `check`, so that every config module can use it) with the
+message found here.
 """
 
 from __future__ import annotations
@@ -12,6 +13,16 @@ import difflib
 import types
 import typing
 from typing import Literal
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+def check(cond: bool, msg: str) -> None:
+    """ConfigError(msg) unless `cond`: the one way every config class validates a field."""
+    if not cond:
+        raise ConfigError(msg)
 
 
 def json_field_problem(cls, data: dict, prefix: str) -> str | None:

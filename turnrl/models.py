@@ -181,7 +181,9 @@ class Policy(nn.Module):
                 raise ValueError("a LoRA policy needs `source` (its base model) to be saved; build it with load_policy")
             (directory / BASE_FILE).write_text(json.dumps(self.source, indent=2))
         if self.value_head is not None:
-            torch.save(self.value_head.state_dict(), directory / "value_head.pt")
+            # on the host, so a model saved from a GPU loads anywhere
+            torch.save({k: v.detach().cpu() for k, v in self.value_head.state_dict().items()},
+                       directory / "value_head.pt")
 
     def merged_lm(self) -> nn.Module:
         """The language model with LoRA adapters folded into the base weights (an ordinary HF model).
@@ -323,7 +325,8 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     try:
         with _quiet_progress():
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
-            gguf_lm = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+            gguf_lm = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, use_kernels=False,
+                                                           **kwargs)
     except ImportError as err:  # the `gguf` package is missing
         raise ModelLoadError(f"reading {gguf.name} needs the `gguf` package: pip install gguf ({err})") from err
     config = gguf_lm.config
@@ -441,7 +444,11 @@ def _load_lm(name: str, *, seed: int, tiny: TinyModelSpec, gguf_file: str | None
     try:
         with _quiet_progress():
             tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-            lm = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **kwargs)
+            # use_kernels=False: transformers 5 swaps layers for Hugging Face Hub kernels by default when the `kernels`
+            # package is there; on a GPU that fetches code from the Hub at load and at every train()/eval() switch
+            # (offline clusters fail) and changes the numerics the engines' logprobs are checked against. On the
+            # CPU it changes nothing (no CPU kernels; same logits).
+            lm = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, use_kernels=False, **kwargs)
     except OSError as err:  # transformers reports missing files and failed downloads as OSError
         raise ModelLoadError(f"could not load model {name!r}: {str(err).splitlines()[0]}") from err
     if tokenizer.chat_template is None:

@@ -319,7 +319,8 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
 
     # ---- RL ---------------------------------------------------------------------------------------
     optimizer, scheduler = rl_optimizer(policy, cfg)
-    trainer_state = torch.load(ckpt / "trainer.pt", weights_only=False) if ckpt is not None else None
+    trainer_state = (torch.load(ckpt / "trainer.pt", weights_only=False, map_location="cpu")
+                     if ckpt is not None else None)
     if trainer_state is not None:
         if trainer_state["optimizer"] is not None:
             optimizer.load_state_dict(trainer_state["optimizer"])

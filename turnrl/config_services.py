@@ -1,0 +1,53 @@
+"""The configs of services a run talks to: an LLM judge's server (`judge.*`) and experiment trackers (`track.*`).
+Nested in `turnrl.config.TrainConfig` like the others."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+from turnrl.config_json import check as _check
+
+
+@dataclass
+class JudgeConfig:
+    """LLM-judge rewards (turnrl.judge, docs/algorithms.md): a chat model behind an OpenAI-compatible API scores
+    the played episodes, each group's together (RULER) or one by one."""
+
+    url: str = ""  # base URL of the judge's OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (key: OPENAI_API_KEY); "" = off
+    model: str = ""  # the judge model's name on that server; "" = the server's only model
+    mode: Literal["group", "single"] = "group"  # group: a group's episodes in one request, scored against each other (RULER); single: one request per episode
+    rubric: str = ""  # what makes an episode good, put in the judge's instructions; "" = a generic rubric (turnrl.judge.DEFAULT_RUBRIC)
+    weight: float = 1.0  # the judge's score (in [0, 1]) times this is added to the episode's last turn reward
+    env_reward: bool = True  # keep the env's rewards (and format penalties); false = the judge's score is the only reward
+    max_chars: int = 4000  # transcript characters per episode sent to the judge (the middle is cut)
+    max_tokens: int = 512  # the judge's reply length limit
+    retries: int = 1  # asks again when a reply holds no valid scores
+    concurrency: int = 8  # judge requests in flight
+    timeout: float = 120.0  # seconds per judge request
+
+    def __post_init__(self):
+        _check(self.weight > 0, f"judge.weight must be > 0, got {self.weight}")
+        _check(self.max_chars >= 200 and self.max_tokens >= 1, "judge.max_chars must be >= 200 and judge.max_tokens >= 1")
+        _check(self.retries >= 0 and self.concurrency >= 1 and self.timeout > 0,
+               "judge.retries must be >= 0, judge.concurrency >= 1 and judge.timeout > 0")
+        changed = [f.name for f in dataclasses.fields(self) if f.name != "url" and getattr(self, f.name) != f.default]
+        _check(bool(self.url) or not changed, f"judge.{changed[0] if changed else ''} configures LLM-judge rewards, "
+               "which are off: set judge.url or remove it")
+
+
+@dataclass
+class TrackConfig:
+    """Experiment trackers (turnrl.trackers): metrics.jsonl and eval.json mirrored to TensorBoard and/or W&B."""
+
+    to: tuple[Literal["tensorboard", "wandb"], ...] = ()  # trackers to log to (pip install 'turnrl[track]'); tensorboard writes <out>/tensorboard, wandb logs to a W&B run (WANDB_MODE=offline: into <out>/wandb)
+    project: str = "turnrl"  # wandb: project of the run
+    name: str = ""  # wandb: display name of the run; "" = the run directory's name
+
+    def __post_init__(self):
+        self.to = tuple(self.to)  # a list after a JSON round trip
+        _check(len(set(self.to)) == len(self.to), f"track.to names a tracker twice: {list(self.to)}")
+        _check("wandb" in self.to or (self.project == "turnrl" and not self.name),
+               "track.project and track.name configure a W&B run, but track.to does not include 'wandb': add it "
+               "or remove them")
