@@ -112,3 +112,14 @@ def test_a_device_run_resumes_with_its_optimizer_and_reference_on_the_device(tmp
     cpu = [json.loads(line) for line in (tmp_path / "cpu" / "metrics.jsonl").read_text().splitlines()]
     device = [json.loads(line) for line in (tmp_path / "device" / "metrics.jsonl").read_text().splitlines()]
     assert [close(a, b) for a, b in zip(cpu, device)] == [[], []]
+
+
+def test_eval_and_serve_take_a_device(tmp_path, capsys):
+    from turnrl.cli import main
+
+    run(tmp_path / "run", "cpu", iterations=0)
+    assert main(["eval", str(tmp_path / "run"), "--episodes", "2", "--k", "1", "--device", "cpu"]) == 0
+    for command in (["eval", str(tmp_path / "run"), "--episodes", "2"], ["serve", str(tmp_path / "run")]):
+        capsys.readouterr()
+        assert main(command + ["--device", "gpu"]) == 2
+        assert "model.device='gpu' is not a device" in capsys.readouterr().err
