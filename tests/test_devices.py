@@ -123,3 +123,31 @@ def test_eval_and_serve_take_a_device(tmp_path, capsys):
         capsys.readouterr()
         assert main(command + ["--device", "gpu"]) == 2
         assert "model.device='gpu' is not a device" in capsys.readouterr().err
+
+
+def test_a_gpu_too_small_for_the_weights_and_optimizer_fails_before_any_compute(tmp_path, monkeypatch):
+    import turnrl.prepare as prepare
+    from turnrl.prepare import memory_floor
+
+    cfg = tiny_config(tmp_path / "run")
+    policy = build_policy(cfg)
+    n = sum(p.numel() for p in policy.parameters())
+    need, parts = memory_floor(policy, cfg, total=10**9)
+    assert parts == {"weights": 4 * n, "AdamW moments": 8 * n, "gradients": 4 * n} and need == 16 * n
+    cfg.algo.kl_coef = 0.01
+    cfg.engine.name, cfg.engine.vllm_sleep = "vllm", True
+    need, parts = memory_floor(policy, cfg, total=10**9)
+    # rollouts: weights, moments, reference and vLLM's half of the GPU; updates: the same plus gradients, minus vLLM
+    assert parts["KL reference"] == 4 * n and parts["vLLM"] == 5 * 10**8 and need == 16 * n + 5 * 10**8
+    cfg.engine.vllm_sleep = False
+    assert memory_floor(policy, cfg, total=10**9)[0] == 20 * n + 5 * 10**8
+
+    cfg = tiny_config(tmp_path / "run")
+    cfg.model.device = "meta"
+    monkeypatch.setattr(prepare, "device_memory", lambda device: 15 * n)  # one byte per parameter short
+    with simulated_accelerator(), pytest.raises(ConfigError, match=r"needs at least .* before any activation"):
+        train(cfg, log=lambda *_: None)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    monkeypatch.setattr(prepare, "device_memory", lambda device: 16 * n)
+    with simulated_accelerator():
+        prepare.check_device_memory(build_policy(cfg), cfg)  # fits: no error

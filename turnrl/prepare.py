@@ -48,6 +48,51 @@ def check_model_fits(policy, cfg: TrainConfig, run_dir: Path) -> None:
         check_free_space(run_dir, needed)
     except OSError as err:
         raise ConfigError(f"not enough disk space for checkpoints: {err.strerror}") from err
+    check_device_memory(policy, cfg)
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Total memory of an accelerator in bytes; None for the host (or a device whose size torch does not report)."""
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
+def memory_floor(policy, cfg: TrainConfig, total: int) -> tuple[int, dict[str, int]]:
+    """(bytes, their parts) that training needs on the policy's device before a single activation, in the phase
+    that needs more: the weights, the trainable parameters' AdamW moments (fp32, kept through rollouts), their
+    gradients (during updates), a full KL reference copy, and vLLM's share of a `total`-byte GPU it shares (during
+    rollouts; during updates too unless it sleeps)."""
+    params = list(policy.parameters())
+    weights = sum(p.numel() * p.element_size() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    parts = {"weights": weights, "AdamW moments": 8 * trainable}
+    if cfg.algo.kl_coef > 0 and not policy.is_lora:
+        parts["KL reference"] = weights
+    resident = sum(parts.values())
+    parts["gradients"] = 4 * trainable
+    # an in-process vLLM engine takes its share of the first GPU (its workers' engines are elsewhere)
+    shares = cfg.engine.name == "vllm" and cfg.distributed.workers == 0 and (policy.device.index or 0) == 0
+    vllm = int(cfg.engine.vllm_gpu_memory_utilization * total) if shares else 0
+    if vllm:
+        parts["vLLM"] = vllm
+    update = resident + parts["gradients"] + (0 if cfg.engine.vllm_sleep else vllm)
+    return max(update, resident + vllm), parts
+
+
+def check_device_memory(policy, cfg: TrainConfig) -> None:
+    """Fails before the first rollout (ConfigError) when the policy's accelerator cannot hold even what training
+    keeps there besides activations (`memory_floor`): an out-of-memory error that would come later, for sure.
+    Activations come on top, so passing this is no promise."""
+    total = device_memory(policy.device)
+    if total is None:
+        return
+    need, parts = memory_floor(policy, cfg, total)
+    if need > total:
+        gib = 2 ** 30
+        shown = ", ".join(f"{name} {size / gib:.1f}" for name, size in parts.items())
+        raise ConfigError(f"model.device={cfg.model.device!r} has {total / gib:.1f} GiB, but training needs at least "
+                          f"{need / gib:.1f} GiB there before any activation ({shown} GiB): train LoRA adapters "
+                          "(model.lora_rank), lower engine.vllm_gpu_memory_utilization or keep engine.vllm_sleep on, "
+                          "or use a larger GPU")
 
 
 def check_engine(cfg: TrainConfig) -> None:
