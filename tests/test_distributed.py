@@ -456,3 +456,20 @@ def test_overlap_with_a_frozen_policy_plays_the_rollouts_of_a_run_without_it(tmp
                      for r in without_timing(MetricsLog(Path(cfg.out) / "metrics.jsonl").read())])
         logs.append(MetricsLog(Path(cfg.out) / "samples.jsonl").read())
     assert logs[0] == logs[2] and logs[1] == logs[3]
+
+
+def test_workers_of_a_trainer_on_a_device_sample_on_their_cpus_from_its_pushed_weights(tmp_path):
+    from turnrl.devcheck import simulated_accelerator
+
+    cfg = rollout_config(tmp_path)
+    cfg.model.device = "meta"  # turnrl.devcheck's simulated accelerator stands in for a GPU
+    seeds, base = [11, 12, 13], 987654321
+    with simulated_accelerator():
+        policy = build_policy(cfg)
+        assert policy.device.type == "meta"
+        workers = [RolloutWorker(cfg.to_dict(), threads=1) for _ in range(2)]
+        assert all(w.policy.device.type == "cpu" for w in workers)
+        digests = [w.load(trained_state(policy.lm, full=True), full=True) for w in workers]
+        check_pushed(digests, weights_digest(trained_state(policy.lm, full=True)))
+        reference = one_process_rollout(policy, cfg, seeds, base)  # sampled on the device
+        assert_same_trajectories(played_by(workers, seeds, base), reference)
