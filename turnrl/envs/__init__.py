@@ -17,6 +17,7 @@ from .rgym import ReasoningGymEnv
 from .role_chain import RoleChainEnv
 from .sokoban import SokobanEnv
 from .sudoku import SudokuEnv
+from .tools import CalculatorMathEnv, ToolEnv, ToolError, tool
 from .toy_text import GymBlackjackEnv, GymCliffWalkingEnv, GymFrozenLakeEnv, GymTaxiEnv
 
 register("bandit", BanditEnv)
@@ -38,6 +39,7 @@ register("gym_taxi", GymTaxiEnv)
 register("gym_cliffwalking", GymCliffWalkingEnv)
 register("gym_blackjack", GymBlackjackEnv)
 register("role_chain", RoleChainEnv)
+register("tool_math", CalculatorMathEnv)  # tool calling (JSON function calls); ToolEnv for your own tools
 # Reasoning Gym's ~100 procedural tasks (reasoning-gym is imported only when one is made)
 register("reasoning_gym", ReasoningGymEnv)
 ADAPTERS["remote"] = RemoteEnv  # needs url: served by `turnrl env-server` (turnrl.env_server)
@@ -59,10 +61,14 @@ __all__ = [
     "StaticQAEnv",
     "StepResult",
     "SudokuEnv",
+    "ToolEnv",
+    "ToolError",
+    "CalculatorMathEnv",
     "UnknownEnvError",
     "check_env",
     "env_summary",
     "list_envs",
     "make",
     "register",
+    "tool",
 ]

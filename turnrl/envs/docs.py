@@ -173,6 +173,41 @@ list of envs built with defaults. A call costs about 0.3 ms on loopback (Sokoban
 0.28 ms against 0.016 ms in-process), small next to a model's turn; `--rollout.env-threads` overlaps the calls
 of a slow served env. The JSON protocol is in `turnrl/env_server.py`'s docstring: a server in
 another language works the same. No auth and no TLS: loopback or a private network only.
+
+## Tool-calling environments (`ToolEnv`, `tool_math`)
+
+An agent that acts through tools is an env whose actions are function calls: one JSON call per reply,
+`{"name": ..., "arguments": {...}}` (the function-calling format of OpenAI, Hermes and Qwen models) inside
+`<answer>...</answer>`, the tool's result as the next observation, and a final `answer` call that ends the episode
+and is scored. Subclass `turnrl.envs.ToolEnv`:
+
+```python
+from turnrl.envs import ToolEnv, ToolError, register, tool
+
+class Capitals(ToolEnv):
+    instruction = "Name the capital of the country."
+    def new_task(self, rng):                      # the episode's task, drawn with its own RNG
+        self.country = rng.choice(["France", "Peru"])
+        return f"What is the capital of {self.country}?"
+    @tool
+    def lookup(self, country: str) -> str:
+        '''Look a country's capital up.'''         # the docstring's first line describes the tool
+        if country not in ("France", "Peru"):
+            raise ToolError(f"no country named {country!r}")   # the model reads "Error: ..."
+        return {"France": "Paris", "Peru": "Lima"}[country]
+    def check_answer(self, value):                # scores the `answer` call: 1.0 if True
+        return value.strip() == {"France": "Paris", "Peru": "Lima"}[self.country]
+    def expert_call(self):                        # the solver, for SFT and check_env
+        return {"name": "answer", "arguments": {"value": {"France": "Paris", "Peru": "Lima"}[self.country]}}
+
+register("capitals", Capitals)
+```
+
+The system prompt lists every `@tool` method with a JSON-schema of its signature; a call with malformed JSON, an
+unknown tool or arguments that do not fit the signature is an invalid action (not counted against `max_calls`,
+default 8); an exception other than `ToolError` in a tool is a bug in the env and fails the episode like any env
+error. `tool_math` is the built-in example: arithmetic questions with a `calculator` tool (exact fractions), whose
+solver calls the calculator once and answers with its result.
 """
 
 
