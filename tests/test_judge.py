@@ -188,3 +188,17 @@ def test_judge_stats_add_up_and_config_is_checked():
         JudgeConfig(rubric="x")
     with pytest.raises(ConfigError, match="weight"):
         JudgeConfig(url="u", weight=0)
+
+
+def test_a_rollout_whose_every_judgement_fails_trains_on_nothing_and_says_so():
+    flaky = JudgeServer(garbage=100)
+    try:
+        cfg = tiny_config("unused")
+        cfg.judge = JudgeConfig(url=flaky.url, retries=0)
+        played = [episode(g, ["yes"], rewards=[1.0], seed=g) for g in range(4) for _ in range(2)]
+        everything, kept, metrics = rollout_and_filter(cfg, 0, lambda seeds: played, Judge(cfg.judge))
+        assert everything == played and kept == []
+        assert metrics["judge/failed_requests"] == metrics["judge/requests"] == 4.0
+        assert metrics["judge/mean_score"] is None
+    finally:
+        flaky.close()

@@ -79,9 +79,9 @@ def rollout_and_filter(cfg: TrainConfig, iteration: int, play: Callable[[list[in
     played, as played; the kept episodes, judged and shaped; filter metrics).
 
     filter='std' (StarPO-S) ranks groups by the std of raw env returns (before shaping and format
-    penalties; with a judge, of the judged returns). filter='dynamic' (DAPO) keeps groups whose shaped returns are not all equal and plays
-    n_groups new start states per extra round until n_groups such groups are kept (the first ones, in
-    round then group order) or dynamic_max_rounds rounds were played.
+    penalties; with a judge, of the judged returns). filter='dynamic' (DAPO) keeps groups whose shaped
+    returns are not all equal and plays n_groups new start states per extra round until n_groups such
+    groups are kept (the first ones, in round then group order) or dynamic_max_rounds rounds were played.
 
     Episodes whose env failed are dropped before shaping and filtering (their group simply has fewer
     members) and counted in `rollout/env_errors`; past `rollout.max_env_error_rate` of a round's episodes
