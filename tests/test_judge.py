@@ -176,7 +176,8 @@ def test_a_training_run_with_a_judge_logs_documented_metrics(server, tmp_path):
     assert record["judge/requests"] == cfg.rollout.n_groups and record["judge/failed_requests"] == 0
     assert 0.0 <= record["judge/mean_score"] <= 1.0
     documented = set(re.findall(r"^\| `([^`]+)` \|", DOCS.read_text(), flags=re.M))
-    assert {"judge/mean_score", "judge/failed_requests", "judge/requests"} <= documented
+    assert {"judge/mean_score", "judge/failed_requests", "judge/requests", "perf/judge_seconds"} <= documented
+    assert {"judge/mean_score", "judge/failed_requests", "judge/requests", "perf/judge_seconds"} <= set(record)
     assert all("Say yes." in r["messages"][0]["content"] for r in server.requests)
 
 

@@ -94,7 +94,7 @@ def rollout_and_filter(cfg: TrainConfig, iteration: int, play: Callable[[list[in
     kept: list[Trajectory] = []
     shaped_returns: list[float] = []
     env_errors, env_seconds = 0, 0.0
-    judge_stats = JudgeStats()
+    judge_stats, judge_seconds = JudgeStats(), 0.0
     for round_ in range(rounds):
         played = play(iteration_seeds(cfg, iteration, round_))
         env_seconds += sum(t.env_seconds for t in played)  # failed episodes too: a hanging env is where time goes
@@ -106,8 +106,10 @@ def rollout_and_filter(cfg: TrainConfig, iteration: int, play: Callable[[list[in
             played = [replace(t, group_id=t.group_id + round_ * n) for t in played]
         played_all += played
         if judge is not None:  # episodes whose judge request failed are left out, as failed envs are
+            t_judge = time.perf_counter()
             played, judged = judge(played)
             judge_stats += judged
+            judge_seconds += time.perf_counter() - t_judge
         shaped = shape_rewards(played, cfg.reward, iteration)
         shaped_returns += [t.total_reward for t in shaped]
         group_ids = torch.tensor([t.group_id for t in played])
@@ -128,7 +130,7 @@ def rollout_and_filter(cfg: TrainConfig, iteration: int, play: Callable[[list[in
     if cfg.reward.active:
         metrics["reward/shaped_mean"] = sum(shaped_returns) / max(1, len(shaped_returns))
     if judge is not None:
-        metrics.update(judge_stats.metrics())
+        metrics.update({**judge_stats.metrics(), "perf/judge_seconds": judge_seconds})
     return played_all, kept, metrics
 
 
