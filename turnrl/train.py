@@ -14,7 +14,6 @@ import random
 import time
 from contextlib import ExitStack
 from dataclasses import replace
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -23,12 +22,13 @@ from tqdm.auto import tqdm
 
 from turnrl.algos.correction import STATS as CORRECTION_STATS
 from turnrl.algos.filters import dynamic_sampling_keep, filter_by_reward_std
-from turnrl.checkpoint import (MetricsLog, atomic_write_text, latest_checkpoint, load_ahead, remove_stale_temps,
+from turnrl.checkpoint import (MetricsLog, latest_checkpoint, load_ahead, remove_stale_temps,
                                save_checkpoint, save_model_atomic, set_rng_state)
 from turnrl.config import DYNAMIC_SEED_OFFSET, TRAIN_SEED_BASE, ConfigError, TrainConfig, diff_configs
 from turnrl.diagnostics import collapse_metrics
 from turnrl.distributed import Playing, RolloutPool
 from turnrl.env_pool import EnvPool
+from turnrl.eval_points import copy_eval, eval_points, periodic_eval_metrics, run_eval, sample_episodes
 from turnrl.evaluate import engine_for, env_factory, evaluate, renderer_for, rollout_params, settings_for
 from turnrl.faults import EnvFailureError, Interrupted, StopSignals
 from turnrl.judge import Judge, JudgeStats
@@ -166,69 +166,6 @@ def rollout_metrics(trajs: list[Trajectory], cfg: TrainConfig) -> dict[str, floa
     }
 
 
-def write_eval(path: Path, evals: dict) -> None:
-    atomic_write_text(path, json.dumps(evals, indent=2))
-
-
-def eval_points(cfg: TrainConfig, name: str) -> list[tuple[str, str | None]]:
-    """(eval.json key, env) of one evaluation point: the evaluation env, and with `eval.train_env` the training
-    env too when they differ (key "<point>@<env name>")."""
-    points = [(name, None)]
-    if cfg.eval.train_env and (cfg.env.eval_name or cfg.env.name) != cfg.env.name:
-        points.append((f"{name}@{cfg.env.name}", cfg.env.name))
-    return points
-
-
-def _run_eval(policy, cfg: TrainConfig, evals: dict, name: str, path: Path, log, engine=None, pool=None,
-              kept_envs: dict | None = None, trackers: Trackers | None = None) -> None:
-    for key, env_name in eval_points(cfg, name):
-        if key in evals:  # a resumed run that already measured it
-            continue
-        result, trajs = evaluate(policy, cfg, env_name=env_name, engine=engine, pool=pool, kept_envs=kept_envs,
-                                 progress=f"eval {key}" if cfg.progress else None)
-        if cfg.samples_per_iteration:  # a few of its episodes for turnrl report (eval_samples.json)
-            _write_eval_samples(path, {key: sample_episodes(trajs, cfg.samples_per_iteration)})
-        evals[key] = result.to_dict()
-        write_eval(path, evals)
-        if trackers is not None:
-            trackers.evaluation(key, evals[key], _eval_step(cfg, name))
-        greedy = "" if result.greedy_success_rate is None else f", greedy {result.greedy_success_rate:.3f}"
-        log(f"[eval] {key}: success {result.success_rate:.3f} (T={result.temperature}){greedy}, "
-            f"return {result.mean_return:.3f}, pass@{result.k} {result.pass_at_k:.3f}"
-            + (f", succ@1 {result.qa['succ@1']:.3f}, succ@{cfg.rollout.max_turns} "
-               f"{result.qa[f'succ@{cfg.rollout.max_turns}']:.3f}" if result.qa else ""))
-
-
-def _copy_eval(cfg: TrainConfig, evals: dict, src: str, dst: str, path: Path,
-               trackers: Trackers | None = None) -> None:
-    """The same model as an earlier point: its results, without rerunning them."""
-    samples, copied = _read_eval_samples(path), {}
-    for (key_src, _), (key_dst, _) in zip(eval_points(cfg, src), eval_points(cfg, dst)):
-        evals[key_dst] = dict(evals[key_src])
-        if trackers is not None:
-            trackers.evaluation(key_dst, evals[key_dst], _eval_step(cfg, dst))
-        if key_src in samples:
-            copied[key_dst] = samples[key_src]
-    if copied:
-        _write_eval_samples(path, copied)
-    write_eval(path, evals)
-
-
-def _eval_step(cfg: TrainConfig, name: str) -> int:
-    """The RL iteration an evaluation point is measured at, its step in the trackers."""
-    return cfg.iterations if name == "after_rl" else 0
-
-
-def _read_eval_samples(eval_path: Path) -> dict:
-    samples_path = eval_path.with_name("eval_samples.json")
-    return json.loads(samples_path.read_text()) if samples_path.exists() else {}
-
-
-def _write_eval_samples(eval_path: Path, points: dict) -> None:
-    """Adds (or replaces) evaluation points in eval_samples.json, next to eval.json (renamed into place)."""
-    write_eval(eval_path.with_name("eval_samples.json"), {**_read_eval_samples(eval_path), **points})
-
-
 def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> dict:
     """Runs a whole training job and returns the held-out evaluations (also in `cfg.out`/eval.json).
 
@@ -305,7 +242,7 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
         log_file.truncate_to([r for r in log_file.read() if r.get("iteration", 0) < state["iteration"]])
 
     # ---- evaluation before training and SFT warm start --------------------------------------------
-    _run_eval(policy, cfg, evals, "untrained", eval_path, log, shared, pool, kept_envs, trackers)
+    run_eval(policy, cfg, evals, "untrained", eval_path, log, shared, pool, kept_envs, trackers)
     if state["phase"] == "start":
         if cfg.sft.episodes > 0:
             run_sft(policy, cfg, log)
@@ -315,9 +252,9 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
         state = {"phase": "rl", "iteration": 0}
         save_checkpoint(run_dir, 0, policy, None, None, state, generators, cfg.keep_checkpoints)
     if cfg.sft.episodes == 0:  # same model, same eval seeds and sampling seed: the same result, no need to rerun
-        _copy_eval(cfg, evals, "untrained", "after_sft", eval_path, trackers)
+        copy_eval(cfg, evals, "untrained", "after_sft", eval_path, trackers)
     else:
-        _run_eval(policy, cfg, evals, "after_sft", eval_path, log, shared, pool, kept_envs, trackers)
+        run_eval(policy, cfg, evals, "after_sft", eval_path, log, shared, pool, kept_envs, trackers)
 
     # ---- RL ---------------------------------------------------------------------------------------
     optimizer, scheduler = rl_optimizer(policy, cfg)
@@ -455,11 +392,11 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
 
     # ---- evaluation after RL and the final model --------------------------------------------------
     if cfg.iterations == 0:  # no RL step was taken: the after_sft evaluation already measured this model
-        _copy_eval(cfg, evals, "after_sft", "after_rl", eval_path, trackers)
+        copy_eval(cfg, evals, "after_sft", "after_rl", eval_path, trackers)
     else:
         for key, _ in eval_points(cfg, "after_rl"):  # a resumed run with more iterations: measure the new end
             evals.pop(key, None)
-        _run_eval(policy, cfg, evals, "after_rl", eval_path, log, shared, pool, kept_envs, trackers)
+        run_eval(policy, cfg, evals, "after_rl", eval_path, log, shared, pool, kept_envs, trackers)
     save_model_atomic(policy, run_dir / "final")
     return evals
 
@@ -469,27 +406,6 @@ def close_kept_envs(kept: dict[str, EnvPool], log) -> None:
     for name, pool in kept.items():
         for err in pool.close():
             log(f"[envs] a {name} env kept for reuse (rollout.reuse_envs) raised in close: {type(err).__name__}: {err}")
-
-
-def periodic_eval_metrics(result) -> dict[str, float]:
-    """The eval/* keys of a held-out evaluation during training (`eval.every`, docs/metrics.md)."""
-    out = {"eval/success_rate": result.success_rate, "eval/mean_return": result.mean_return,
-           "eval/pass_at_k": result.pass_at_k}
-    if result.greedy_success_rate is not None:
-        out["eval/greedy_success_rate"] = result.greedy_success_rate
-    return out
-
-
-def sample_episodes(trajs: list[Trajectory], n: int) -> list[dict]:
-    """Up to `n` played episodes of a rollout for samples.jsonl (docs/metrics.md): the first successful one and
-    the first unsuccessful one, then the next in rollout order."""
-    played = [t for t in trajs if not t.failed]
-    first = [next((t for t in played if t.success), None), next((t for t in played if not t.success), None)]
-    chosen = [t for t in first if t is not None][:n]
-    chosen += [t for t in played if all(t is not c for c in chosen)][:n - len(chosen)]
-    return [{"seed": t.seed, "group_id": t.group_id, "success": t.success, "reward": t.total_reward,
-             "turns": t.num_turns, "end_reason": t.end_reason, "transcript": [list(m) for m in t.transcript]}
-            for t in chosen]
 
 
 def update_metrics(stats: dict[str, float], cfg: TrainConfig) -> dict[str, float | None]:
