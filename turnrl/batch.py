@@ -73,7 +73,7 @@ def collate(trajs: list[Trajectory], pad_id: int, device: torch.device | None = 
         attn[row, :n] = 1
         mask[row, :n] = torch.tensor(t.loss_mask[start:end], dtype=torch.float32)
         logp[row, :n] = torch.tensor(t.logprobs[start:end], dtype=torch.float32)
-    if device is not None and device.type != "cpu":
+    if device is not None:  # the identity on the host
         ids, attn, mask, logp = (x.to(device) for x in (ids, attn, mask, logp))
     shifted = mask[:, 1:]
     seq_tokens = episode_tokens(shifted, [r[0] for r in rows], len(trajs))

@@ -26,6 +26,7 @@ import re
 
 import torch
 
+from turnrl.checkpoint import to_host
 from turnrl.config import ConfigError, TrainConfig
 from turnrl.engines.base import SamplingParams
 from turnrl.envs.registry import ENVS
@@ -51,8 +52,8 @@ def trained_state(lm: torch.nn.Module, full: bool) -> dict[str, torch.Tensor]:
     """The tensors a worker needs to hold `lm`'s weights: all of them (`full`), or only those the optimizer
     changes (parameters with requires_grad; a LoRA policy's adapters)."""
     if full:
-        return {k: v.detach().cpu() for k, v in lm.state_dict().items()}
-    return {k: p.detach().cpu() for k, p in lm.named_parameters() if p.requires_grad}
+        return to_host(lm.state_dict())
+    return to_host({k: p for k, p in lm.named_parameters() if p.requires_grad})
 
 
 def weights_digest(tensors: dict[str, torch.Tensor]) -> str:

@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from turnrl.config import JudgeConfig
 from turnrl.engines.base import SamplingParams
-from turnrl.engines.openai import ServerError
+from turnrl.engines.openai import OpenAIEngine, ServerError
 from turnrl.trajectory import Trajectory
 
 DEFAULT_RUBRIC = ("A good trajectory achieves the task's goal, follows the required answer format and wastes no "
@@ -68,7 +68,7 @@ def render_episode(t: Trajectory, max_chars: int) -> str:
 def judge_messages(episodes: list[Trajectory], cfg: JudgeConfig) -> list[dict]:
     """The chat request that asks the judge to score `episodes` (one: single mode; a group: relative scores)."""
     rubric = cfg.rubric or DEFAULT_RUBRIC
-    if len(episodes) == 1 and cfg.mode == "single":
+    if cfg.mode == "single":  # one episode per request
         system = (f"You evaluate one trajectory of an AI agent acting in an environment. {rubric}\nScore it "
                   "between 0 (fails completely) and 1 (ideal). Reply with JSON only: {\"score\": <number>}")
         body = render_episode(episodes[0], cfg.max_chars)
@@ -113,9 +113,7 @@ class Judge:
     concurrency as `turnrl eval --engine openai`)."""
 
     def __init__(self, cfg: JudgeConfig):
-        from turnrl.engines.openai import OpenAIEngine
-
-        self.cfg, self.last_error = cfg, ""
+        self.cfg = cfg
         # requests run on the judge's own threads (below); without a model name the server is asked for its only
         # model, with one it is asked whether it serves it: either way an unreachable judge fails here
         self.engine = OpenAIEngine(cfg.url, cfg.model or None, timeout=cfg.timeout, max_retries=2, concurrency=1)
@@ -124,18 +122,18 @@ class Judge:
                               f"{', '.join(served[:5]) or 'nothing'}); set judge.model")
         self.params = SamplingParams(max_new_tokens=cfg.max_tokens, temperature=0.0, greedy=True)
 
-    def _ask(self, episodes: list[Trajectory]) -> list[float] | None:
+    def _ask(self, episodes: list[Trajectory]) -> tuple[list[float] | None, str]:
+        """(the scores, or None when the request failed; the server's error, if that was why)."""
         messages = judge_messages(episodes, self.cfg)
-        single = len(episodes) == 1 and self.cfg.mode == "single"
         try:
             for _ in range(1 + self.cfg.retries):
                 reply = self.engine.chat([messages], self.params)[0].text
-                scores = parse_scores(reply, len(episodes), single)
+                scores = parse_scores(reply, len(episodes), self.cfg.mode == "single")
                 if scores is not None:
-                    return scores
+                    return scores, ""
         except ServerError as err:  # unreachable or refusing after the client's retries: this request failed
-            self.last_error = str(err)
-        return None
+            return None, str(err)
+        return None, ""
 
     def __call__(self, trajs: list[Trajectory]) -> tuple[list[Trajectory], JudgeStats]:
         """The episodes with judge rewards, in order, without those whose request failed (they are left out of
@@ -150,11 +148,11 @@ class Judge:
             for i in judged:
                 groups.setdefault(trajs[i].group_id, []).append(i)
             batches = list(groups.values())
-        self.last_error = ""
         with ThreadPoolExecutor(max_workers=max(1, min(self.cfg.concurrency, len(batches)))) as pool:
-            answers = list(pool.map(lambda batch: self._ask([trajs[i] for i in batch]), batches))
-        if batches and all(a is None for a in answers) and self.last_error:
-            raise ServerError(f"the judge failed every request of this rollout: {self.last_error}")
+            asked = list(pool.map(lambda batch: self._ask([trajs[i] for i in batch]), batches))
+        answers, errors = [a for a, _ in asked], [e for _, e in asked if e]
+        if batches and all(a is None for a in answers) and errors:
+            raise ServerError(f"the judge failed every request of this rollout: {errors[-1]}")
         out, dropped, scores = list(trajs), set(), []
         for batch, batch_scores in zip(batches, answers):
             if batch_scores is None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from turnrl.checkpoint import to_host
 from turnrl.lm_parts import lm_parts, logits_at
 from turnrl.lora import prepared_lora
 
@@ -182,8 +183,7 @@ class Policy(nn.Module):
             (directory / BASE_FILE).write_text(json.dumps(self.source, indent=2))
         if self.value_head is not None:
             # on the host, so a model saved from a GPU loads anywhere
-            torch.save({k: v.detach().cpu() for k, v in self.value_head.state_dict().items()},
-                       directory / "value_head.pt")
+            torch.save(to_host(self.value_head.state_dict()), directory / "value_head.pt")
 
     def merged_lm(self) -> nn.Module:
         """The language model with LoRA adapters folded into the base weights (an ordinary HF model).

@@ -3,26 +3,25 @@
 metrics.jsonl and eval.json stay the record (docs/metrics.md); a tracker gets a copy of every finite number in
 them: each iteration's metrics at step = iteration, and each held-out evaluation point of eval.json as
 `heldout/<point>/<key>` (TensorBoard: scalars of the run `heldout`, at step 0 before RL and `iterations` after
-it; W&B: the run's summary); and samples.jsonl's episodes (TensorBoard: text `samples`; W&B: a table `samples`). Both are optional extras (`pip install 'turnrl[track]'`), imported only
-when chosen, and a missing one fails before any compute.
+it; W&B: the run's summary); and samples.jsonl's episodes (TensorBoard: text `samples`; W&B: a table
+`samples`). Both are optional extras (`pip install 'turnrl[track]'`), imported only when chosen, and a missing
+one fails before any compute.
 
 A resumed run continues the same tracker run: TensorBoard purges the iteration metrics from the resumed
-iteration on (a crash may have logged iterations past the checkpoint, which are played again), and W&B reopens the run whose id
-is kept in `<run>/wandb_id`, plotting against the `iteration` key so re-played iterations are not dropped as
-out-of-order steps. A tracker that raises while logging (a full disk, a dead W&B service) is reported once and
+iteration on (a crash may have logged iterations past the checkpoint, which are played again), and W&B reopens
+the run whose id is kept in `<run>/wandb_id`, plotting against the `iteration` key so re-played iterations are
+not dropped as out-of-order steps. A tracker that raises while logging (a full disk, a dead W&B service) is reported once and
 turned off; training and metrics.jsonl go on.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import secrets
 from pathlib import Path
 
 from turnrl.checkpoint import atomic_write_text
 from turnrl.config import ConfigError, TrainConfig
-
-TRACKERS = ("tensorboard", "wandb")
-
 
 def scalars(record: dict, prefix: str = "") -> dict[str, float]:
     """The finite numbers of a metrics record (nested dicts flattened with '/'); `iteration` is the step, not a
@@ -37,13 +36,18 @@ def scalars(record: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
+def _installed(tracker: str, module: str):
+    """The tracker's module, imported now, or the ConfigError that names the extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ConfigError(f"track.to includes {tracker!r}, which is not installed: pip install 'turnrl[track]' "
+                          f"(or {tracker}) ({err})") from None
+
+
 class _TensorBoard:
     def __init__(self, cfg: TrainConfig, run_dir: Path, resumed_at: int | None):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as err:
-            raise ConfigError("track.to includes 'tensorboard', which is not installed: pip install "
-                              f"'turnrl[track]' (or tensorboard) ({err})") from None
+        SummaryWriter = _installed("tensorboard", "torch.utils.tensorboard").SummaryWriter  # noqa: N806 - a class
         # Held-out points go to a run of their own (tensorboard/heldout), never purged: a resume measures again
         # only what it has not measured (after_rl), while it replays every iteration after its checkpoint.
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=resumed_at)
@@ -71,12 +75,7 @@ class _TensorBoard:
 
 class _WandB:
     def __init__(self, cfg: TrainConfig, run_dir: Path, resumed_at: int | None):
-        try:
-            import wandb
-        except ImportError as err:
-            raise ConfigError("track.to includes 'wandb', which is not installed: pip install 'turnrl[track]' "
-                              f"(or wandb) ({err})") from None
-        self.wandb = wandb
+        self.wandb = wandb = _installed("wandb", "wandb")
         id_file = run_dir / "wandb_id"
         resuming = resumed_at is not None and id_file.exists()
         run_id = id_file.read_text().strip() if resuming else secrets.token_hex(6)  # W&B ids: letters and digits
