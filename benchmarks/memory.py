@@ -1,7 +1,7 @@
 """Peak memory of one RL iteration: SmolLM2-135M + LoRA (goal < 8 GiB) and the tiny model (goal < 1.5 GiB).
 
 Each setting runs one RL iteration of a preset (no SFT, the smallest evaluation, no group filter so the
-update always runs on the whole batch) in a fresh subprocess,
+update always runs on the whole batch, every turn's prompt the whole history) in a fresh subprocess,
 because the peak resident set size (ru_maxrss) is a per-process high-water mark. SmolLM2 runs with and
 without gradient checkpointing (`--model.gradient-checkpointing`). Prints one JSON line per setting and
 last the smallest goal / peak ratio (>= 1 means every setting is within its goal).
@@ -38,6 +38,9 @@ def one_iteration(preset: str, checkpointing: bool, threads: int) -> dict:
     cfg.sft.episodes, cfg.iterations, cfg.threads, cfg.progress = 0, 1, threads, False
     cfg.eval.episodes, cfg.eval.greedy = 1, False
     cfg.algo.filter, cfg.algo.drop_zero_std = "none", False  # every episode reaches the update, which must run
+    # Every turn sees the whole history (the tiny presets show the newest grid alone since 2026-12-07): the longest
+    # sequences a multi-turn update trains on, the row's load since it was first measured.
+    cfg.rollout.context, cfg.rollout.context_window = "full", 2
     with tempfile.TemporaryDirectory() as out:
         cfg.out = out
         t0 = time.perf_counter()

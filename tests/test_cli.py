@@ -29,6 +29,7 @@ def run(args, capsys):
     (["train", "--resume", "/no/such/run"], "cannot resume"),
     (["play", "nope"], "unknown environment"),
     (["frobnicate"], "unknown command"),
+    (["train", "--rollout.context", "full", "--rollout.context-window", "1"], "context_window=1"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message, capsys, tmp_path):
     code, _out, err = run(args + (["--out", str(tmp_path / "r")] if args[0] == "train" and "--resume" not in args else []), capsys)
@@ -42,6 +43,15 @@ def test_invalid_field_value_exits_2(tmp_path):
                           capture_output=True, text=True, env={**os.environ, "COLUMNS": "100"})
     assert proc.returncode == 2
     assert "n-groups" in proc.stderr or "n_groups" in proc.stderr
+
+
+def test_context_override_drops_the_presets_window(tmp_path, capsys):
+    """The grid presets show the newest observation alone (window 0): `--rollout.context full` alone switches to the
+    whole history instead of being refused for a window size it no longer uses."""
+    code, _out, err = run(["train", "--rollout.context", "full", "--out", str(tmp_path / "r")] + SMALL, capsys)
+    assert code == 0, err
+    config = json.loads((tmp_path / "r" / "config.json").read_text())["rollout"]
+    assert (config["context"], config["context_window"]) == ("full", 2)
 
 
 def test_unwritable_output_dir_exits_2(tmp_path, capsys):

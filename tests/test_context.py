@@ -246,7 +246,7 @@ def test_full_history_as_turn_rows_gives_the_single_sequence_loss(setup, agg):
 
 @pytest.mark.parametrize("args, field", [
     (["--rollout.context", "window", "--rollout.context-window", "-1"], "rollout.context_window"),
-    (["--rollout.context-window", "3"], "rollout.context_window"),
+    (["--rollout.context", "full", "--rollout.context-window", "3"], "rollout.context_window"),
     (["--rollout.context", "summary", "--rollout.samples", "episode"], "rollout.samples"),
     (["--rollout.context", "summary", "--rollout.no-think"], "rollout.think"),
 ])
