@@ -30,7 +30,7 @@ def _markov_rollout(n_groups: int, max_turns: int, max_context_tokens: int) -> R
 
 def quickstart() -> TrainConfig:
     """Tiny model, SFT warm start on noisy solver demos, then StarPO-S (GRPO + std filter) on
-    deterministic FrozenLake; about 7 minutes on 2 CPU cores (README). The model sees the newest grid alone
+    deterministic FrozenLake; 4-7 minutes on 2 CPU cores (README). The model sees the newest grid alone
     (`_markov_rollout`)."""
     return TrainConfig(
         model=ModelConfig(name="tiny"),
