@@ -64,10 +64,16 @@ def cmd_train(argv: list[str]) -> int:
         base = get_preset(known.preset or "quickstart")
     if "--env.kwargs" in rest:  # `--env.kwargs K V ...` replaces the preset's dict (whose keys tyro would fix)
         base.env.kwargs = {}
-    if _flag_value(rest, "--rollout.context") not in (None, "window") and \
-            _flag_value(rest, "--rollout.context-window") is None:
-        # A preset's window size (the grid presets' 0) goes with its window context: `--rollout.context full` alone
-        # must not be refused for a window size it no longer uses.
+    # A preset's window size (the grid presets' 0) goes with its window context: `--rollout.context full` alone
+    # must not be refused for a window size it no longer uses. (Read here, not consumed: tyro parses `rest`.)
+    context = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    context.add_argument("--rollout.context", dest="context")
+    context.add_argument("--rollout.context-window", "--rollout.context_window", dest="window")
+    try:
+        named = context.parse_known_args(rest)[0]
+    except argparse.ArgumentError:  # a flag without its value: tyro's one-line error says so below
+        named = argparse.Namespace(context=None, window=None)
+    if named.context not in (None, "window") and named.window is None:
         base.rollout.context_window = type(base.rollout).context_window
     description = (f"Train an agent. --preset NAME picks the starting config (known: {', '.join(PRESETS)}; "
                    "default quickstart); --resume DIR continues a run from its newest checkpoint.")
@@ -77,15 +83,6 @@ def cmd_train(argv: list[str]) -> int:
     evals = train(cfg, resume=bool(known.resume))
     _print_evals(evals, Path(cfg.out))
     return 0
-
-
-def _flag_value(args: list[str], flag: str) -> str | None:
-    """The value given to `flag` in `args` (`--flag V` or `--flag=V`; underscores or hyphens), else None."""
-    for i, arg in enumerate(args):
-        name, eq, value = arg.partition("=")
-        if name.replace("-", "_") == flag.replace("-", "_"):
-            return value if eq else (args[i + 1] if i + 1 < len(args) else "")
-    return None
 
 
 def _parse_config(cls, base, args: list[str], description: str):
