@@ -274,7 +274,7 @@ def test_a_worker_that_dies_stops_the_run_and_its_checkpoint_resumes_it(tmp_path
     real_play = RolloutPool.play
 
     def play(self, seeds, base, **share):
-        if not share:  # a training rollout (evaluations pass their env and sampling)
+        if share.get("params") is None:  # a training rollout (evaluations pass their env and sampling)
             calls["n"] += 1
             if calls["n"] == 3:
                 ray.kill(self._workers[1])  # what SIGKILL or the OOM killer does to its process

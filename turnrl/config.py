@@ -13,7 +13,7 @@ from typing import Literal
 
 from turnrl.config_json import ConfigError, changed_fields, json_field_problem
 from turnrl.config_json import check as _check
-from turnrl.config_services import JudgeConfig, TrackConfig
+from turnrl.config_services import AttackConfig, JudgeConfig, TrackConfig
 
 # Seed ranges never overlap: evaluation uses [0, TRAIN_SEED_BASE), RL rollouts and SFT demos use
 # disjoint ranges above it, so no held-out episode is ever trained on.
@@ -411,6 +411,7 @@ class TrainConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
     iterations: int = 200  # RL iterations
     seed: int = 0  # seed of model init, sampling and the RL seed stream
@@ -485,7 +486,7 @@ class TrainConfig:
         nested = {"model": ModelConfig, "env": EnvConfig, "rollout": RolloutConfig, "algo": AlgoConfig,
                   "reward": RewardConfig, "optim": OptimConfig, "sft": SFTConfig, "eval": EvalConfig,
                   "engine": EngineConfig, "diag": DiagConfig, "distributed": DistributedConfig,
-                  "distill": DistillConfig, "judge": JudgeConfig, "track": TrackConfig}
+                  "distill": DistillConfig, "judge": JudgeConfig, "attack": AttackConfig, "track": TrackConfig}
         kwargs = {}
         for key, value in _typed_fields(cls, data, "").items():
             if key in nested:

@@ -1,5 +1,6 @@
-"""The configs of services a run talks to: an LLM judge's server (`judge.*`) and experiment trackers (`track.*`).
-Nested in `turnrl.config.TrainConfig` like the others."""
+"""The configs of what a run talks to or plays against: an LLM judge's server (`judge.*`), an evolving pool of
+injected attacks (`attack.*`) and experiment trackers (`track.*`). Nested in `turnrl.config.TrainConfig` like the
+others."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
+from turnrl.attacks import DEFAULT_SEEDS, PLACEHOLDER
 from turnrl.config_json import check as _check
 
 
@@ -35,6 +37,30 @@ class JudgeConfig:
         changed = [f.name for f in dataclasses.fields(self) if f.name != "url" and getattr(self, f.name) != f.default]
         _check(bool(self.url) or not changed, f"judge.{changed[0] if changed else ''} configures LLM-judge rewards, "
                "which are off: set judge.url or remove it")
+
+
+@dataclass
+class AttackConfig:
+    """An evolving pool of attacks injected into the env (turnrl.attacks: Evo-MARL's co-evolving attacker); the
+    env must take them as reset options (`Env.reset_options` holding "attack" and "attack_target": role_chain)."""
+
+    pool: bool = False  # evolve a pool of attacks and play each rollout group under one of them
+    target: str = "999"  # the answer every attack wants from the team; an episode whose answer holds it is compromised
+    seeds: tuple[str, ...] = DEFAULT_SEEDS  # the first attacks, each holding the placeholder {target}
+    children: int = 2  # new attacks (crossover + mutation) made after every rollout, tried on the next
+    max_pool: int = 16  # attacks kept; the least successful leave first
+    share: float = 1.0  # fraction of each rollout's groups played under an attack (the others play clean)
+
+    def __post_init__(self):
+        self.seeds = tuple(self.seeds)  # a list after a JSON round trip
+        changed = [f.name for f in dataclasses.fields(self) if f.name != "pool" and getattr(self, f.name) != f.default]
+        _check(self.pool or not changed, f"attack.{changed[0] if changed else ''} configures the attack pool, which "
+               "is off: set attack.pool or remove it")
+        _check(bool(self.target.strip()), "attack.target must not be empty")
+        _check(bool(self.seeds) and all(PLACEHOLDER in s for s in self.seeds),
+               f"every attack.seeds entry must hold the placeholder {PLACEHOLDER} (where the target goes)")
+        _check(self.children >= 0 and self.max_pool >= 1, "attack.children must be >= 0 and attack.max_pool >= 1")
+        _check(0 < self.share <= 1, f"attack.share must be in (0, 1], got {self.share}")
 
 
 @dataclass

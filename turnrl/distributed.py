@@ -112,16 +112,17 @@ class RolloutWorker:
             envs.close()
 
     def play(self, seeds: list[int], first_group: int, base: int, env_name: str | None = None,
-             group_size: int | None = None, params: SamplingParams | None = None) -> list[Trajectory]:
+             group_size: int | None = None, params: SamplingParams | None = None,
+             options: list[dict | None] | None = None) -> list[Trajectory]:
         """One share of a rollout: the training rollout's env, group size and sampling unless given (an
-        evaluation's)."""
+        evaluation's); `options`: its groups' env reset options (`run_episodes`)."""
         from turnrl.evaluate import env_factory
         from turnrl.rollout import run_episodes
 
         cfg, env_name = self.cfg, env_name or self.cfg.env.name
         return run_episodes(self.engine, self.renderer, env_factory(cfg, env_name, self.kept_envs), seeds,
                             group_size or cfg.rollout.group_size, self.settings, params or self.params,
-                            env_name=env_name, first_group=first_group, base=base)
+                            env_name=env_name, first_group=first_group, base=base, options=options)
 
 
 class Playing:
@@ -213,12 +214,13 @@ class RolloutPool:
         `share`: `RolloutWorker.play`'s env_name, group_size and params (an evaluation's)."""
         return self.start(seeds, base, **share).result()
 
-    def start(self, seeds: list[int], base: int, **share) -> Playing:
+    def start(self, seeds: list[int], base: int, *, options: list[dict | None] | None = None, **share) -> Playing:
         """`play` without waiting: the workers play with the weights they hold now (a later `sync` reaches
-        each worker after its share of this rollout, as Ray runs an actor's calls in order)."""
+        each worker after its share of this rollout, as Ray runs an actor's calls in order). `options`: the
+        groups' env reset options, one per seed, each worker given its share's."""
         if not self._synced:
             raise RuntimeError("RolloutPool.play before sync: the workers do not hold the policy's weights yet")
-        futures = [w.play.remote(seeds[a:b], a, base, **share)
+        futures = [w.play.remote(seeds[a:b], a, base, **share, **({} if options is None else {"options": options[a:b]}))
                    for w, (a, b) in zip(self._workers, shares(len(seeds), self.workers))]
         return Playing(self, futures)
 

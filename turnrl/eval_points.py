@@ -44,7 +44,8 @@ def run_eval(policy, cfg: TrainConfig, evals: dict, name: str, path: Path, log, 
         log(f"[eval] {key}: success {result.success_rate:.3f} (T={result.temperature}){greedy}, "
             f"return {result.mean_return:.3f}, pass@{result.k} {result.pass_at_k:.3f}"
             + (f", succ@1 {result.qa['succ@1']:.3f}, succ@{cfg.rollout.max_turns} "
-               f"{result.qa[f'succ@{cfg.rollout.max_turns}']:.3f}" if result.qa else ""))
+               f"{result.qa[f'succ@{cfg.rollout.max_turns}']:.3f}" if result.qa else "")
+            + "".join(f", {name} {value:.3f}" for name, value in (result.env_metrics or {}).items()))
 
 
 def copy_eval(cfg: TrainConfig, evals: dict, src: str, dst: str, path: Path,
@@ -83,6 +84,7 @@ def periodic_eval_metrics(result) -> dict[str, float]:
            "eval/pass_at_k": result.pass_at_k}
     if result.greedy_success_rate is not None:
         out["eval/greedy_success_rate"] = result.greedy_success_rate
+    out.update({f"eval/env/{name}": value for name, value in (result.env_metrics or {}).items()})
     return out
 
 

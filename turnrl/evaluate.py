@@ -80,11 +80,13 @@ class EvalResult:
     greedy_success_rate: float | None = None
     env_errors: int = 0
     qa: dict[str, float] | None = None  # multi-attempt QA metrics (free-text envs with max_turns > 1), see qa_summary
+    env_metrics: dict[str, float] | None = None  # the env's own numbers (info["metrics"]), sampled episodes' means
 
     def to_dict(self) -> dict:
         out = dict(self.__dict__)
-        if out["qa"] is None:
-            del out["qa"]
+        for key in ("qa", "env_metrics"):
+            if out[key] is None:
+                del out[key]
         return out
 
 
@@ -129,6 +131,16 @@ def summarize(trajs: list[Trajectory], k: int) -> dict[str, float]:
         "mean_turns": turns / len(trajs),
         "env_errors": errors,
     }
+
+
+def env_metric_means(trajs: list) -> dict[str, float]:
+    """The mean of each number the envs reported in `info["metrics"]`, over the episodes that reported it
+    (`Trajectory.env_metrics`, or a served episode's dict of them)."""
+    values: dict[str, list[float]] = {}
+    for t in trajs:
+        for name, value in (t.env_metrics.items() if isinstance(t.env_metrics, dict) else t.env_metrics):
+            values.setdefault(name, []).append(value)
+    return {name: sum(v) / len(v) for name, v in sorted(values.items())}
 
 
 def eval_arguments(cfg: TrainConfig, env_name: str | None, episodes: int | None, k: int | None,
@@ -235,4 +247,4 @@ def eval_result(sampled: list, greedy: list | None, *, k: int, episodes: int, te
                       pass_at_k=summary["pass_at_k"], k=k, episodes=episodes, temperature=temperature,
                       valid_turn_rate=summary["valid_turn_rate"], mean_turns=summary["mean_turns"],
                       greedy_success_rate=None if greedy is None else summarize(greedy, 1)["success_rate"],
-                      env_errors=summary["env_errors"], qa=qa)
+                      env_errors=summary["env_errors"], qa=qa, env_metrics=env_metric_means(played) or None)

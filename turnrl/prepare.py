@@ -116,9 +116,14 @@ def check_env_config(cfg: TrainConfig) -> None:
         envs.add((cfg.sft.env, False))
     for name, with_kwargs in envs:
         try:
-            make(name, **(cfg.env.kwargs if with_kwargs else {})).close()
+            env = make(name, **(cfg.env.kwargs if with_kwargs else {}))
+            env.close()
         except (ValueError, TypeError, RemoteEnvError) as err:
             raise ConfigError(str(err)) from err
+        takes = set(getattr(env, "reset_options", ()))
+        if cfg.attack.pool and name == cfg.env.name and not {"attack", "attack_target"} <= takes:
+            raise ConfigError(f"attack.pool injects attacks through reset options 'attack' and 'attack_target', which "
+                              f"env {name!r} does not take (Env.reset_options): use an env that does (role_chain)")
 
 
 def build_policy(cfg: TrainConfig, name: str | None = None, *, value_head: bool | None = None):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Callable
 
@@ -71,6 +71,8 @@ class EpisodeState:
     error: str = ""
     turns: int = 0  # replies generated so far
     env_seconds: float = 0.0  # wall time in the env's construction, reset, steps and close (`env_calls`)
+    options: dict | None = None  # passed to the env's `reset` (its group's, `run_episodes(options=...)`)
+    env_metrics: dict = field(default_factory=dict)  # the env's `info["metrics"]`, latest value per key (`act`)
 
     def fail(self, err: BaseException, env_name: str, during: str) -> None:
         self.done, self.end_reason = True, "env_error"
@@ -101,8 +103,11 @@ def invalid_format_message(env) -> str:
     return "Invalid answer format: reply with <answer>action</answer>.\n" + env.render()
 
 
-def act(env, actions: tuple[str, ...], parsed_ok: bool) -> tuple[str, float, bool, bool, bool, int, bool]:
-    """Runs a turn's actions; returns obs, env reward, terminated, truncated, success, n_valid, all_valid."""
+def act(env, actions: tuple[str, ...], parsed_ok: bool, metrics: dict | None = None
+        ) -> tuple[str, float, bool, bool, bool, int, bool]:
+    """Runs a turn's actions; returns obs, env reward, terminated, truncated, success, n_valid, all_valid.
+    `metrics` is updated with each step's `info["metrics"]` (the env's own numbers, `env_metric_values`; the
+    reset's info may hold them too)."""
     if not parsed_ok:
         return invalid_format_message(env), 0.0, False, False, False, 0, False
     obs, total, terminated, truncated, success, n_valid, all_valid = "", 0.0, False, False, False, 0, True
@@ -111,6 +116,8 @@ def act(env, actions: tuple[str, ...], parsed_ok: bool) -> tuple[str, float, boo
         _check_observation(obs)
         total += float(reward)
         success = bool(info.get("success", False))
+        if metrics is not None and info.get("metrics"):
+            metrics.update(env_metric_values(info["metrics"]))
         if info.get("action_valid", False):
             n_valid += 1
         else:
@@ -118,6 +125,20 @@ def act(env, actions: tuple[str, ...], parsed_ok: bool) -> tuple[str, float, boo
         if terminated or truncated:
             break
     return obs, total, terminated, truncated, success, n_valid, all_valid
+
+
+def env_metric_values(reported) -> dict[str, float]:
+    """An env's `info["metrics"]`: a dict of names to numbers (bools count as 0/1), logged as `env/<name>` (the
+    mean over the episodes that reported it; an episode's latest value per name). Anything else is a bug in the
+    env, reported as such."""
+    if not isinstance(reported, dict):
+        raise TypeError(f'info["metrics"] must be a dict of names to numbers, got {type(reported).__name__}')
+    out = {}
+    for name, value in reported.items():
+        if not isinstance(name, str) or isinstance(value, str) or not isinstance(value, (int, float, np.number)):
+            raise TypeError(f'info["metrics"] must map names to numbers, got {name!r}: {value!r}')
+        out[name] = float(value)
+    return out
 
 
 def _check_observation(obs) -> None:
@@ -128,7 +149,8 @@ def _check_observation(obs) -> None:
 def run_episodes(engine: Engine, renderer: ChatRenderer, make_env: Callable[[], object], seeds: list[int],
                  group_size: int, settings: RolloutSettings, params: SamplingParams,
                  env_name: str = "", *, first_group: int = 0, base: int | None = None,
-                 on_end: Callable[[int], None] | None = None) -> list[Trajectory]:
+                 on_end: Callable[[int], None] | None = None, options: list[dict | None] | None = None
+                 ) -> list[Trajectory]:
     """Plays `group_size` episodes per seed (a group shares its seed, hence its start state).
 
     All active episodes of a turn are generated in one engine call; an episode leaves the batch as
@@ -142,15 +164,19 @@ def run_episodes(engine: Engine, renderer: ChatRenderer, make_env: Callable[[], 
     "env_error" and the traceback in `error` (Trajectory.failed), and the others play on. `settings.env_threads` > 0
     runs the env calls of episodes that start, play a turn or end together concurrently (turnrl.env_threads).
     Trajectories come back in episode order (group by group). `on_end(n)` is told of every n episodes that end
-    together (a progress bar).
+    together (a progress bar). `options`, one per seed: the `options` of its group's env resets (None: reset
+    without options), e.g. the attacks of an attack pool (turnrl.attacks).
 
     A share of a larger rollout (turnrl.distributed: one worker's groups) passes the index of its first group
     in the whole and the whole's stream `base` (`draw_base`): group ids and sampling streams are then those of
     the whole rollout, so its shares played apart give the trajectories it gives played at once. By default the
     base is drawn from the engine's generator (`stream_base`).
     """
-    episodes = [_Episode(seed=seed, group_id=first_group + group_id) for group_id, seed in enumerate(seeds)
-                for _ in range(group_size)]
+    if options is not None and len(options) != len(seeds):
+        raise ValueError(f"options must give one entry per seed: {len(options)} for {len(seeds)} seeds")
+    episodes = [_Episode(seed=seed, group_id=first_group + group_id,
+                         options=None if options is None else options[group_id])
+                for group_id, seed in enumerate(seeds) for _ in range(group_size)]
     first_episode = first_group * group_size
     # Keys are unique per call so an engine's per-episode cache never outlives this rollout (the
     # weights change after it).
@@ -198,7 +224,7 @@ def run_episodes(engine: Engine, renderer: ChatRenderer, make_env: Callable[[], 
             env_name=env_name, seed=ep.seed, group_id=ep.group_id, num_actions=ep.num_actions,
             valid_turns=ep.valid_turns, end_reason=ep.end_reason, transcript=tuple(b.transcript), error=ep.error,
             row_starts=(None if ep.ctx is None or ep.ctx.row_starts is None else tuple(ep.ctx.row_starts)),
-            env_seconds=ep.env_seconds))
+            env_seconds=ep.env_seconds, env_metrics=tuple(sorted(ep.env_metrics.items()))))
     return trajectories
 
 
@@ -282,8 +308,11 @@ def open_envs(eps: list[EpisodeState], make_env: Callable[[], object], settings:
 
     def opening(ep: EpisodeState, holder: dict) -> str:
         holder["env"] = make_env()
-        obs, _info = holder["env"].reset(seed=ep.seed)
+        env = holder["env"]
+        obs, info = env.reset(seed=ep.seed) if ep.options is None else env.reset(seed=ep.seed, options=ep.options)
         _check_observation(obs)
+        if isinstance(info, dict) and info.get("metrics"):
+            ep.env_metrics.update(env_metric_values(info["metrics"]))
         return obs
 
     out: list[str | None] = []
@@ -304,7 +333,8 @@ def play_replies(eps: list[EpisodeState], texts: list[str], settings: RolloutSet
     reply valid), or None when the env failed (the episode then ends as an env error)."""
     replies = [parse_reply(text, think=settings.think, max_actions=settings.max_actions_per_turn,
                            split=not ep.env.free_text, strict=settings.strict_format) for ep, text in zip(eps, texts)]
-    runs = env_calls([functools.partial(act, ep.env, r.actions, r.ok) for ep, r in zip(eps, replies)], settings)
+    runs = env_calls([functools.partial(act, ep.env, r.actions, r.ok, ep.env_metrics) for ep, r in zip(eps, replies)],
+                     settings)
     out = []
     for ep, reply, (outcome, err, seconds) in zip(eps, replies, runs):
         ep.env_seconds += seconds

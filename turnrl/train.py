@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from turnrl.algos.correction import STATS as CORRECTION_STATS
 from turnrl.algos.filters import dynamic_sampling_keep, filter_by_reward_std
+from turnrl.attacks import attack_pool
 from turnrl.checkpoint import (MetricsLog, latest_checkpoint, load_ahead, remove_stale_temps,
                                save_checkpoint, save_model_atomic, set_rng_state)
 from turnrl.config import DYNAMIC_SEED_OFFSET, TRAIN_SEED_BASE, ConfigError, TrainConfig, diff_configs
@@ -29,7 +30,8 @@ from turnrl.diagnostics import collapse_metrics
 from turnrl.distributed import Playing, RolloutPool
 from turnrl.env_pool import EnvPool
 from turnrl.eval_points import copy_eval, eval_points, periodic_eval_metrics, run_eval, sample_episodes
-from turnrl.evaluate import engine_for, env_factory, evaluate, renderer_for, rollout_params, settings_for
+from turnrl.evaluate import (engine_for, env_factory, env_metric_means, evaluate, renderer_for, rollout_params,
+                             settings_for)
 from turnrl.faults import EnvFailureError, Interrupted, StopSignals
 from turnrl.judge import Judge, JudgeStats
 from turnrl.prepare import (build_policy, check_engine, check_env_config, check_model_fits, check_output_dir,
@@ -163,6 +165,7 @@ def rollout_metrics(trajs: list[Trajectory], cfg: TrainConfig) -> dict[str, floa
         "rollout/prompt_tokens_max": float(max(prompts, default=0)),
         "rollout/context_truncated": sum(t.end_reason == "context_budget" for t in trajs) / len(trajs),
         "rollout/turn_budget_truncated": sum(t.end_reason == "turn_budget" for t in trajs) / len(trajs),
+        **{f"env/{name}": value for name, value in env_metric_means(trajs).items()},
     }
 
 
@@ -220,6 +223,9 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
     check_model_fits(policy, cfg, run_dir)
     teacher = teacher_model(cfg, policy, log) if cfg.distill.teacher else None  # fails here, before any compute
     judge = Judge(cfg.judge) if cfg.judge.url else None  # an unreachable judge server too
+    attacks = attack_pool(cfg)  # attack.pool: Evo-MARL's evolving attacker, its state saved with each checkpoint
+    if attacks is not None and "attacks" in state:
+        attacks.load_state_dict(state["attacks"])
     # Ray rollout workers (distributed.workers) hold copies of the policy, each with its own engine, and play the
     # rollouts and the evaluations: weights pushed now, after SFT and after every update; the workers and their
     # Ray instance ended however the run ends. Without them, a vLLM engine holds its own copy of the policy here:
@@ -282,10 +288,11 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
         if ahead is not None and ahead[0] == seeds:
             (_, playing), ahead = ahead, None
             return playing.result()
+        options = None if attacks is None else attacks.assign(seeds)  # each group's attack
         if pool is not None:  # the same trajectories as below, played by the workers (turnrl.distributed)
-            return pool.play(seeds, base=draw_base(generators["rollout"]))
+            return pool.play(seeds, base=draw_base(generators["rollout"]), options=options)
         return run_episodes(engine, renderer, make_env, seeds, cfg.rollout.group_size, settings, params,
-                            env_name=cfg.env.name)
+                            env_name=cfg.env.name, options=options)
 
     start = state["iteration"]
     bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="RL",
@@ -309,11 +316,15 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
                 trajs, kept, filter_stats = rollout_and_filter(cfg, iteration, play, judge)
                 t_rollout = time.perf_counter() - t0
                 record = {"iteration": iteration, **rollout_metrics(trajs, cfg), **filter_stats}
+                if attacks is not None:  # score the attacks played, breed the next ones (before the next rollout)
+                    record.update(attacks.record(trajs))
+                    attacks.evolve(iteration)
                 if cfg.distributed.overlap:
                     record["rollout/policy_lag"] = float(lagged)
                     if iteration + 1 < cfg.iterations:  # the next rollout, played while this iteration updates
                         seeds = iteration_seeds(cfg, iteration + 1)
-                        ahead = (seeds, pool.start(seeds, base=draw_base(generators["rollout"])))
+                        ahead = (seeds, pool.start(seeds, base=draw_base(generators["rollout"]),
+                                                   options=None if attacks is None else attacks.assign(seeds)))
                 if cfg.diag.mi_every and iteration % cfg.diag.mi_every == 0:  # under the policy that sampled
                     record.update(collapse_metrics(policy, trajs, max_replies=cfg.diag.mi_replies,
                                                    micro_batch_tokens=cfg.optim.micro_batch_tokens, bf16=cfg.optim.bf16,
@@ -377,6 +388,8 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
                         f"(optim.max_bad_updates={cfg.optim.max_bad_updates}) at iteration {iteration}; the last "
                         f"good checkpoint is {last}. Lower optim.lr or check the rewards.")
                 state = {"phase": "rl", "iteration": iteration + 1, "bad_updates": bad_streak}
+                if attacks is not None:
+                    state["attacks"] = attacks.state_dict()
                 stopping = stop.requested  # read once: a signal after this line stops the run one iteration later
                 if (iteration + 1) % cfg.save_every == 0 or iteration + 1 == cfg.iterations or stopping:
                     save_checkpoint(run_dir, iteration + 1, policy, optimizer, scheduler, state, generators,

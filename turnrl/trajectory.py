@@ -32,6 +32,8 @@ class Trajectory:
     row_starts: tuple[int, ...] | None = None
     # Wall time spent in this episode's env (construction, reset, steps, close): a timing, left out of comparisons.
     env_seconds: float = field(default=0.0, compare=False)
+    # The env's own numbers (`info["metrics"]`, latest value per name), sorted by name: logged as env/<name>.
+    env_metrics: tuple[tuple[str, float], ...] = ()
 
     @property
     def failed(self) -> bool:

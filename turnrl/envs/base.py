@@ -52,6 +52,9 @@ class Env(ABC):
     # `available_actions()` returns []. Envs with a parsed but open-ended action syntax (Sudoku's
     # "R,C,N") keep free_text False so several actions per turn still work.
     free_text: ClassVar[bool] = False
+    # The keys of `reset(options=...)` this env understands (role_chain: "attack", "attack_target"); the trainer
+    # passes options only to envs that declare them (attack.pool, turnrl.attacks).
+    reset_options: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[str, dict]:
