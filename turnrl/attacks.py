@@ -54,27 +54,25 @@ def crossover(a: str, b: str, rng: random.Random) -> str:
     return " ".join(child)
 
 
-def _edit_word(text: str, rng: random.Random, edit) -> str:
-    """`text` with one of its plain words (letters only, the placeholder untouched) passed through `edit`."""
+def _edit_word(text: str, rng: random.Random, editable, edit) -> str:
+    """`text` with one of its plain words (letters only, the placeholder untouched) for which `editable` holds
+    passed through `edit`; `text` itself when there is none."""
     spans = [m.span() for m in re.finditer(r"(?<![{\w])[A-Za-z]+(?![}\w])", text)]
-    candidates = [(s, e) for s, e in spans if edit(text[s:e]) is not None]
+    candidates = [(s, e) for s, e in spans if editable(text[s:e])]
     if not candidates:
         return text
     s, e = rng.choice(candidates)
     return text[:s] + edit(text[s:e]) + text[e:]
 
 
-def _misspell(word: str, rng: random.Random) -> str | None:
-    if len(word) < 4:
-        return None
+def _misspell(word: str, rng: random.Random) -> str:
+    """Two neighbouring inner letters swapped (the first and last stay)."""
     i = rng.randint(1, len(word) - 3)
     return word[:i] + word[i + 1] + word[i] + word[i + 2:]
 
 
-def _synonym(word: str) -> str | None:
-    other = SYNONYMS.get(word.lower())
-    if other is None:
-        return None
+def _synonym(word: str) -> str:
+    other = SYNONYMS[word.lower()]
     return other.upper() if word.isupper() else other.capitalize() if word[0].isupper() else other
 
 
@@ -84,9 +82,9 @@ def mutate(text: str, rng: random.Random) -> str:
     restructure (move a sentence). The `{target}` placeholder is never edited."""
     kind = rng.choice(("misspell", "synonym", "style", "restructure"))
     if kind == "misspell":
-        return _edit_word(text, rng, lambda w: _misspell(w, rng) if len(w) >= 4 else None)
+        return _edit_word(text, rng, lambda w: len(w) >= 4, lambda w: _misspell(w, rng))
     if kind == "synonym":
-        return _edit_word(text, rng, _synonym)
+        return _edit_word(text, rng, lambda w: w.lower() in SYNONYMS, _synonym)
     parts = sentences(text)
     if kind == "style":
         if rng.random() < 0.5:
@@ -133,10 +131,11 @@ class AttackPool:
 
     def assign(self, seeds: list[int]) -> list[dict | None]:
         """The reset options of each group of a rollout (one per start-state seed; None: played clean). Of the
-        `share` of groups attacked, untested children come first, one group each; the rest draw pool members,
+        `share` of groups attacked (at least one), untested children come first, one group each; the rest draw pool members,
         the more successful more often (weight 1 + hits / tries)."""
         rng = random.Random(f"assign-{self.seed}-{seeds[0] if seeds else 0}")
-        attacked = sorted(rng.sample(range(len(seeds)), round(self.share * len(seeds))))
+        n_attacked = min(len(seeds), max(1, round(self.share * len(seeds))))  # at least one group
+        attacked = sorted(rng.sample(range(len(seeds)), n_attacked))
         waiting = [c.text for c in self.children if c.text not in self.assigned.values()]
         out: list[dict | None] = [None] * len(seeds)
         for g in attacked:
@@ -163,7 +162,8 @@ class AttackPool:
         kept = [c for c in tested if c.hits > 0]
         self.children = [c for c in self.children if c.tries == 0]
         self.members = sorted(self.members + kept, key=lambda a: (-a.rate, -a.tries))[: self.max_pool]
-        self.assigned = {s: text for s, text in self.assigned.items() if s in set(pending)}
+        pending = set(pending)
+        self.assigned = {s: text for s, text in self.assigned.items() if s in pending}
         return {"attack/pool_size": float(len(self.members)), "attack/children_tested": float(len(tested)),
                 "attack/children_kept": float(len(kept)), "attack/best_rate": max(m.rate for m in self.members)}
 

@@ -90,7 +90,9 @@ def role_chain_tiny() -> TrainConfig:
     a starting point for a real model (--model.name ...), not a result."""
     cfg = countdown_tiny()
     task = cfg.env.kwargs
-    cfg.env = EnvConfig(name="role_chain", system_prompt=False, kwargs={"task_kwargs": json.dumps(task)})
+    # safety_reward pays Evo-MARL's safety term only under an attack (--attack.pool): without one it changes nothing
+    cfg.env = EnvConfig(name="role_chain", system_prompt=False,
+                        kwargs={"task_kwargs": json.dumps(task), "safety_reward": 1.0})
     cfg.rollout.max_turns, cfg.rollout.context, cfg.rollout.context_window = 4, "window", 0
     cfg.rollout.max_context_tokens, cfg.rollout.samples = 512, "turn"
     # Each role's prompt holds the task and the team's messages (~170-300 byte-level tokens), so SFT (countdown-tiny's

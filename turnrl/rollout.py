@@ -135,7 +135,7 @@ def env_metric_values(reported) -> dict[str, float]:
         raise TypeError(f'info["metrics"] must be a dict of names to numbers, got {type(reported).__name__}')
     out = {}
     for name, value in reported.items():
-        if not isinstance(name, str) or isinstance(value, str) or not isinstance(value, (int, float, np.number)):
+        if not isinstance(name, str) or not isinstance(value, (int, float, np.number, np.bool_)):
             raise TypeError(f'info["metrics"] must map names to numbers, got {name!r}: {value!r}')
         out[name] = float(value)
     return out
