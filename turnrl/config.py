@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal
 
-from turnrl.config_json import ConfigError, changed_fields, json_field_problem
+from turnrl.config_json import ConfigError, build, changed_fields
 from turnrl.config_json import check as _check
 from turnrl.config_services import AttackConfig, JudgeConfig, TrackConfig
 
@@ -483,27 +483,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
         """Builds a config from JSON data (a run's config.json), checking every field's name and type."""
-        nested = {"model": ModelConfig, "env": EnvConfig, "rollout": RolloutConfig, "algo": AlgoConfig,
-                  "reward": RewardConfig, "optim": OptimConfig, "sft": SFTConfig, "eval": EvalConfig,
-                  "engine": EngineConfig, "diag": DiagConfig, "distributed": DistributedConfig,
-                  "distill": DistillConfig, "judge": JudgeConfig, "attack": AttackConfig, "track": TrackConfig}
-        kwargs = {}
-        for key, value in _typed_fields(cls, data, "").items():
-            if key in nested:
-                if not isinstance(value, dict):
-                    raise ConfigError(f"config field {key!r} must be an object of {nested[key].__name__} fields")
-                value = nested[key](**_typed_fields(nested[key], value, f"{key}."))
-            kwargs[key] = value
-        return cls(**kwargs)
-
-
-def _typed_fields(cls, data: dict, prefix: str) -> dict:
-    """`data` with every key a field of dataclass `cls` and every value of the field's type (ConfigError
-    naming the field otherwise). tyro checks command-line values; this checks JSON files."""
-    problem = json_field_problem(cls, data, prefix)
-    if problem is not None:
-        raise ConfigError(problem)
-    return data
+        return build(cls, data)
 
 
 def diff_configs(a: TrainConfig, b: TrainConfig, ignore: tuple[str, ...] = ()) -> list[str]:

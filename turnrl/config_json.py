@@ -1,9 +1,8 @@
 """Type checks of config data read from JSON (a run's config.json) against the config dataclasses' fields.
 
 tyro checks command-line values; JSON files need their own check: unknown field names (with a "did you mean") and
-values of the wrong type, named by their dotted field. Generic over dataclasses, so turnrl.config only defines
-the fields and raises ConfigError (defined here, with `check`, so that every config module can use it) with the
-message found here.
+values of the wrong type, named by their dotted field (`build`). Generic over dataclasses, so turnrl.config only
+defines the fields; ConfigError and `check` are defined here so that every config module can use them.
 """
 
 from __future__ import annotations
@@ -37,6 +36,24 @@ def json_field_problem(cls, data: dict, prefix: str) -> str | None:
         if not dataclasses.is_dataclass(hints[key]) and not _is_instance(value, hints[key]):
             return f"config field {prefix}{key} must be {_type_name(hints[key])}, got {value!r}"
     return None
+
+
+def build(cls, data: dict, prefix: str = ""):
+    """An instance of dataclass `cls` from JSON data (a run's config.json), its dataclass fields built the same
+    way: ConfigError naming the first unknown or mistyped field (`json_field_problem`), then the classes' own
+    checks."""
+    problem = json_field_problem(cls, data, prefix)
+    if problem is not None:
+        raise ConfigError(problem)
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if dataclasses.is_dataclass(hints[key]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config field {prefix + key!r} must be an object of {hints[key].__name__} fields")
+            value = build(hints[key], value, f"{prefix}{key}.")
+        kwargs[key] = value
+    return cls(**kwargs)
 
 
 def _is_instance(value, hint) -> bool:

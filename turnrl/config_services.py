@@ -50,6 +50,8 @@ class AttackConfig:
     children: int = 2  # new attacks (crossover + mutation) made after every rollout, tried on the next
     max_pool: int = 16  # attacks kept; the least successful leave first
     share: float = 1.0  # fraction of each rollout's groups played under an attack (the others play clean)
+    url: str = ""  # an OpenAI-compatible server whose chat model writes the children (Evo-MARL's LLM crossover and mutation), e.g. http://127.0.0.1:8000/v1 (key: OPENAI_API_KEY); "" = text rules
+    model: str = ""  # that server's model; "" = its only model
 
     def __post_init__(self):
         self.seeds = tuple(self.seeds)  # a list after a JSON round trip
@@ -61,6 +63,7 @@ class AttackConfig:
                f"every attack.seeds entry must hold the placeholder {PLACEHOLDER} (where the target goes)")
         _check(self.children >= 0 and self.max_pool >= 1, "attack.children must be >= 0 and attack.max_pool >= 1")
         _check(0 < self.share <= 1, f"attack.share must be in (0, 1], got {self.share}")
+        _check(bool(self.url) or not self.model, "attack.model names the breeder's model, but attack.url is not set")
 
 
 @dataclass

@@ -223,7 +223,7 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
     check_model_fits(policy, cfg, run_dir)
     teacher = teacher_model(cfg, policy, log) if cfg.distill.teacher else None  # fails here, before any compute
     judge = Judge(cfg.judge) if cfg.judge.url else None  # an unreachable judge server too
-    attacks = attack_pool(cfg)  # attack.pool: Evo-MARL's evolving attacker, its state saved with each checkpoint
+    attacks, breeder = attack_pool(cfg)  # attack.pool: Evo-MARL's evolving attacker, saved with each checkpoint
     if attacks is not None and "attacks" in state:
         attacks.load_state_dict(state["attacks"])
     # Ray rollout workers (distributed.workers) hold copies of the policy, each with its own engine, and play the
@@ -318,7 +318,7 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
                 record = {"iteration": iteration, **rollout_metrics(trajs, cfg), **filter_stats}
                 if attacks is not None:  # score the attacks played, breed the next ones (before the next rollout)
                     record.update(attacks.record(trajs))
-                    attacks.evolve(iteration)
+                    record.update(attacks.evolve(iteration, breeder))
                 if cfg.distributed.overlap:
                     record["rollout/policy_lag"] = float(lagged)
                     if iteration + 1 < cfg.iterations:  # the next rollout, played while this iteration updates
