@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal
 
-from turnrl.config_json import ConfigError, build, changed_fields
+from turnrl.config_json import ConfigError, build, changed_fields  # noqa: F401 (ConfigError: imported from here)
 from turnrl.config_json import check as _check
 from turnrl.config_services import AttackConfig, JudgeConfig, TrackConfig
 
