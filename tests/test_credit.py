@@ -11,7 +11,7 @@ import torch
 from turnrl.algos.advantages import grpo_advantages, reinforce_pp_advantages
 from turnrl.algos.losses import AGG_MODES
 from turnrl.config import AlgoConfig, OptimConfig
-from turnrl.credit import compute_credit, turn_layout
+from turnrl.credit import compute_credit, sequence_advantages, turn_layout
 from turnrl.models import TinyModelSpec, load_policy
 from turnrl.reference import Reference
 from turnrl.trajectory import Trajectory
@@ -321,3 +321,23 @@ def test_critic_only_update_changes_the_value_head_only():
     assert changed == {"value_head.weight", "value_head.bias"}
     assert all(p.requires_grad for p in policy.lm.parameters())  # unfrozen again
     assert stats["loss/value"] > 0 and math.isfinite(stats["loss/policy"])
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "turn_gae"])
+def test_the_update_reports_each_turns_advantage_as_the_estimator_gave_it(estimator):
+    """`ppo_update(turn_advantages=...)`: per episode, per turn, the mean advantage of the turn's tokens, the
+    same for every turn under a trajectory-level estimator (the episode's group-normalised return)."""
+    policy, trajs = random_batch(seed=3)
+    algo = AlgoConfig(estimator=estimator, filter="none")
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    out: list = []
+    ppo_update(policy, optimizer, scheduler, trajs, algo=algo, optim=OptimConfig(), temperature=1.0,
+               turn_advantages=out)
+    assert [len(a) for a in out] == [t.num_turns for t in trajs]
+    if estimator == "grpo":
+        expected = sequence_advantages(trajs, "grpo").tolist()
+        for advantages, e in zip(out, expected):
+            assert advantages == pytest.approx([e] * len(advantages), abs=1e-5)
+    else:  # a critic tells the turns of an episode apart
+        assert any(len(set(a)) > 1 for a in out if len(a) > 1)

@@ -147,3 +147,31 @@ def test_several_runs_share_one_page_with_their_curves_overlaid(tmp_path, capsys
     assert "<h3>grpo</h3>" in page and "<h3>ppo</h3>" in page
     assert "grpo: model" in page and "10 of 10 iterations logged" in page
     assert not (a / "report.html").exists()
+
+
+def test_a_training_run_logs_each_replys_tokens_logprobs_and_advantage_and_the_report_shows_them(tmp_path):
+    from test_train import tiny_config
+    from turnrl.models import load_policy
+    from turnrl.train import train
+
+    cfg = tiny_config(tmp_path / "run", iterations=2)
+    cfg.algo.filter = "none"  # every episode is trained on: every reply has an advantage
+    train(cfg, log=lambda *_: None)
+    run = tmp_path / "run"
+    tokenizer = load_policy(str(run / "final")).tokenizer
+    lines = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    for episode in (e for line in lines for e in line["episodes"]):
+        replies = [text for role, text in episode["transcript"] if role == "assistant"]
+        assert len(episode["replies"]) == len(replies) == len(episode["turn_rewards"]) == episode["turns"]
+        assert sum(episode["turn_rewards"]) == pytest.approx(episode["reward"])
+        for reply, text in zip(episode["replies"], replies):
+            assert len(reply["tokens"]) == len(reply["logprobs"]) > 0 and all(lp <= 0 for lp in reply["logprobs"])
+            ids = tokenizer("".join(reply["tokens"]), add_special_tokens=False)["input_ids"]
+            assert "<answer>" + tokenizer.decode(ids, skip_special_tokens=True) == text  # the reply, token by token
+            assert isinstance(reply["advantage"], float)
+    held_out = json.loads((run / "eval_samples.json").read_text())["after_rl"]
+    assert held_out[0]["replies"] and "advantage" not in held_out[0]["replies"][0]
+    assert main(["report", str(run)]) == 0
+    page = (run / "report.html").read_text()
+    assert page.count("title='logprob ") >= sum(len(r["tokens"]) for r in lines[-1]["episodes"][0]["replies"])
+    assert "advantage +" in page or "advantage -0" in page

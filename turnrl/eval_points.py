@@ -35,7 +35,7 @@ def run_eval(policy, cfg: TrainConfig, evals: dict, name: str, path: Path, log, 
         result, trajs = evaluate(policy, cfg, env_name=env_name, engine=engine, pool=pool, kept_envs=kept_envs,
                                  progress=f"eval {key}" if cfg.progress else None)
         if cfg.samples_per_iteration:  # a few of its episodes for turnrl report (eval_samples.json)
-            _write_eval_samples(path, {key: sample_episodes(trajs, cfg.samples_per_iteration)})
+            _write_eval_samples(path, {key: sample_episodes(trajs, cfg.samples_per_iteration, policy.tokenizer)})
         evals[key] = result.to_dict()
         write_eval(path, evals)
         if trackers is not None:
@@ -88,13 +88,28 @@ def periodic_eval_metrics(result) -> dict[str, float]:
     return out
 
 
-def sample_episodes(trajs: list[Trajectory], n: int) -> list[dict]:
+def sample_episodes(trajs: list[Trajectory], n: int, tokenizer=None, advantages: dict | None = None) -> list[dict]:
     """Up to `n` played episodes of a rollout for samples.jsonl (docs/metrics.md): the first successful one and
-    the first unsuccessful one, then the next in rollout order."""
+    the first unsuccessful one, then the next in rollout order. With the `tokenizer`, each reply's sampled tokens
+    and their sampling logprobs too; with `advantages` (a training rollout's kept episodes' per-turn advantages,
+    `ppo_update(turn_advantages=...)`, keyed by (group_id, ids)) each reply's advantage, None when its episode was
+    not trained on."""
     played = [t for t in trajs if not t.failed]
     first = [next((t for t in played if t.success), None), next((t for t in played if not t.success), None)]
     chosen = [t for t in first if t is not None][:n]
     chosen += [t for t in played if all(t is not c for c in chosen)][:n - len(chosen)]
-    return [{"seed": t.seed, "group_id": t.group_id, "success": t.success, "reward": t.total_reward,
-             "turns": t.num_turns, "end_reason": t.end_reason, "transcript": [list(m) for m in t.transcript]}
-            for t in chosen]
+    out = []
+    for t in chosen:
+        episode = {"seed": t.seed, "group_id": t.group_id, "success": t.success, "reward": t.total_reward,
+                   "turns": t.num_turns, "end_reason": t.end_reason, "transcript": [list(m) for m in t.transcript],
+                   "turn_rewards": list(t.turn_rewards)}
+        if tokenizer is not None:
+            episode["replies"] = [{"tokens": [tokenizer.decode([i]) for i in t.ids[start:end]],
+                                   "logprobs": [round(x, 4) for x in t.logprobs[start:end]]}
+                                  for start, end in t.turn_spans]
+            if advantages is not None:  # a training rollout: what the update made of each reply
+                trained = advantages.get((t.group_id, t.ids)) or []
+                for k, reply in enumerate(episode["replies"]):
+                    reply["advantage"] = trained[k] if k < len(trained) else None
+        out.append(episode)
+    return out

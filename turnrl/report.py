@@ -174,9 +174,27 @@ def _episodes_section(lines: list[dict], most: int = 12) -> str:
     return "".join(blocks)
 
 
+def _reply_html(text: str, reply: dict | None, reward: float | None) -> str:
+    """A reply: its decoded text, or with `reply` (samples.jsonl's `replies`) its sampled tokens shaded by how
+    unlikely the sampler found them (hover: the logprob), under a line with the turn's reward and advantage."""
+    if not reply:
+        return f"<div class=reply>{html.escape(str(text))}</div>"
+    tokens = "".join(
+        f"<span title='logprob {lp:.3f}' style='background: rgba(255, 120, 0, {1 - math.exp(min(lp, 0.0)):.2f})'>"
+        f"{html.escape(tok)}</span>" for tok, lp in zip(reply.get("tokens", []), reply.get("logprobs", [])))
+    facts = [f"reward {reward:.2f}" if reward is not None else ""]
+    if "advantage" in reply:  # training episodes: what the update made of the reply
+        advantage = reply["advantage"]
+        facts.append("advantage " + ("- (not trained on)" if advantage is None else f"{advantage:+.3f}"))
+    return (f"<div class=reply><span class=note>{html.escape(' · '.join(f for f in facts if f))}</span>\n"
+            f"{tokens}</div>")
+
+
 def _episode_html(e: dict) -> str:
     """One sampled episode (samples.jsonl / eval_samples.json, docs/metrics.md): a header line, then its turns."""
-    turns = "".join(f"<div class={'reply' if role == 'assistant' else 'obs'}>{html.escape(str(text))}</div>"
+    replies, rewards = iter(e.get("replies") or []), iter(e.get("turn_rewards") or [])
+    turns = "".join(_reply_html(text, next(replies, None), next(rewards, None)) if role == "assistant"
+                    else f"<div class=obs>{html.escape(str(text))}</div>"
                     for role, text in e.get("transcript", []))
     head = (f"seed {e.get('seed')} · {'success' if e.get('success') else 'no success'} · reward "
             f"{e.get('reward', 0.0):.2f} · {e.get('turns')} turns · ended by {e.get('end_reason')}")

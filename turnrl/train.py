@@ -333,6 +333,7 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
 
                 # advantages + PPO update; during critic warm-up (ERA) only the value head learns
                 critic_only = iteration < cfg.algo.critic_warmup
+                advantages: list = []  # each kept episode's per-turn advantages, for the sample episodes
                 t1 = time.perf_counter()
                 if kept:
                     if shared is not None:
@@ -340,7 +341,7 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
                     update_stats = ppo_update(policy, optimizer, scheduler, kept, algo=cfg.algo, optim=cfg.optim,
                                               temperature=cfg.rollout.temperature, ref_lm=ref_lm,
                                               generator=generators["update"], critic_only=critic_only,
-                                              teacher=teacher, distill=cfg.distill)
+                                              teacher=teacher, distill=cfg.distill, turn_advantages=advantages)
                     for copy in (shared, pool):  # the next rollout samples from the updated policy
                         if copy is not None:
                             copy.sync(policy.lm)
@@ -375,7 +376,8 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
                 metrics.append(record)
                 trackers.iteration(record)
                 if cfg.samples_per_iteration:
-                    episodes = sample_episodes(trajs, cfg.samples_per_iteration)
+                    trained = {(t.group_id, t.ids): a for t, a in zip(kept, advantages)}
+                    episodes = sample_episodes(trajs, cfg.samples_per_iteration, policy.tokenizer, trained)
                     samples.append({"iteration": iteration, "episodes": episodes})
                     trackers.samples(iteration, episodes)
                 bar.set_postfix(reward=f"{record['rollout/mean_reward']:.2f}",

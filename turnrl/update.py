@@ -246,11 +246,14 @@ def minibatch_backward(policy, batch: Batch, targets: Targets, mb_rows: list[int
 
 def ppo_update(policy, optimizer, scheduler, trajs: list[Trajectory], *, algo: AlgoConfig, optim: OptimConfig,
                temperature: float, ref_lm=None, generator: torch.Generator | None = None,
-               critic_only: bool = False, teacher=None, distill: DistillConfig | None = None) -> dict[str, float]:
+               critic_only: bool = False, teacher=None, distill: DistillConfig | None = None,
+               turn_advantages: list | None = None) -> dict[str, float]:
     """One RL update on `trajs` (already filtered). Returns averaged loss statistics.
 
     `critic_only` (critic warm-up, ERA): the optimizer steps the value head only; the policy is unchanged.
     `teacher` (a `turnrl.reference.Reference`) and `distill`: on-policy distillation (`prepare_targets`).
+    `turn_advantages`, a list, is extended with each trajectory's per-turn mean advantage (None for a turn
+    without a model token or with a non-finite value), in `trajs` order: what the sample episodes show.
     """
     if all(t.row_starts is not None and not t.row_starts for t in trajs):
         return {}  # turn-as-sample episodes that ended before their first turn: no training row
@@ -264,6 +267,8 @@ def ppo_update(policy, optimizer, scheduler, trajs: list[Trajectory], *, algo: A
         targets = prepare_targets(policy, batch, trajs, algo=algo, optim=optim, temperature=temperature, ref_lm=ref_lm,
                                   teacher=teacher, distill=distill)
         batch = without_rejected(batch, targets)
+        if turn_advantages is not None:
+            turn_advantages.extend(per_turn(targets.credit, trajs))
 
         # ---- PPO epochs over mini-batches -------------------------------------------------------------
         # A NaN/inf in the advantages (or value targets), in a mini-batch's loss or in its gradients skips
@@ -311,6 +316,14 @@ def ppo_update(policy, optimizer, scheduler, trajs: list[Trajectory], *, algo: A
     if spread is not None:
         out["train/adv_turn_std"] = spread
     return out
+
+
+def per_turn(credit: Credit, trajs: list[Trajectory]) -> list[list[float | None]]:
+    """Each trajectory's per-turn mean advantages (`Credit.turn_advantages`), None where a turn has no model token
+    or the value is not finite."""
+    adv, mask = credit.turn_advantages.tolist(), credit.turn_mask.tolist()
+    return [[a if m and math.isfinite(a) else None for a, m in zip(adv[e], mask[e])][:t.num_turns]
+            for e, t in enumerate(trajs)]
 
 
 def targets_finite(targets: Targets, batch: Batch) -> bool:
