@@ -175,3 +175,11 @@ def test_a_training_run_logs_each_replys_tokens_logprobs_and_advantage_and_the_r
     page = (run / "report.html").read_text()
     assert page.count("title='logprob ") >= sum(len(r["tokens"]) for r in lines[-1]["episodes"][0]["replies"])
     assert "advantage +" in page or "advantage -0" in page
+
+
+def test_success_rates_are_shown_with_their_standard_error(tmp_path):
+    evals = {"after_rl": {**EVALS["after_rl"], "success_stderr": 0.0412, "greedy_success_stderr": 0.05}}
+    run = fake_run(tmp_path, RECORDS[:2], evals)
+    assert main(["report", str(run)]) == 0
+    assert "<th>after_rl</th><td>0.625 ± 0.041</td><td>0.750 ± 0.050</td><td>0.500</td>" in \
+        (run / "report.html").read_text()

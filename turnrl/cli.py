@@ -114,15 +114,23 @@ def _print_evals(evals: dict, run_dir: Path) -> None:
     # "<point>@<env>": the same point on the training env (eval.train_env)
     names = [n for n in evals if n in points] + [n for n in evals if n.split("@")[0] in points and "@" in n]
     width = max([10] + [len(n) for n in names])
-    print(f"  {'point':<{width}} {'success':>8} {'greedy':>8} {'return':>8} {'pass@k':>8}")
+    print(f"  {'point':<{width}} {'success':>13} {'greedy':>13} {'return':>8} {'pass@k':>8}")
     for name in names:
         e = evals[name]
-        greedy = "-" if e.get("greedy_success_rate") is None else f"{e['greedy_success_rate']:.3f}"
-        print(f"  {name:<{width}} {e['success_rate']:>8.3f} {greedy:>8} {e['mean_return']:>8.3f} {e['pass_at_k']:>8.3f}"
+        success = _with_stderr(e["success_rate"], e.get("success_stderr"))
+        greedy = _with_stderr(e.get("greedy_success_rate"), e.get("greedy_success_stderr"))
+        print(f"  {name:<{width}} {success:>13} {greedy:>13} {e['mean_return']:>8.3f} {e['pass_at_k']:>8.3f}"
               f"   (T={e['temperature']}, {e['episodes']} seeds x {e['k']})")
     if "after_rl" in evals and "after_sft" in evals:
         gain = evals["after_rl"]["success_rate"] - evals["after_sft"]["success_rate"]
         print(f"  RL gain (after_rl - after_sft success): {gain:+.3f}")
+
+
+def _with_stderr(rate: float | None, stderr: float | None) -> str:
+    """A success rate and its standard error over start states ("0.863±0.021"; "-" when not measured)."""
+    if rate is None:
+        return "-"
+    return f"{rate:.3f}" + ("" if stderr is None else f"±{stderr:.3f}")
 
 
 def run_model(run_dir: Path):

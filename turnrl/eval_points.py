@@ -40,8 +40,9 @@ def run_eval(policy, cfg: TrainConfig, evals: dict, name: str, path: Path, log, 
         write_eval(path, evals)
         if trackers is not None:
             trackers.evaluation(key, evals[key], _eval_step(cfg, name))
+        se = "" if result.success_stderr is None else f" ± {result.success_stderr:.3f}"
         greedy = "" if result.greedy_success_rate is None else f", greedy {result.greedy_success_rate:.3f}"
-        log(f"[eval] {key}: success {result.success_rate:.3f} (T={result.temperature}){greedy}, "
+        log(f"[eval] {key}: success {result.success_rate:.3f}{se} (T={result.temperature}){greedy}, "
             f"return {result.mean_return:.3f}, pass@{result.k} {result.pass_at_k:.3f}"
             + (f", succ@1 {result.qa['succ@1']:.3f}, succ@{cfg.rollout.max_turns} "
                f"{result.qa[f'succ@{cfg.rollout.max_turns}']:.3f}" if result.qa else "")

@@ -79,6 +79,8 @@ class EvalResult:
     mean_turns: float
     greedy_success_rate: float | None = None
     env_errors: int = 0
+    success_stderr: float | None = None  # standard error of success_rate over start states (clustered_stderr)
+    greedy_success_stderr: float | None = None
     qa: dict[str, float] | None = None  # multi-attempt QA metrics (free-text envs with max_turns > 1), see qa_summary
     env_metrics: dict[str, float] | None = None  # the env's own numbers (info["metrics"]), sampled episodes' means
 
@@ -118,7 +120,7 @@ def summarize(trajs: list[Trajectory], k: int) -> dict[str, float]:
     trajs = [t for t in trajs if not t.failed]
     if not trajs:
         return {"success_rate": 0.0, "mean_return": 0.0, "pass_at_k": 0.0, "valid_turn_rate": 0.0,
-                "mean_turns": 0.0, "env_errors": errors}
+                "mean_turns": 0.0, "env_errors": errors, "success_stderr": None}
     groups: dict[int, list[Trajectory]] = {}
     for t in trajs:
         groups.setdefault(t.seed, []).append(t)
@@ -130,7 +132,19 @@ def summarize(trajs: list[Trajectory], k: int) -> dict[str, float]:
         "valid_turn_rate": sum(t.valid_turns for t in trajs) / max(1, turns),
         "mean_turns": turns / len(trajs),
         "env_errors": errors,
+        "success_stderr": clustered_stderr([[t.success for t in g] for g in groups.values()]),
     }
+
+
+def clustered_stderr(clusters: list[list[bool]]) -> float | None:
+    """The standard error of a success rate measured on several start states with several samples each: the
+    samples of one start state are not independent (they share it), so each state's mean is one observation
+    (the cluster-robust standard error with equal cluster sizes). None with fewer than two states."""
+    if len(clusters) < 2:
+        return None
+    means = [sum(c) / len(c) for c in clusters]
+    mean = sum(means) / len(means)
+    return math.sqrt(sum((m - mean) ** 2 for m in means) / (len(means) - 1) / len(means))
 
 
 def env_metric_means(trajs: list) -> dict[str, float]:
@@ -238,6 +252,7 @@ def eval_result(sampled: list, greedy: list | None, *, k: int, episodes: int, te
     """The EvalResult of `k` sampled episodes per seed and of the greedy ones (None: not played), from
     token-level rollouts (Trajectory) or served evaluation (turnrl.served.ChatEpisode) alike."""
     summary = summarize(sampled, k)
+    greedy_summary = None if greedy is None else summarize(greedy, 1)
     probe = make_env()
     multi_attempt = probe.free_text and settings.max_turns > 1
     probe.close()
@@ -246,5 +261,7 @@ def eval_result(sampled: list, greedy: list | None, *, k: int, episodes: int, te
     return EvalResult(success_rate=summary["success_rate"], mean_return=summary["mean_return"],
                       pass_at_k=summary["pass_at_k"], k=k, episodes=episodes, temperature=temperature,
                       valid_turn_rate=summary["valid_turn_rate"], mean_turns=summary["mean_turns"],
-                      greedy_success_rate=None if greedy is None else summarize(greedy, 1)["success_rate"],
+                      greedy_success_rate=None if greedy_summary is None else greedy_summary["success_rate"],
+                      success_stderr=summary["success_stderr"],
+                      greedy_success_stderr=None if greedy_summary is None else greedy_summary["success_stderr"],
                       env_errors=summary["env_errors"], qa=qa, env_metrics=env_metric_means(played) or None)

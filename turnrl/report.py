@@ -49,6 +49,7 @@ PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
 EVAL_COLUMNS = (("success_rate", "success"), ("greedy_success_rate", "greedy"), ("mean_return", "return"),
                 ("pass_at_k", "pass@k"), ("valid_turn_rate", "valid turns"), ("mean_turns", "turns"),
                 ("env_errors", "env errors"))
+STDERR_KEYS = {"success_rate": "success_stderr", "greedy_success_rate": "greedy_success_stderr"}  # shown as ± se
 
 
 class ReportError(ValueError):
@@ -149,8 +150,9 @@ def _eval_table(evals: dict) -> str:
     for point, result in evals.items():
         cells = []
         for key, _ in EVAL_COLUMNS:
-            v = result.get(key)
-            cells.append("<td>–</td>" if v is None else f"<td>{v:.3f}</td>" if isinstance(v, float) else
+            v, se = result.get(key), result.get(STDERR_KEYS.get(key, ""))
+            tail = f" ± {se:.3f}" if isinstance(v, float) and isinstance(se, float) else ""
+            cells.append("<td>–</td>" if v is None else f"<td>{v:.3f}{tail}</td>" if isinstance(v, float) else
                          f"<td>{html.escape(str(v))}</td>")
         rows.append(f"<tr><th>{html.escape(point)}</th>{''.join(cells)}</tr>")
     first = next(iter(evals.values()))
