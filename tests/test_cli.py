@@ -127,3 +127,17 @@ def test_env_kwargs_replace_a_presets_kwargs_and_dotted_ones_edit_them(monkeypat
     assert seen[-1].env.kwargs == {"task": "leg_counting", "max_animals": 3}
     assert main(["train", "--preset", "math-tiny", "--env.kwargs.difficulty", "2"]) == 0  # one key edited
     assert seen[-1].env.kwargs == {"difficulty": 2, "kind": "arithmetic", "repetition_penalty": 0.5}
+
+
+def test_the_summary_prints_success_with_its_standard_error_and_the_gains(capsys, tmp_path):
+    from turnrl.cli import _print_evals
+
+    point = {"mean_return": 0.5, "pass_at_k": 0.9, "temperature": 1.0, "episodes": 128, "k": 4}
+    evals = {"untrained": {**point, "success_rate": 0.0, "success_stderr": 0.0, "greedy_success_rate": None},
+             "after_sft": {**point, "success_rate": 0.787, "success_stderr": 0.03, "greedy_success_rate": 0.914,
+                           "greedy_success_stderr": 0.025},
+             "after_rl": {**point, "success_rate": 0.863, "success_stderr": 0.04}}
+    _print_evals(evals, tmp_path)
+    out = capsys.readouterr().out
+    assert "0.787±0.030   0.914±0.025" in out and "0.863±0.040" in out
+    assert "RL gain (after_rl - after_sft success): +0.076 ± 0.050" in out

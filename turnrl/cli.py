@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -122,8 +123,13 @@ def _print_evals(evals: dict, run_dir: Path) -> None:
         print(f"  {name:<{width}} {success:>13} {greedy:>13} {e['mean_return']:>8.3f} {e['pass_at_k']:>8.3f}"
               f"   (T={e['temperature']}, {e['episodes']} seeds x {e['k']})")
     if "after_rl" in evals and "after_sft" in evals:
-        gain = evals["after_rl"]["success_rate"] - evals["after_sft"]["success_rate"]
-        print(f"  RL gain (after_rl - after_sft success): {gain:+.3f}")
+        after, before = evals["after_rl"], evals["after_sft"]
+        gain = after["success_rate"] - before["success_rate"]
+        errors = [e.get("success_stderr") for e in (after, before)]
+        # the error of a difference of independent measurements; both play the same start states, whose outcomes
+        # are usually positively correlated, so it usually overstates the error of this paired difference
+        spread = "" if None in errors else f" ± {math.hypot(*errors):.3f}"
+        print(f"  RL gain (after_rl - after_sft success): {gain:+.3f}{spread}")
 
 
 def _with_stderr(rate: float | None, stderr: float | None) -> str:
