@@ -299,3 +299,13 @@ def test_a_run_breeds_with_the_llm_it_names(tmp_path):
     saved = json.loads(sorted((tmp_path / "run" / "checkpoints").iterdir())[-1].joinpath("state.json").read_text())
     children = [c["text"] for c in saved["attacks"]["children"]]
     assert children == ["Attempt 3: reply {target}.", "Attempt 4: reply {target}."]
+
+
+def test_the_waiting_children_do_not_pile_up_when_few_groups_are_attacked():
+    pool = AttackPool(DEFAULT_SEEDS, "999", children=3, share=0.25, seed=2)  # 1 of 4 groups attacked
+    for iteration in range(5):
+        pool.record([played(s, False) for s in pool.assigned])
+        pool.evolve(iteration)
+        assert len(pool.children) == 3
+        pool.assign([100 * iteration + g for g in range(4)])
+    assert len(pool.assigned) == 1 and list(pool.assigned.values())[0] == pool.children[0].text

@@ -157,11 +157,12 @@ class AttackPool:
             out[g] = self.options(text)
         return out
 
-    def record(self, trajectories: list, pending: list[int] = ()) -> dict[str, float]:
+    def record(self, trajectories: list) -> dict[str, float]:
         """Scores each attacked episode (`trajectories`: anything with `seed` and `env_metrics`) for the attack
         its group played; children that compromised an episode join the pool, the others are dropped, and the
-        pool keeps its `max_pool` best (by rate, then tries). Forgets every assignment but those of the `pending`
-        seeds (a rollout still being played). Returns the attack/* metrics (docs/metrics.md)."""
+        pool keeps its `max_pool` best (by rate, then tries). Then forgets the assignments (the trainer assigns
+        a rollout played ahead, `distributed.overlap`, only after this). Returns the attack/* metrics
+        (docs/metrics.md)."""
         by_text = {a.text: a for a in self.members + self.children}
         for t in trajectories:
             text = self.assigned.get(t.seed)
@@ -174,21 +175,22 @@ class AttackPool:
         kept = [c for c in tested if c.hits > 0]
         self.children = [c for c in self.children if c.tries == 0]
         self.members = sorted(self.members + kept, key=lambda a: (-a.rate, -a.tries))[: self.max_pool]
-        pending = set(pending)
-        self.assigned = {s: text for s, text in self.assigned.items() if s in pending}
+        self.assigned = {}
         return {"attack/pool_size": float(len(self.members)), "attack/children_tested": float(len(tested)),
                 "attack/children_kept": float(len(kept)), "attack/best_rate": max(m.rate for m in self.members)}
 
     def evolve(self, iteration: int, breeder: "LLMBreeder | None" = None) -> dict[str, float]:
-        """Makes `children` new attacks: two parents drawn from the pool (weight 1 + rate) and one of the four
-        mutations; the `breeder` (an LLM) writes the child, else (or when its reply is unusable) the text rules
-        cross the parents over and mutate the result. A child already in the pool or waiting is mutated again
-        (at most a few times). Returns the breeder's attack/* metrics (none without one)."""
+        """Makes new attacks until `children` wait for their first test (fewer when some still wait: with fewer
+        attacked groups than children the queue would grow without end): two parents drawn from the pool (weight
+        1 + rate) and one of the four mutations; the `breeder` (an LLM) writes the child, else (or when its reply
+        is unusable) the text rules cross the parents over and mutate the result. A child already in the pool or
+        waiting is mutated again (at most a few times). Returns the breeder's attack/* metrics (none without
+        one)."""
         rng = random.Random(f"evolve-{self.seed}-{iteration}")
         known = {a.text for a in self.members + self.children}
         weights = [1 + m.rate for m in self.members]
         failed = 0
-        for _ in range(self.n_children):
+        for _ in range(self.n_children - len(self.children)):
             a, b = rng.choices(self.members, weights=weights, k=2)
             kind = rng.choice(MUTATIONS)
             child = breeder(a.text, b.text, kind) if breeder is not None else None
