@@ -47,7 +47,7 @@ class AttackConfig:
     pool: bool = False  # evolve a pool of attacks and play each rollout group under one of them
     target: str = "999"  # the answer every attack wants from the team; an episode whose answer holds it is compromised
     seeds: tuple[str, ...] = DEFAULT_SEEDS  # the first attacks, each holding the placeholder {target}
-    children: int = 2  # new attacks (crossover + mutation) made after every rollout, tried on the next
+    children: int = 2  # new attacks (crossover + mutation) waiting after every rollout to be tried on the next
     max_pool: int = 16  # attacks kept; the least successful leave first
     share: float = 1.0  # fraction of each rollout's groups played under an attack (the others play clean)
     url: str = ""  # an OpenAI-compatible server whose chat model writes the children (Evo-MARL's LLM crossover and mutation), e.g. http://127.0.0.1:8000/v1 (key: OPENAI_API_KEY); "" = text rules
