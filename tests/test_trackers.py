@@ -204,3 +204,20 @@ def test_track_config_validation():
     with pytest.raises(ConfigError, match="does not include 'wandb'"):
         TrackConfig(to=("tensorboard",), project="mine")
     assert TrackConfig(to=["tensorboard"]).to == ("tensorboard",)  # a list from config.json
+    with pytest.raises(ConfigError, match="samples_every must be >= 1"):
+        TrackConfig(to=("tensorboard",), samples_every=0)
+    with pytest.raises(ConfigError, match="track.to names none"):
+        TrackConfig(samples_every=5)
+
+
+def test_the_trackers_get_every_nth_iterations_samples_and_the_last(tmp_path):
+    run = tmp_path / "run"
+    cfg = tiny_config(run, iterations=5)
+    cfg.track = TrackConfig(to=("tensorboard",), samples_every=2)
+    train(cfg, log=lambda *_: None)
+    assert [step for step, _ in text_events(run / "tensorboard", "samples")] == [0, 2, 4]
+    cfg = tiny_config(tmp_path / "run2", iterations=5)
+    cfg.track = TrackConfig(to=("tensorboard",), samples_every=3)
+    train(cfg, log=lambda *_: None)
+    assert [step for step, _ in text_events(tmp_path / "run2" / "tensorboard", "samples")] == [0, 3, 4]  # 4: last
+    assert len((tmp_path / "run2" / "samples.jsonl").read_text().splitlines()) == 5  # the file keeps them all

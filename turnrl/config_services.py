@@ -73,6 +73,7 @@ class TrackConfig:
     to: tuple[Literal["tensorboard", "wandb"], ...] = ()  # trackers to log to (pip install 'turnrl[track]'); tensorboard writes <out>/tensorboard, wandb logs to a W&B run (WANDB_MODE=offline: into <out>/wandb)
     project: str = "turnrl"  # wandb: project of the run
     name: str = ""  # wandb: display name of the run; "" = the run directory's name
+    samples_every: int = 10  # the trackers get the sample episodes of every N-th iteration and of the last (a W&B table each time); samples.jsonl keeps every iteration's
 
     def __post_init__(self):
         self.to = tuple(self.to)  # a list after a JSON round trip
@@ -80,3 +81,6 @@ class TrackConfig:
         _check("wandb" in self.to or (self.project == "turnrl" and not self.name),
                "track.project and track.name configure a W&B run, but track.to does not include 'wandb': add it "
                "or remove them")
+        _check(self.samples_every >= 1, f"track.samples_every must be >= 1, got {self.samples_every}")
+        _check(bool(self.to) or self.samples_every == 10, "track.samples_every sets how often the trackers get "
+               "sample episodes, but track.to names none: add one or remove it")

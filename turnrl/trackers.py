@@ -127,6 +127,7 @@ class Trackers:
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, resumed_at: int | None, log=print):
         self.log_message = log
+        self.samples_every, self.last_iteration = cfg.track.samples_every, cfg.iterations - 1
         self.active: dict[str, object] = {}
         try:
             for name in dict.fromkeys(cfg.track.to):
@@ -140,8 +141,9 @@ class Trackers:
         self._each("log", scalars(record), record["iteration"])
 
     def samples(self, iteration: int, episodes: list[dict]) -> None:
-        """One samples.jsonl line's episodes (TensorBoard: text `samples`; W&B: a table `samples`)."""
-        if episodes:
+        """One samples.jsonl line's episodes (TensorBoard: text `samples`; W&B: a table `samples`), for every
+        `track.samples_every`-th iteration and the last: a W&B table per iteration would make one artifact each."""
+        if episodes and (iteration % self.samples_every == 0 or iteration == self.last_iteration):
             self._each("log_samples", episodes, iteration)
 
     def evaluation(self, point: str, result: dict, step: int) -> None:
