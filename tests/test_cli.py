@@ -140,4 +140,9 @@ def test_the_summary_prints_success_with_its_standard_error_and_the_gains(capsys
     _print_evals(evals, tmp_path)
     out = capsys.readouterr().out
     assert "0.787±0.030   0.914±0.025" in out and "0.863±0.040" in out
-    assert "RL gain (after_rl - after_sft success): +0.076 ± 0.050" in out
+    assert "RL gain (after_rl - after_sft success): +0.076 ± 0.050" in out  # no per-state lists: as if independent
+    evals["after_sft"]["state_success"], evals["after_rl"]["state_success"] = [0.5, 1.0, 0.0, 1.0], [1.0, 1.0, 0.0, 1.0]
+    evals["after_sft"]["success_rate"], evals["after_rl"]["success_rate"] = 0.625, 0.75
+    _print_evals(evals, tmp_path)
+    assert "RL gain (after_rl - after_sft success): +0.125 ± 0.125 (paired over the 4 start states)" in \
+        capsys.readouterr().out

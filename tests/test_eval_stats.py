@@ -29,3 +29,12 @@ def test_summarize_reports_the_clustered_standard_error():
     assert summary["success_rate"] == 0.5
     assert summary["success_stderr"] == pytest.approx(clustered_stderr([[1, 1], [1, 0], [0, 0]])) == pytest.approx(
         0.5 / math.sqrt(3))
+
+
+def test_the_paired_standard_error_of_a_gain_uses_the_same_start_states():
+    from turnrl.evaluate import paired_stderr
+
+    before, after = [0.0, 0.5, 1.0, 1.0], [0.5, 1.0, 1.0, 1.0]  # +0.5, +0.5, 0, 0 per state
+    assert paired_stderr(after, before) == pytest.approx(math.sqrt(1 / 12) / 2)
+    assert paired_stderr([1.0, 0.0], [1.0, 0.0]) == 0.0  # the same outcome on every state: no doubt about a zero gain
+    assert paired_stderr([1.0], [0.0]) is None and paired_stderr([1.0, 0.0], [1.0]) is None

@@ -123,12 +123,16 @@ def _print_evals(evals: dict, run_dir: Path) -> None:
         print(f"  {name:<{width}} {success:>13} {greedy:>13} {e['mean_return']:>8.3f} {e['pass_at_k']:>8.3f}"
               f"   (T={e['temperature']}, {e['episodes']} seeds x {e['k']})")
     if "after_rl" in evals and "after_sft" in evals:
+        from turnrl.evaluate import paired_stderr
+
         after, before = evals["after_rl"], evals["after_sft"]
         gain = after["success_rate"] - before["success_rate"]
+        paired = paired_stderr(after.get("state_success") or [], before.get("state_success") or [])
         errors = [e.get("success_stderr") for e in (after, before)]
-        # the error of a difference of independent measurements; both play the same start states, whose outcomes
-        # are usually positively correlated, so it usually overstates the error of this paired difference
-        spread = "" if None in errors else f" ± {math.hypot(*errors):.3f}"
+        if paired is not None:  # both evaluations played the same start states
+            spread = f" ± {paired:.3f} (paired over the {len(after['state_success'])} start states)"
+        else:  # an older eval.json: the error of independent measurements, which usually overstates it
+            spread = "" if None in errors else f" ± {math.hypot(*errors):.3f}"
         print(f"  RL gain (after_rl - after_sft success): {gain:+.3f}{spread}")
 
 
@@ -266,6 +270,8 @@ def cmd_eval(argv: list[str]) -> int:
                                  greedy=args.greedy, seed=args.seed, pool=pool,
                                  progress="eval" if sys.stderr.isatty() else None)
         payload = {"env": cfg.env.eval_name or cfg.env.name, "model": model_name or args.target, **result.to_dict()}
+    for key in ("state_success", "greedy_state_success"):  # per-state lists pair a run's evaluations, not this one
+        payload.pop(key, None)
     print(json.dumps(payload, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(payload, indent=2))

@@ -81,12 +81,15 @@ class EvalResult:
     env_errors: int = 0
     success_stderr: float | None = None  # standard error of success_rate over start states (clustered_stderr)
     greedy_success_stderr: float | None = None
+    # each start state's success (mean of its k samples), by seed: what pairs two evaluations of the same states
+    state_success: list[float] | None = None
+    greedy_state_success: list[float] | None = None
     qa: dict[str, float] | None = None  # multi-attempt QA metrics (free-text envs with max_turns > 1), see qa_summary
     env_metrics: dict[str, float] | None = None  # the env's own numbers (info["metrics"]), sampled episodes' means
 
     def to_dict(self) -> dict:
         out = dict(self.__dict__)
-        for key in ("qa", "env_metrics"):
+        for key in ("qa", "env_metrics", "state_success", "greedy_state_success"):
             if out[key] is None:
                 del out[key]
         return out
@@ -120,7 +123,7 @@ def summarize(trajs: list[Trajectory], k: int) -> dict[str, float]:
     trajs = [t for t in trajs if not t.failed]
     if not trajs:
         return {"success_rate": 0.0, "mean_return": 0.0, "pass_at_k": 0.0, "valid_turn_rate": 0.0,
-                "mean_turns": 0.0, "env_errors": errors, "success_stderr": None}
+                "mean_turns": 0.0, "env_errors": errors, "success_stderr": None, "state_success": []}
     groups: dict[int, list[Trajectory]] = {}
     for t in trajs:
         groups.setdefault(t.seed, []).append(t)
@@ -133,7 +136,19 @@ def summarize(trajs: list[Trajectory], k: int) -> dict[str, float]:
         "mean_turns": turns / len(trajs),
         "env_errors": errors,
         "success_stderr": clustered_stderr([[t.success for t in g] for g in groups.values()]),
+        "state_success": [sum(t.success for t in g) / len(g) for _, g in sorted(groups.items())],
     }
+
+
+def paired_stderr(after: list[float], before: list[float]) -> float | None:
+    """The standard error of the mean difference of two evaluations of the same start states (each list one
+    success per state, in the same order): the paired standard error, smaller than that of two independent
+    measurements when the states' outcomes are correlated. None unless both cover the same two or more states."""
+    if len(after) != len(before) or len(after) < 2:
+        return None
+    diffs = [a - b for a, b in zip(after, before)]
+    mean = sum(diffs) / len(diffs)
+    return math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
 
 
 def clustered_stderr(clusters: list[list[bool]]) -> float | None:
@@ -264,4 +279,6 @@ def eval_result(sampled: list, greedy: list | None, *, k: int, episodes: int, te
                       greedy_success_rate=None if greedy_summary is None else greedy_summary["success_rate"],
                       success_stderr=summary["success_stderr"],
                       greedy_success_stderr=None if greedy_summary is None else greedy_summary["success_stderr"],
+                      state_success=summary["state_success"],
+                      greedy_state_success=None if greedy_summary is None else greedy_summary["state_success"],
                       env_errors=summary["env_errors"], qa=qa, env_metrics=env_metric_means(played) or None)
