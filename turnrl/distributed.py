@@ -220,7 +220,7 @@ class RolloutPool:
         groups' env reset options, one per seed, each worker given its share's."""
         if not self._synced:
             raise RuntimeError("RolloutPool.play before sync: the workers do not hold the policy's weights yet")
-        futures = [w.play.remote(seeds[a:b], a, base, **share, **({} if options is None else {"options": options[a:b]}))
+        futures = [w.play.remote(seeds[a:b], a, base, **share, options=None if options is None else options[a:b])
                    for w, (a, b) in zip(self._workers, shares(len(seeds), self.workers))]
         return Playing(self, futures)
 

@@ -128,6 +128,8 @@ def summarize(trajs: list[Trajectory], k: int) -> dict[str, float]:
     for t in trajs:
         groups.setdefault(t.seed, []).append(t)
     turns = sum(t.num_turns for t in trajs)
+    # each start state's success, its k samples averaged (they share the state): one observation per state
+    state_success = [sum(t.success for t in g) / len(g) for _, g in sorted(groups.items())]
     return {
         "success_rate": sum(t.success for t in trajs) / len(trajs),
         "mean_return": sum(t.total_reward for t in trajs) / len(trajs),
@@ -135,8 +137,8 @@ def summarize(trajs: list[Trajectory], k: int) -> dict[str, float]:
         "valid_turn_rate": sum(t.valid_turns for t in trajs) / max(1, turns),
         "mean_turns": turns / len(trajs),
         "env_errors": errors,
-        "success_stderr": clustered_stderr([[t.success for t in g] for g in groups.values()]),
-        "state_success": [sum(t.success for t in g) / len(g) for _, g in sorted(groups.items())],
+        "success_stderr": stderr_of_mean(state_success),
+        "state_success": state_success,
     }
 
 
@@ -144,22 +146,25 @@ def paired_stderr(after: list[float], before: list[float]) -> float | None:
     """The standard error of the mean difference of two evaluations of the same start states (each list one
     success per state, in the same order): the paired standard error, smaller than that of two independent
     measurements when the states' outcomes are correlated. None unless both cover the same two or more states."""
-    if len(after) != len(before) or len(after) < 2:
+    if len(after) != len(before):
         return None
-    diffs = [a - b for a, b in zip(after, before)]
-    mean = sum(diffs) / len(diffs)
-    return math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+    return stderr_of_mean([a - b for a, b in zip(after, before)])
 
 
 def clustered_stderr(clusters: list[list[bool]]) -> float | None:
     """The standard error of a success rate measured on several start states with several samples each: the
     samples of one start state are not independent (they share it), so each state's mean is one observation
     (the cluster-robust standard error with equal cluster sizes). None with fewer than two states."""
-    if len(clusters) < 2:
+    return stderr_of_mean([sum(c) / len(c) for c in clusters])
+
+
+def stderr_of_mean(values: list[float]) -> float | None:
+    """The standard error of the mean of `values` (sample standard deviation, n - 1, over sqrt(n)); None with
+    fewer than two."""
+    if len(values) < 2:
         return None
-    means = [sum(c) / len(c) for c in clusters]
-    mean = sum(means) / len(means)
-    return math.sqrt(sum((m - mean) ** 2 for m in means) / (len(means) - 1) / len(means))
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
 
 
 def env_metric_means(trajs: list) -> dict[str, float]:
@@ -167,7 +172,7 @@ def env_metric_means(trajs: list) -> dict[str, float]:
     (`Trajectory.env_metrics`, or a served episode's dict of them)."""
     values: dict[str, list[float]] = {}
     for t in trajs:
-        for name, value in (t.env_metrics.items() if isinstance(t.env_metrics, dict) else t.env_metrics):
+        for name, value in dict(t.env_metrics).items():  # a Trajectory's pairs or a served episode's dict
             values.setdefault(name, []).append(value)
     return {name: sum(v) / len(v) for name, v in sorted(values.items())}
 

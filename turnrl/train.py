@@ -283,12 +283,16 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
     saved_ahead = load_ahead(ckpt) if ckpt is not None else None
     ahead = None if saved_ahead is None else (saved_ahead[0], Playing.done(saved_ahead[1]))
 
+    def reset_options(seeds: list[int]) -> list[dict | None] | None:
+        """Each group's env reset options: its attack (attack.pool), else none."""
+        return None if attacks is None else attacks.assign(seeds)
+
     def play(seeds: list[int]) -> list[Trajectory]:
         nonlocal ahead
         if ahead is not None and ahead[0] == seeds:
             (_, playing), ahead = ahead, None
             return playing.result()
-        options = None if attacks is None else attacks.assign(seeds)  # each group's attack
+        options = reset_options(seeds)
         if pool is not None:  # the same trajectories as below, played by the workers (turnrl.distributed)
             return pool.play(seeds, base=draw_base(generators["rollout"]), options=options)
         return run_episodes(engine, renderer, make_env, seeds, cfg.rollout.group_size, settings, params,
@@ -324,7 +328,7 @@ def _train(cfg: TrainConfig, resume: bool, log, stop: StopSignals, cleanup: Exit
                     if iteration + 1 < cfg.iterations:  # the next rollout, played while this iteration updates
                         seeds = iteration_seeds(cfg, iteration + 1)
                         ahead = (seeds, pool.start(seeds, base=draw_base(generators["rollout"]),
-                                                   options=None if attacks is None else attacks.assign(seeds)))
+                                                   options=reset_options(seeds)))
                 if cfg.diag.mi_every and iteration % cfg.diag.mi_every == 0:  # under the policy that sampled
                     record.update(collapse_metrics(policy, trajs, max_replies=cfg.diag.mi_replies,
                                                    micro_batch_tokens=cfg.optim.micro_batch_tokens, bf16=cfg.optim.bf16,
