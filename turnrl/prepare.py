@@ -120,10 +120,26 @@ def check_env_config(cfg: TrainConfig) -> None:
             env.close()
         except (ValueError, TypeError, RemoteEnvError) as err:
             raise ConfigError(str(err)) from err
+        demos = cfg.sft.episodes > 0 and name == (cfg.sft.env or cfg.env.name) and with_kwargs == (not cfg.sft.env)
+        if demos and not has_solver(make(name, **(cfg.env.kwargs if with_kwargs else {}))):
+            raise ConfigError(f"sft.episodes needs solver demonstrations, and env {name!r} has no solver "
+                              "(its expert_action raises NotImplementedError): set --sft.episodes 0, or sft.env")
         takes = set(getattr(env, "reset_options", ()))
         if cfg.attack.pool and name == cfg.env.name and not {"attack", "attack_target"} <= takes:
             raise ConfigError(f"attack.pool injects attacks through reset options 'attack' and 'attack_target', which "
                               f"env {name!r} does not take (Env.reset_options): use an env that does (role_chain)")
+
+
+def has_solver(env) -> bool:
+    """Whether the env's expert answers (textarena games without a turnrl solver raise NotImplementedError)."""
+    try:
+        env.reset(seed=0)
+        env.expert_action()
+    except NotImplementedError:
+        return False
+    finally:
+        env.close()
+    return True
 
 
 def build_policy(cfg: TrainConfig, name: str | None = None, *, value_head: bool | None = None):

@@ -17,6 +17,7 @@ from .rgym import ReasoningGymEnv
 from .role_chain import RoleChainEnv
 from .sokoban import SokobanEnv
 from .sudoku import SudokuEnv
+from .tarena import TextArenaEnv
 from .tools import CalculatorMathEnv, ToolEnv, ToolError, tool
 from .toy_text import GymBlackjackEnv, GymCliffWalkingEnv, GymFrozenLakeEnv, GymTaxiEnv
 
@@ -42,6 +43,8 @@ register("role_chain", RoleChainEnv)
 register("tool_math", CalculatorMathEnv)  # tool calling (JSON function calls); ToolEnv for your own tools
 # Reasoning Gym's ~100 procedural tasks (reasoning-gym is imported only when one is made)
 register("reasoning_gym", ReasoningGymEnv)
+# TextArena's 100+ text games, single- and multi-player (textarena is imported only when one is made)
+register("textarena", TextArenaEnv)
 ADAPTERS["remote"] = RemoteEnv  # needs url: served by `turnrl env-server` (turnrl.env_server)
 
 __all__ = [
@@ -61,6 +64,7 @@ __all__ = [
     "StaticQAEnv",
     "StepResult",
     "SudokuEnv",
+    "TextArenaEnv",
     "ToolEnv",
     "ToolError",
     "CalculatorMathEnv",

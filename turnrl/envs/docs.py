@@ -29,7 +29,7 @@ turnrl environments are **text games**: `reset()` returns a text observation, `s
 takes **one** action string and returns `(obs, reward, terminated, truncated, info)` like
 gymnasium. The rollout splits multi-action answers (`Up || Left`) and calls `step` once per
 action, except for **free-text** envs (`env.free_text` is True: `countdown`, `math_qa`,
-`math_qa_jsonl`), which get the whole `<answer>` content as one action and list no actions
+`math_qa_jsonl`, `reasoning_gym`, `role_chain`, `tool_math`, `textarena`), which get the whole `<answer>` content as one action and list no actions
 (`available_actions()` is `[]`). `info` always has `success`, `action_valid` and
 `action_effective`.
 
