@@ -274,3 +274,17 @@ def test_games_that_draw_from_numpy_get_their_own_numpy_state_too():
     state = np.random.get_state()[1].copy()
     assert env.reset(seed=1)[0] == first and len(rooms | {first}) >= 4
     assert (np.random.get_state()[1] == state).all()
+
+
+@pytest.mark.parametrize("game", ["GuessTheNumber-v0", "Mastermind-v0", "TicTacToe-v0"])
+def test_render_shows_only_what_the_seat_was_told(game):
+    env = make("textarena", game=game)
+    for seed in range(5):
+        told = env.reset(seed=seed)[0]
+        for move in ("junk", env.expert_action(), env.expert_action()):
+            told += "\n" + env.step(move)[0]
+            shown = env.render()
+            assert shown and all(line in told for line in shown.splitlines())
+            assert "Target Number" not in shown and "Secret Code" not in shown  # TextArena's drawings of the answer
+    if game == "TicTacToe-v0":  # a game with board messages: the newest board
+        assert env.render().startswith("[GAME] Current Board:") and env.render().count("Current Board") == 1

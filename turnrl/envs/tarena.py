@@ -36,6 +36,7 @@ from .tarena_solvers import SOLVERS, Solver
 _GLOBAL_RNG = threading.Lock()  # TextArena's games use the process-wide generators: one game call at a time
 _MAX_OPPONENT_MOVES = 1000  # an opponent that never hands the turn back (it cannot end its own game) is a bug
 GAME_ID = -1  # TextArena's sender id of game messages
+_RENDER_LINES = 20  # render() of a game without board messages: its newest messages to the policy's seat
 OPPONENT_SYSTEM = ("You are a competitive game player. Make sure you read the game instructions carefully, and "
                    "always follow the required format.")  # TextArena's own prompt for its LLM agents
 
@@ -209,6 +210,7 @@ class TextArenaEnv(Env):
         self._random: _OwnRandom | None = None
         self._done, self._reward, self._success, self._invalid = False, 0.0, False, 0
         self._history: dict[int, list[str]] = {}
+        self._board, self._seen = "", []
 
     # ------------------------------------------------------------------ construction
 
@@ -263,6 +265,7 @@ class TextArenaEnv(Env):
         self._done, self._reward, self._success, self._invalid = False, 0.0, False, 0
         self._others: list[float] = []
         self._history = {pid: [] for pid in range(self.num_players)}
+        self._board, self._seen = "", []
         self._play_others()
         return self._observation(), {"game": self.game, "player": self.player, "num_players": self.num_players,
                                      "metrics": self._metrics()}
@@ -288,17 +291,13 @@ class TextArenaEnv(Env):
         return []
 
     def render(self) -> str:
-        if self._random is None:
-            return ""
-        board = getattr(self._game, "get_board_str", None)
-        if board is not None:
-            try:
-                text = board()
-                if isinstance(text, str):
-                    return text
-            except Exception:  # a game whose board drawing fails: show its state instead
-                pass
-        return "\n".join(f"{key}: {value}" for key, value in self._game.state.game_state.items())
+        """What the policy's seat knows now: the newest board it was sent, or (games without board messages) the
+        game's messages to it so far, without the reasons for refused moves. Never TextArena's `get_board_str`,
+        which draws hidden state (GuessTheNumber's target, Mastermind's secret code); the rollout shows render()
+        to the model after a reply it could not parse."""
+        if self._board:
+            return self._board
+        return "\n".join(self._seen[-_RENDER_LINES:])
 
     def system_prompt(self) -> str:
         others = [f"Player {pid}" for pid in range(self.num_players) if pid != self.player]
@@ -366,8 +365,13 @@ class TextArenaEnv(Env):
 
     def _observation(self) -> str:
         messages = self._take(self.player)
+        kinds = importlib.import_module("textarena").ObservationType
+        for message in messages:  # what render() shows
+            if message[2] == kinds.GAME_BOARD:
+                self._board = self._format([message], self.player)[0]
+            elif message[2] != kinds.GAME_ADMIN:
+                self._seen.extend(self._format([message], self.player))
         if self.observe == "board":
-            kinds = importlib.import_module("textarena").ObservationType
             boards = [i for i, m in enumerate(messages) if m[2] == kinds.GAME_BOARD]
             if boards:  # the rules (first turn), a reason the game gave for refusing a move, the newest board
                 keep = (kinds.PROMPT, kinds.GAME_ADMIN)
