@@ -274,6 +274,22 @@ def smollm2_frozenlake() -> TrainConfig:
     )
 
 
+def smollm2_tictactoe() -> TrainConfig:
+    """SmolLM2-135M-Instruct + LoRA r=16 as player 0 of TextArena's TicTacToe (env textarena; `pip install
+    'turnrl[textarena]'`) against random legal moves, smollm2-frozenlake's recipe otherwise: SFT for 16 steps on
+    128 minimax games (teaches the `<answer>[4]</answer>` format; untrained, the model never writes a move), then
+    20 iterations of GRPO with the std filter. The prompt keeps the rules and the newest board only
+    (observe="board"); up to 9 replies, as refused moves are retried. Measured on 2 cores (docs/results.md,
+    2026-12-07, 15 min): win rate 0.797 after SFT, 0.891 after RL (+0.094 +- 0.042 paired)."""
+    cfg = smollm2_frozenlake()
+    cfg.env = EnvConfig(name="textarena", system_prompt=True, kwargs={"game": "TicTacToe-v0", "observe": "board"})
+    cfg.rollout.max_turns, cfg.rollout.max_context_tokens = 9, 2048
+    cfg.eval = EvalConfig(episodes=32, k=2, temperature=1.0, greedy=True)
+    cfg.iterations, cfg.out = 20, "runs/smollm2-tictactoe"
+    cfg.rollout.__post_init__()
+    return cfg
+
+
 PRESETS = {
     "quickstart": quickstart,
     "quickstart-sokoban": quickstart_sokoban,
@@ -287,6 +303,7 @@ PRESETS = {
     "bandit-tiny": bandit_tiny,
     "smollm2-bandit": smollm2_bandit,
     "smollm2-frozenlake": smollm2_frozenlake,
+    "smollm2-tictactoe": smollm2_tictactoe,
 }
 
 

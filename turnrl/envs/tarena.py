@@ -305,7 +305,7 @@ class TextArenaEnv(Env):
                 if others else "")
         return (f"You are playing the TextArena game {self.game}.{seat} The game explains its rules and the move "
                 "format in its first message.\n"
-                "Answer with one move inside <answer>...</answer>, written in the game's bracket format, e.g. "
+                "Reply with your move in the game's bracket format between <answer> and </answer>, e.g. "
                 "<answer>[4]</answer>.")
 
     def expert_action(self) -> str:
