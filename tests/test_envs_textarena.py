@@ -288,3 +288,24 @@ def test_render_shows_only_what_the_seat_was_told(game):
             assert "Target Number" not in shown and "Secret Code" not in shown  # TextArena's drawings of the answer
     if game == "TicTacToe-v0":  # a game with board messages: the newest board
         assert env.render().startswith("[GAME] Current Board:") and env.render().count("Current Board") == 1
+
+
+class _NeedsCorpus:
+    def __init__(self):
+        raise LookupError("\n***\n  Resource 'words' not found.\n  Please use the NLTK Downloader\n***")
+
+
+class _NoSeats:
+    def reset(self, num_players, seed=None):
+        raise AssertionError(f"this game is for 9 players, not {num_players}")
+
+
+@pytest.mark.parametrize("cls, message", [(_NeedsCorpus, "needs NLTK data .*Resource 'words' not found"),
+                                          (_NoSeats, "1 to 8 players .*1: AssertionError: this game is for 9")])
+def test_games_that_cannot_start_here_say_why(monkeypatch, cls, message):
+    from textarena.envs.registration import ENV_REGISTRY, EnvSpec
+
+    monkeypatch.setitem(ENV_REGISTRY, "Broken-v0", EnvSpec(id="Broken-v0", entry_point=cls, default_wrappers=[],
+                                                            kwargs={}))
+    with pytest.raises(ValueError, match=message):
+        make("textarena", game="Broken-v0")

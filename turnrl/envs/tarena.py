@@ -89,6 +89,12 @@ def _uses_numpy_random(cls: type) -> bool:
                for f in folder.rglob("*.py"))
 
 
+def _nltk_hint(game: str, err: LookupError) -> str:
+    missing = next((line.strip() for line in str(err).splitlines() if "not found" in line), "a resource is missing")
+    return (f"TextArena game {game!r} needs NLTK data that could not be downloaded ({missing}): run "
+            "`python -m nltk.downloader words` (and what else it names) where there is network, or set NLTK_DATA")
+
+
 def _load_callable(path: str) -> Callable[[str], str]:
     module, _, attr = path.partition(":")
     try:
@@ -194,10 +200,14 @@ class TextArenaEnv(Env):
             except (ImportError, SyntaxError, AttributeError) as err:  # e.g. 3.12-only f-strings in a game's code
                 raise ValueError(f"TextArena game {game!r} cannot be loaded here: {type(err).__name__}: {err}") \
                     from None
+            except LookupError as err:  # word games load NLTK corpora when imported
+                raise ValueError(_nltk_hint(game, err)) from None
         try:
             self._game = cls(**{**spec.kwargs, **game_kwargs})
         except TypeError as err:
             raise ValueError(f"TextArena game {game!r} rejected its arguments {game_kwargs}: {err}") from None
+        except LookupError as err:
+            raise ValueError(_nltk_hint(game, err)) from None
         self.game, self.invalid_moves, self.observe = game, invalid_moves, observe
         self.max_action_chars = int(max_action_chars)
         factory = SOLVERS.get(cls.__name__)
@@ -210,19 +220,23 @@ class TextArenaEnv(Env):
         self._random: _OwnRandom | None = None
         self._done, self._reward, self._success, self._invalid = False, 0.0, False, 0
         self._history: dict[int, list[str]] = {}
-        self._board, self._seen = "", []
+        self._board, self._seen, self._others = "", [], []
 
     # ------------------------------------------------------------------ construction
 
     def _fewest_players(self) -> int:
+        errors = {}
         for n in range(1, 9):
             try:
                 with _OwnRandom(0):
                     self._game.reset(num_players=n, seed=0)
                 return n
-            except Exception:  # a game refuses a player count with an assert or ValueError: try the next
-                continue
-        raise ValueError(f"TextArena game {self.game!r} could not be reset with 1 to 8 players; set num_players")
+            except LookupError as err:
+                raise ValueError(_nltk_hint(self.game, err)) from None
+            except Exception as err:  # a game refuses a player count with an assert or ValueError: try the next
+                errors[n] = f"{type(err).__name__}: {str(err).strip()[:120]}"
+        raise ValueError(f"TextArena game {self.game!r} could not be reset with 1 to 8 players (1: {errors[1]}; "
+                         f"2: {errors[2]}); set num_players")
 
     def _make_opponent(self, opponent: str, url: str, model: str, max_tokens: int):
         if self.num_players == 1:
@@ -263,9 +277,8 @@ class TextArenaEnv(Env):
 
         state.set_invalid_move = counted
         self._done, self._reward, self._success, self._invalid = False, 0.0, False, 0
-        self._others: list[float] = []
         self._history = {pid: [] for pid in range(self.num_players)}
-        self._board, self._seen = "", []
+        self._board, self._seen, self._others = "", [], []
         self._play_others()
         return self._observation(), {"game": self.game, "player": self.player, "num_players": self.num_players,
                                      "metrics": self._metrics()}
