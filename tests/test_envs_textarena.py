@@ -309,3 +309,18 @@ def test_games_that_cannot_start_here_say_why(monkeypatch, cls, message):
                                                             kwargs={}))
     with pytest.raises(ValueError, match=message):
         make("textarena", game="Broken-v0")
+
+
+def test_succ_at_k_is_reported_for_multi_attempt_envs_only():
+    from turnrl.evaluate import eval_result
+    from turnrl.rollout import RolloutSettings
+
+    settings = RolloutSettings(max_turns=5, max_actions_per_turn=1, max_new_tokens=8, think=False)
+
+    def qa(name, **kwargs):
+        return eval_result([], None, k=1, episodes=1, temperature=1.0, make_env=lambda: make(name, **kwargs),
+                           settings=settings).qa
+
+    assert qa("textarena", game="TicTacToe-v0") is None  # a game's turns are moves, not attempts at one answer
+    assert qa("tool_math") is None
+    assert set(qa("math_qa")) == {"mean_turns_to_success", "unique_answer_ratio"}  # (no episodes: no succ@k)

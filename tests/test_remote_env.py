@@ -37,13 +37,14 @@ def serve():
         server.close()
 
 
-@pytest.mark.parametrize("name", ["sokoban", "countdown"])
+@pytest.mark.parametrize("name", ["sokoban", "countdown", "math_qa"])
 def test_a_served_env_passes_the_env_contract(serve, name):
     """check_env over HTTP: determinism per seed, replay, ~80 garbage replies (control characters, lone
     surrogates, 10,000 characters), case-insensitive actions, the solver to the end; free text for countdown."""
     env = make("remote", url=serve(name))
     local = make(name)
-    assert (env.name, env.action_names, env.free_text) == (local.name, local.action_names, local.free_text)
+    assert (env.name, env.action_names, env.free_text, env.multi_attempt) == (
+        local.name, local.action_names, local.free_text, local.multi_attempt)
     assert env.system_prompt() == local.system_prompt()
     check_env(env)
     env.close()

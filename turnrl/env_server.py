@@ -5,7 +5,7 @@ own, a simulator that takes minutes to start) runs here, and the trainer, its Ra
 through `--env.name remote --env.kwargs '{"url": "http://HOST:PORT"}'`. Each client env is its own instance on
 the server (`/open`), so episodes stay independent and deterministic per seed, exactly as in-process.
 
-Protocol (JSON bodies, POST unless noted): `/open` {} -> {id, name, action_names, free_text, system_prompt};
+Protocol (JSON bodies, POST unless noted): `/open` {} -> {id, name, action_names, free_text, multi_attempt, system_prompt};
 `/reset` {id, seed, options} -> {obs, info}; `/step` {id, action} -> {obs, reward, terminated, truncated, info};
 `/call` {id, method} -> {result} for `expert_action`, `available_actions`, `render`, `system_prompt`;
 `/close` {id} -> {}; GET `/health` -> {env, open}. An env that raises answers 500 with {error}; an unknown id or
@@ -97,7 +97,9 @@ class EnvServer:
                 names = getattr(env, "action_names", None)
                 opened = {"name": getattr(env, "name", "") or self.env_name,
                           "action_names": None if names is None else list(names),
-                          "free_text": bool(getattr(env, "free_text", False)), "system_prompt": env.system_prompt()}
+                          "free_text": bool(getattr(env, "free_text", False)),
+                          "multi_attempt": bool(getattr(env, "multi_attempt", False)),
+                          "system_prompt": env.system_prompt()}
             except Exception:
                 env.close()  # not registered: nothing else would ever close it
                 raise

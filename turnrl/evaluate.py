@@ -84,7 +84,7 @@ class EvalResult:
     # each start state's success (mean of its k samples), by seed: what pairs two evaluations of the same states
     state_success: list[float] | None = None
     greedy_state_success: list[float] | None = None
-    qa: dict[str, float] | None = None  # multi-attempt QA metrics (free-text envs with max_turns > 1), see qa_summary
+    qa: dict[str, float] | None = None  # multi-attempt QA metrics (envs with `multi_attempt`, max_turns > 1), see qa_summary
     env_metrics: dict[str, float] | None = None  # the env's own numbers (info["metrics"]), sampled episodes' means
 
     def to_dict(self) -> dict:
@@ -274,7 +274,7 @@ def eval_result(sampled: list, greedy: list | None, *, k: int, episodes: int, te
     summary = summarize(sampled, k)
     greedy_summary = None if greedy is None else summarize(greedy, 1)
     probe = make_env()
-    multi_attempt = probe.free_text and settings.max_turns > 1
+    multi_attempt = getattr(probe, "multi_attempt", False) and settings.max_turns > 1
     probe.close()
     played = [t for t in sampled if not t.failed]
     qa = qa_summary(played, think=settings.think, max_turns=settings.max_turns) if multi_attempt else None

@@ -55,6 +55,9 @@ class Env(ABC):
     # The keys of `reset(options=...)` this env understands (role_chain: "attack", "attack_target"); the trainer
     # passes options only to envs that declare them (attack.pool, turnrl.attacks).
     reset_options: ClassVar[tuple[str, ...]] = ()
+    # Every turn is another attempt at one answer after feedback (UFO's multi-turn QA: math_qa, reasoning_gym): the
+    # evaluation then reports Succ@k (qa.succ@k in eval.json), which means nothing for games or tool calls.
+    multi_attempt: ClassVar[bool] = False
 
     @abstractmethod
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[str, dict]:

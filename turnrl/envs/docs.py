@@ -147,7 +147,8 @@ No edit to turnrl is needed to train it: use the env name `mypkg.envs:GuessParit
 e.g. `turnrl train --preset quickstart --env.name mypkg.envs:GuessParityEnv --env.kwargs high 10`.
 A typo in a name gives `unknown environment 'sokobn'; did you mean 'sokoban'? (known: ...)`,
 and an unknown argument lists the accepted ones. For free-text answers set
-`free_text = True` (and leave `action_names` as None). Document your env the way the built-ins
+`free_text = True` (and leave `action_names` as None); if every turn is another attempt at one answer after
+feedback (UFO-style QA), also `multi_attempt = True`, and the evaluation reports Succ@k. Document your env the way the built-ins
 are: a one-line summary, a description, then the sections Observation, Actions, Rewards,
 Episode end and Arguments. An env that is slow to build (a subprocess, a browser, a container) can be kept from
 one rollout to the next with `--rollout.reuse-envs`: `reset(seed=...)` must then start the episode afresh on an

@@ -90,6 +90,7 @@ class MultiTurnQAEnv(Env):
     """
 
     free_text = True
+    multi_attempt = True
     partial_credit = False  # reward = gamma^t x answer_score (a verifier's partial credit) instead of success only
 
     def __init__(self, max_attempts: int = 5, gamma: float = 0.5, repetition_penalty: float = 0.5,

@@ -41,6 +41,7 @@ class RemoteEnv(Env):
         self.name = opened["name"]
         self.action_names = None if opened["action_names"] is None else tuple(opened["action_names"])
         self.free_text = bool(opened["free_text"])
+        self.multi_attempt = bool(opened.get("multi_attempt", False))  # servers before this key: no Succ@k
         self._system_prompt = opened["system_prompt"]
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[str, dict]:
