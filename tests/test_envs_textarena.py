@@ -324,3 +324,31 @@ def test_succ_at_k_is_reported_for_multi_attempt_envs_only():
     assert qa("textarena", game="TicTacToe-v0") is None  # a game's turns are moves, not attempts at one answer
     assert qa("tool_math") is None
     assert set(qa("math_qa")) == {"mean_turns_to_success", "unique_answer_ratio"}  # (no episodes: no succ@k)
+
+
+def test_a_served_opponent_can_be_sent_the_chat_a_turnrl_agent_sees():
+    from test_judge import JudgeServer
+
+    class Agent(JudgeServer):  # answers like a turnrl agent: the move without brackets, inside <answer>
+        def answer(self, messages):
+            board = [m["content"] for m in messages if m["role"] == "user"][-1]
+            return "<answer>" + first_free(board)[1:-1] + "</answer>"
+
+    server = Agent(models=("agent-1",))
+    try:
+        env = make("textarena", game="TicTacToe-v0", opponent_url=server.url, opponent_prompt="agent",
+                   observe="board")
+        _trace, _reward, info = _play(env, 0, lambda e: e.expert_action())
+        assert info["success"]
+        first, last = server.requests[0]["messages"], server.requests[-1]["messages"]
+        assert first[0] == {"role": "system", "content": env.system_prompt(1)}
+        assert "You are Player 1; Player 0 is your opponent." in first[0]["content"]
+        assert first[1]["role"] == "user" and first[1]["content"].startswith("[GAME] You are Player 1 in Tic Tac Toe")
+        assert [m["role"] for m in last] == ["system"] + ["user", "assistant"] * (len(last) // 2 - 1) + ["user"]
+        assert last[-1]["content"].count("Current Board") == 1  # observe="board" for the opponent's seat too
+        placed = sum(cell == "X" for row in env._game.state.game_state["board"] for cell in row)
+        assert placed == len(server.requests) >= 2  # every unbracketed <answer>4</answer> was played as [4]
+        with pytest.raises(ValueError, match="opponent_prompt"):
+            make("textarena", game="TicTacToe-v0", opponent_url=server.url, opponent_prompt="turnrl")
+    finally:
+        server.close()

@@ -4,8 +4,9 @@
 
 The policy plays one seat (`player`); the other seats are played by an opponent: a turnrl solver ("solver"), a
 random legal move ("random"), your own callable ("pkg.mod:fn", given each turn TextArena's usual text for its
-seat), or a chat model behind an OpenAI-compatible server (`opponent_url`, e.g. `turnrl serve` of an earlier
-checkpoint: self-play against a frozen copy). The package is optional (`pip install 'turnrl[textarena]'`) and
+seat), or a chat model behind an OpenAI-compatible server (`opponent_url`; with `opponent_prompt="agent"` and
+`turnrl serve` of an earlier checkpoint, a frozen copy of the policy). Both seats are not trained at once: the
+policy learns from its own seat only. The package is optional (`pip install 'turnrl[textarena]'`) and
 imported when the env is built.
 
 Two things make TextArena's games behave as the turnrl contract asks (docs/envs.md):
@@ -27,6 +28,7 @@ import importlib
 import inspect
 import pathlib
 import random
+import re
 import threading
 from typing import Any, Callable
 
@@ -89,6 +91,15 @@ def _uses_numpy_random(cls: type) -> bool:
                for f in folder.rglob("*.py"))
 
 
+_ANSWER = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.S)
+
+
+def _bracketed(move: str) -> str:
+    """A move in TextArena's syntax: bracketed when it has no brackets (TextArena's ActionFormattingWrapper)."""
+    move = move.strip()
+    return move if "[" in move or "]" in move else f"[{move}]"
+
+
 def _nltk_hint(game: str, err: LookupError) -> str:
     missing = next((line.strip() for line in str(err).splitlines() if "not found" in line), "a resource is missing")
     return (f"TextArena game {game!r} needs NLTK data that could not be downloaded ({missing}): run "
@@ -132,8 +143,7 @@ class _ServedOpponent:
         self.engine = self._engines[key]
         self.params = SamplingParams(max_new_tokens=max_tokens, temperature=0.0, greedy=True)
 
-    def __call__(self, observation: str) -> str:
-        messages = [{"role": "system", "content": OPPONENT_SYSTEM}, {"role": "user", "content": observation}]
+    def __call__(self, messages: list[dict]) -> str:
         return self.engine.chat([messages], self.params)[0].text or ""
 
 
@@ -167,7 +177,12 @@ class TextArenaEnv(Env):
         opponent: who plays the other seats: "random" (a uniformly random legal move; the default), "solver" (the
         best move), "pkg.mod:fn" (a callable or TextArena Agent class: given TextArena's full text for its seat,
         returns a move), or set opponent_url (+ opponent_model) for a chat model behind an OpenAI-compatible
-        server. "random" and "solver" need a turnrl solver for the game. invalid_moves ("retry" or "textarena"),
+        server. "random" and "solver" need a turnrl solver for the game. opponent_prompt: what a served opponent
+        is sent: "textarena" (TextArena's agent prompt and its full text for the seat) or "agent" (the chat a
+        turnrl agent sees in this env: the seat's system prompt, its observations and its own earlier replies,
+        `observe` applied; its move is read from `<answer>...</answer>`), so that `turnrl serve` of an earlier
+        checkpoint plays as it was trained (with env.system_prompt on and rollout.context full): a frozen copy
+        of the policy as the opponent. invalid_moves ("retry" or "textarena"),
         observe ("messages" or "board"), max_action_chars (1000), opponent_max_tokens (256).
         The solver (expert_action, the built-in opponents) covers GuessTheNumber, TowerOfHanoi, LightsOut,
         FrozenLake, Mastermind (single-player), TicTacToe and Nim (two-player); other games train and evaluate
@@ -179,8 +194,8 @@ class TextArenaEnv(Env):
 
     def __init__(self, game: str = "GuessTheNumber-v0", player: int = 0, num_players: int | None = None,
                  opponent: str = "", opponent_url: str = "", opponent_model: str = "",
-                 invalid_moves: str = "retry", observe: str = "messages", max_action_chars: int = 1000,
-                 opponent_max_tokens: int = 256, **game_kwargs: Any) -> None:
+                 opponent_prompt: str = "textarena", invalid_moves: str = "retry", observe: str = "messages",
+                 max_action_chars: int = 1000, opponent_max_tokens: int = 256, **game_kwargs: Any) -> None:
         _textarena()
         specs = importlib.import_module("textarena.envs.registration").ENV_REGISTRY
         if game not in specs:
@@ -216,10 +231,13 @@ class TextArenaEnv(Env):
         if not 0 <= int(player) < self.num_players:
             raise ValueError(f"player must be a seat of the {self.num_players}-player game {game!r}, got {player}")
         self.player = int(player)
-        self._opponent = self._make_opponent(opponent, opponent_url, opponent_model, opponent_max_tokens)
+        self.opponent_prompt = opponent_prompt
+        self._opponent = self._make_opponent(opponent, opponent_url, opponent_model, opponent_max_tokens,
+                                             opponent_prompt)
         self._random: _OwnRandom | None = None
         self._done, self._reward, self._success, self._invalid = False, 0.0, False, 0
-        self._history: dict[int, list[str]] = {}
+        self._history: dict[int, list[str]] = {}  # each opponent seat's messages, as TextArena's LLM text
+        self._chats: dict[int, list[dict]] = {}  # and as a turnrl agent's chat (opponent_prompt="agent")
         self._board, self._seen, self._others = "", [], []
 
     # ------------------------------------------------------------------ construction
@@ -238,7 +256,7 @@ class TextArenaEnv(Env):
         raise ValueError(f"TextArena game {self.game!r} could not be reset with 1 to 8 players (1: {errors[1]}; "
                          f"2: {errors[2]}); set num_players")
 
-    def _make_opponent(self, opponent: str, url: str, model: str, max_tokens: int):
+    def _make_opponent(self, opponent: str, url: str, model: str, max_tokens: int, prompt: str):
         if self.num_players == 1:
             if opponent or url:
                 raise ValueError(f"{self.game!r} is a single-player game: it takes no opponent")
@@ -246,6 +264,8 @@ class TextArenaEnv(Env):
         if url:
             if opponent:
                 raise ValueError("give opponent or opponent_url, not both")
+            if prompt not in ("textarena", "agent"):
+                raise ValueError(f"opponent_prompt must be 'textarena' or 'agent', got {prompt!r}")
             return _ServedOpponent(url, model, max_tokens)
         opponent = opponent or "random"
         if opponent in ("random", "solver"):
@@ -278,6 +298,7 @@ class TextArenaEnv(Env):
         state.set_invalid_move = counted
         self._done, self._reward, self._success, self._invalid = False, 0.0, False, 0
         self._history = {pid: [] for pid in range(self.num_players)}
+        self._chats: dict[int, list[dict]] = {pid: [] for pid in range(self.num_players)}
         self._board, self._seen, self._others = "", [], []
         self._play_others()
         return self._observation(), {"game": self.game, "player": self.player, "num_players": self.num_players,
@@ -288,9 +309,7 @@ class TextArenaEnv(Env):
             raise RuntimeError("call reset() before step()")
         if self._done:
             return self._after_done_step(True, False, self._success)
-        move = action.strip()[: self.max_action_chars] if isinstance(action, str) else ""
-        if "[" not in move and "]" not in move:
-            move = f"[{move}]"
+        move = _bracketed(action[: self.max_action_chars] if isinstance(action, str) else "")
         refused = self._invalid_calls
         self._move(move, mine=True)
         valid = self._invalid_calls == refused
@@ -312,10 +331,12 @@ class TextArenaEnv(Env):
             return self._board
         return "\n".join(self._seen[-_RENDER_LINES:])
 
-    def system_prompt(self) -> str:
-        others = [f"Player {pid}" for pid in range(self.num_players) if pid != self.player]
-        seat = (f" You are Player {self.player}; {', '.join(others)} {'are your opponents' if len(others) > 1 else 'is your opponent'}."
-                if others else "")
+    def system_prompt(self, seat: int | None = None) -> str:
+        """The rules prompt of the policy's seat (or of `seat`: what an `opponent_prompt="agent"` opponent gets)."""
+        me = self.player if seat is None else seat
+        others = [f"Player {pid}" for pid in range(self.num_players) if pid != me]
+        verb = "are your opponents" if len(others) > 1 else "is your opponent"
+        seat = f" You are Player {me}; {', '.join(others)} {verb}." if others else ""
         return (f"You are playing the TextArena game {self.game}.{seat} The game explains its rules and the move "
                 "format in its first message.\n"
                 "Reply with your move in the game's bracket format between <answer> and </answer>, e.g. "
@@ -347,7 +368,9 @@ class TextArenaEnv(Env):
             if state.done or state.current_player_id == self.player:
                 return
             pid = state.current_player_id
-            self._history.setdefault(pid, []).extend(self._format(self._take(pid), pid))
+            messages = self._take(pid)
+            self._history.setdefault(pid, []).extend(self._format(messages, pid))
+            self._chats.setdefault(pid, []).append({"role": "user", "content": self._seat_text(messages, pid)})
             self._move(self._opponent_move(pid), mine=False)
         raise RuntimeError(f"{self.game}: the opponents made {_MAX_OPPONENT_MOVES} moves without the game "
                            f"handing the turn back to player {self.player}")
@@ -358,7 +381,17 @@ class TextArenaEnv(Env):
         if self._opponent == "random":
             moves = self.solver.legal(self._game, pid)
             return self._opponent_rng.choice(moves) if moves else "[]"
-        return str(self._opponent("\n".join(self._history[pid])))
+        if not isinstance(self._opponent, _ServedOpponent):
+            return str(self._opponent("\n".join(self._history[pid])))
+        if self.opponent_prompt == "textarena":
+            messages = [{"role": "system", "content": OPPONENT_SYSTEM},
+                        {"role": "user", "content": "\n".join(self._history[pid])}]
+        else:  # the chat a turnrl agent trained in this env sees in that seat: a served checkpoint plays as trained
+            messages = [{"role": "system", "content": self.system_prompt(pid)}] + self._chats[pid]
+        reply = self._opponent(messages)
+        self._chats[pid].append({"role": "assistant", "content": reply})
+        found = _ANSWER.search(reply)
+        return _bracketed(found.group(1) if found else reply)
 
     def _take(self, pid: int) -> list:
         messages = self._game.state.observations.get(pid, [])
@@ -376,6 +409,16 @@ class TextArenaEnv(Env):
             lines.append(f"[{who}] {str(text).strip()}")
         return lines
 
+    def _seat_text(self, messages: list, pid: int) -> str:
+        """A seat's new messages as its observation (`observe`)."""
+        if self.observe == "board":
+            kinds = importlib.import_module("textarena").ObservationType
+            boards = [i for i, m in enumerate(messages) if m[2] == kinds.GAME_BOARD]
+            if boards:  # the rules (first turn), a reason the game gave for refusing a move, the newest board
+                keep = (kinds.PROMPT, kinds.GAME_ADMIN)
+                messages = [m for m in messages if m[2] in keep] + [messages[boards[-1]]]
+        return "\n".join(self._format(messages, pid))
+
     def _observation(self) -> str:
         messages = self._take(self.player)
         kinds = importlib.import_module("textarena").ObservationType
@@ -384,12 +427,7 @@ class TextArenaEnv(Env):
                 self._board = self._format([message], self.player)[0]
             elif message[2] != kinds.GAME_ADMIN:
                 self._seen.extend(self._format([message], self.player))
-        if self.observe == "board":
-            boards = [i for i, m in enumerate(messages) if m[2] == kinds.GAME_BOARD]
-            if boards:  # the rules (first turn), a reason the game gave for refusing a move, the newest board
-                keep = (kinds.PROMPT, kinds.GAME_ADMIN)
-                messages = [m for m in messages if m[2] in keep] + [messages[boards[-1]]]
-        lines = self._format(messages, self.player)
+        lines = [self._seat_text(messages, self.player)]
         if self._done:
             info = self._game.state.game_info.get(self.player, {})
             reason = info.get("reason") if isinstance(info, dict) else None
