@@ -168,7 +168,7 @@ def test_a_callable_opponent_gets_textarenas_full_text_for_its_seat():
     assert info["success"]  # minimax beats first-free
     assert SEEN and SEEN[0].startswith("[GAME] You are Player 1 in Tic Tac Toe.")
     assert all(a in b for a, b in zip(SEEN, SEEN[1:]))  # the history grows: each text holds the one before
-    assert "[Player 0] [" in SEEN[-1]
+    assert "[Player 0] [" in SEEN[-1] and "[Player 1] [" in SEEN[-1]  # TextArena's text holds both seats' moves
 
 
 def test_a_served_opponent_is_asked_through_the_openai_api():

@@ -336,8 +336,8 @@ class TextArenaEnv(Env):
         me = self.player if seat is None else seat
         others = [f"Player {pid}" for pid in range(self.num_players) if pid != me]
         verb = "are your opponents" if len(others) > 1 else "is your opponent"
-        seat = f" You are Player {me}; {', '.join(others)} {verb}." if others else ""
-        return (f"You are playing the TextArena game {self.game}.{seat} The game explains its rules and the move "
+        who = f" You are Player {me}; {', '.join(others)} {verb}." if others else ""
+        return (f"You are playing the TextArena game {self.game}.{who} The game explains its rules and the move "
                 "format in its first message.\n"
                 "Reply with your move in the game's bracket format between <answer> and </answer>, e.g. "
                 "<answer>[4]</answer>.")
@@ -369,7 +369,7 @@ class TextArenaEnv(Env):
                 return
             pid = state.current_player_id
             messages = self._take(pid)
-            self._history.setdefault(pid, []).extend(self._format(messages, pid))
+            self._history.setdefault(pid, []).extend(self._format(messages, pid, own_moves=True))
             self._chats.setdefault(pid, []).append({"role": "user", "content": self._seat_text(messages, pid)})
             self._move(self._opponent_move(pid), mine=False)
         raise RuntimeError(f"{self.game}: the opponents made {_MAX_OPPONENT_MOVES} moves without the game "
@@ -398,13 +398,15 @@ class TextArenaEnv(Env):
         self._game.state.observations[pid] = []
         return messages
 
-    def _format(self, messages: list, pid: int) -> list[str]:
+    def _format(self, messages: list, pid: int, own_moves: bool = False) -> list[str]:
+        """Messages as TextArena's LLM wrapper writes them; the seat's own moves only in TextArena's text
+        (`own_moves`), as a chat already holds them as the seat's replies."""
         kinds = importlib.import_module("textarena").ObservationType
         roles = getattr(self._game.state, "role_mapping", {}) or {}
         lines = []
         for sender, text, kind in messages:
-            if sender == pid and kind == kinds.PLAYER_ACTION:
-                continue  # the seat's own move, which its history already holds
+            if sender == pid and kind == kinds.PLAYER_ACTION and not own_moves:
+                continue
             who = "GAME" if sender == GAME_ID else roles.get(sender, f"Player {sender}")
             lines.append(f"[{who}] {str(text).strip()}")
         return lines
