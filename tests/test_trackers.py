@@ -112,6 +112,10 @@ def test_tensorboard_and_wandb_get_every_metric_and_evaluation(tmp_path):
         for e in line["episodes"]:
             assert f"seed {e['seed']}, group_id {e['group_id']}, success {e['success']}" in text
             assert e["transcript"][0][1].splitlines()[0] in text
+            for reward, reply in zip(e["turn_rewards"], e["replies"]):  # each reply's reward and advantage
+                note = f"reward {reward:+.3f}" + ("" if reply["advantage"] is None else
+                                                  f", advantage {reply['advantage']:+.3f}")
+                assert f"  ({note})" in text
 
     history, summary, config = wandb_run(run)
     rows = [{k: v for k, v in row.items() if not k.startswith("_")} for row in history]

@@ -111,7 +111,21 @@ SAMPLE_COLUMNS = ("seed", "group_id", "success", "reward", "turns", "end_reason"
 
 
 def _transcript_text(episode: dict) -> str:
-    return "\n".join(f"[{role}] {text}" for role, text in episode["transcript"])
+    """The transcript, each reply followed by its turn's reward and the advantage the update gave it (samples.jsonl's
+    `turn_rewards` and `replies`; no advantage for episodes the filter dropped, or in evaluation samples)."""
+    rewards, replies = episode.get("turn_rewards") or [], episode.get("replies") or []
+    lines, turn = [], 0
+    for role, text in episode["transcript"]:
+        line = f"[{role}] {text}"
+        if role == "assistant":
+            notes = [f"reward {rewards[turn]:+.3f}"] if turn < len(rewards) else []
+            advantage = replies[turn].get("advantage") if turn < len(replies) else None
+            if advantage is not None:
+                notes.append(f"advantage {advantage:+.3f}")
+            line += f"  ({', '.join(notes)})" if notes else ""
+            turn += 1
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def _markdown(episode: dict) -> str:
