@@ -9,7 +9,7 @@ from turnrl.envs import check_env, make
 pytest.importorskip("textarena")
 
 SOLVED = ["GuessTheNumber-v0", "TowerOfHanoi-v0", "LightsOut-v0", "FrozenLake-v0", "Mastermind-v0",
-          "TicTacToe-v0", "Nim-v0"]
+          "TicTacToe-v0", "Nim-v0", "ConnectFour-v0"]
 
 
 def _play(env, seed, policy):
@@ -35,6 +35,14 @@ def test_the_solver_solves_every_single_player_game(game):
     for seed in range(40):
         _trace, reward, info = _play(env, seed, lambda e: e.expert_action())
         assert info["success"] and reward == 1.0 and info["metrics"] == {"invalid_moves": 0.0}
+
+
+def test_the_connect_four_solver_wins_against_random_drops():
+    four = make("textarena", game="ConnectFour-v0")  # against random drops: four in a row every time
+    assert all(_play(four, seed, lambda e: e.expert_action())[2]["success"] for seed in range(20))
+    blocked = make("textarena", game="ConnectFour-v0", opponent="solver")
+    _trace, _reward, info = _play(blocked, 0, lambda e: e.expert_action())
+    assert info["metrics"]["win"] + info["metrics"]["draw"] + info["metrics"]["loss"] == 1.0
 
 
 def test_two_player_solvers_win_or_draw_as_game_theory_says():
@@ -197,7 +205,7 @@ def test_bad_arguments_are_clear_errors():
     with pytest.raises(ValueError, match="single-player game: it takes no opponent"):
         make("textarena", game="GuessTheNumber-v0", opponent="random")
     with pytest.raises(ValueError, match="needs a turnrl solver"):
-        make("textarena", game="ConnectFour-v0")  # no solver: give an opponent
+        make("textarena", game="Othello-v0")  # no solver: give an opponent
     with pytest.raises(ValueError, match="package.module:function"):
         make("textarena", game="TicTacToe-v0", opponent="minimax")
     with pytest.raises(ValueError, match="rejected its arguments"):
@@ -214,10 +222,10 @@ def test_bad_arguments_are_clear_errors():
 
 
 def test_a_game_without_a_solver_plays_but_has_no_expert():
-    env = make("textarena", game="ConnectFour-v0", opponent="test_envs_textarena:first_column")
+    env = make("textarena", game="Othello-v0", opponent="test_envs_textarena:first_column")
     obs, _ = env.reset(seed=0)
-    assert "Connect Four" in obs
-    _obs, _reward, _term, _trunc, info = env.step("[col 3]")
+    assert "Valid moves: '[2, 3]'" in obs
+    _obs, _reward, _term, _trunc, info = env.step("[2, 3]")
     assert info["action_valid"]
     with pytest.raises(NotImplementedError, match="no solver"):
         env.expert_action()
@@ -236,7 +244,7 @@ def test_game_arguments_reach_the_game():
 def test_training_on_a_game_without_a_solver_refuses_sft_demonstrations(tmp_path, capsys):
     from turnrl.cli import main
 
-    args = ["train", "--preset", "quickstart", "--env.name", "textarena", "--env.kwargs", "game", "ConnectFour-v0",
+    args = ["train", "--preset", "quickstart", "--env.name", "textarena", "--env.kwargs", "game", "Othello-v0",
             "opponent", "test_envs_textarena:first_column", "--out", str(tmp_path / "run")]
     assert main(args) == 2
     assert "has no solver" in capsys.readouterr().err
@@ -352,3 +360,10 @@ def test_a_served_opponent_can_be_sent_the_chat_a_turnrl_agent_sees():
             make("textarena", game="TicTacToe-v0", opponent_url=server.url, opponent_prompt="turnrl")
     finally:
         server.close()
+
+
+def test_a_seed_replays_its_game_on_an_instance_that_has_played_before():
+    env = make("textarena", game="KuhnPoker-v0", opponent="test_envs_textarena:cautious")  # shuffles its deck
+    first = [env.reset(seed=seed)[0] for seed in range(6)]  # in place: TextArena's object deals differently
+    assert [env.reset(seed=seed)[0] for seed in range(6)] == first  # the second time; a fresh one per episode
+    assert len(set(first)) > 1

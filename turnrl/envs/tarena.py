@@ -185,8 +185,8 @@ class TextArenaEnv(Env):
         of the policy as the opponent. invalid_moves ("retry" or "textarena"),
         observe ("messages" or "board"), max_action_chars (1000), opponent_max_tokens (256).
         The solver (expert_action, the built-in opponents) covers GuessTheNumber, TowerOfHanoi, LightsOut,
-        FrozenLake, Mastermind (single-player), TicTacToe and Nim (two-player); other games train and evaluate
-        without SFT demonstrations. Word games need NLTK corpora, which TextArena downloads on first use.
+        FrozenLake, Mastermind (single-player), TicTacToe, Nim and ConnectFour (two-player; a 3-ply search, ~10
+        ms a move); other games train and evaluate without SFT demonstrations. Word games need NLTK corpora, which TextArena downloads on first use.
     """
 
     name = "textarena"
@@ -218,7 +218,8 @@ class TextArenaEnv(Env):
             except LookupError as err:  # word games load NLTK corpora when imported
                 raise ValueError(_nltk_hint(game, err)) from None
         try:
-            self._game = cls(**{**spec.kwargs, **game_kwargs})
+            self._make_game = functools.partial(cls, **{**spec.kwargs, **game_kwargs})
+            self._game = self._make_game()
         except TypeError as err:
             raise ValueError(f"TextArena game {game!r} rejected its arguments {game_kwargs}: {err}") from None
         except LookupError as err:
@@ -285,6 +286,9 @@ class TextArenaEnv(Env):
         self._random = _OwnRandom(episode_seed, numpy=_uses_numpy_random(type(self._game)))
         self._opponent_rng = random.Random(episode_seed + 1)
         with self._random:
+            # a fresh game object per episode: some keep state across resets (Kuhn Poker shuffles its deck in
+            # place, so the same seed dealt other cards the second time)
+            self._game = self._make_game()
             self._game.reset(num_players=self.num_players, seed=episode_seed)
         state = self._game.state
         self._allowance = getattr(state, "error_allowance", None)

@@ -247,7 +247,75 @@ class Nim(Solver):
         return f"[{i} 1]"
 
 
+class ConnectFour(Solver):
+    """Negamax with alpha-beta to a fixed depth (3 plies): win now, block the opponent's win, else the move whose
+    worst case is best, scored by open lines of two and three; centre columns first among equals."""
+
+    DEPTH = 3
+
+    def legal(self, game: Game, pid: int) -> list[str]:
+        board = game.state.game_state["board"]
+        return [f"[{c}]" for c in range(len(board[0])) if board[0][c] == "."]
+
+    def best(self, game: Game, pid: int) -> str:
+        board = [list(row) for row in game.state.game_state["board"]]
+        me, other = ("X", "O") if pid == 0 else ("O", "X")  # TextArena: player 0 drops X
+        cols = sorted(range(len(board[0])), key=lambda c: abs(c - (len(board[0]) - 1) / 2))
+        moves = [c for c in cols if board[0][c] == "."] or [0]
+        scored = [(-self._negamax(self._drop(board, c, me), other, me, self.DEPTH - 1, -10**9, 10**9), c)
+                  for c in moves]
+        return f"[{max(scored, key=lambda sc: sc[0])[1]}]"  # max keeps the first (most central) of equals
+
+    @staticmethod
+    def _drop(board: list[list[str]], col: int, mark: str) -> list[list[str]]:
+        out = [row[:] for row in board]
+        for r in range(len(out) - 1, -1, -1):
+            if out[r][col] == ".":
+                out[r][col] = mark
+                break
+        return out
+
+    @staticmethod
+    def _windows(board: list[list[str]]):
+        rows, cols = len(board), len(board[0])
+        for r in range(rows):
+            for c in range(cols):
+                for dr, dc in ((0, 1), (1, 0), (1, 1), (1, -1)):
+                    if 0 <= r + 3 * dr < rows and 0 <= c + 3 * dc < cols:
+                        yield [board[r + i * dr][c + i * dc] for i in range(4)]
+
+    def _score(self, board: list[list[str]], me: str, other: str) -> int:
+        """+-10^6 for four in a row, else open twos and threes (for `me` minus for `other`)."""
+        total = 0
+        for w in self._windows(board):
+            mine, theirs = w.count(me), w.count(other)
+            if mine == 4:
+                return 10**6
+            if theirs == 4:
+                return -10**6
+            if theirs == 0:
+                total += (0, 0, 2, 10)[mine] if mine < 4 else 0
+            elif mine == 0:
+                total -= (0, 0, 2, 10)[theirs] if theirs < 4 else 0
+        return total
+
+    def _negamax(self, board, me: str, other: str, depth: int, alpha: int, beta: int) -> int:
+        """Value of `board` for `me`, to move."""
+        score = self._score(board, me, other)
+        moves = [c for c in range(len(board[0])) if board[0][c] == "."]
+        if abs(score) >= 10**6 or depth == 0 or not moves:
+            return score
+        best = -10**9
+        for c in moves:
+            best = max(best, -self._negamax(self._drop(board, c, me), other, me, depth - 1, -beta, -alpha))
+            alpha = max(alpha, best)
+            if alpha >= beta:
+                break
+        return best
+
+
 SOLVERS: dict[str, Callable[[], Solver]] = {
     "GuessTheNumberEnv": GuessTheNumber, "TowerOfHanoiEnv": TowerOfHanoi, "LightsOutEnv": LightsOut,
     "FrozenLakeEnv": FrozenLake, "MastermindEnv": Mastermind, "TicTacToeEnv": TicTacToe, "NimEnv": Nim,
+    "ConnectFourEnv": ConnectFour,
 }
