@@ -28,6 +28,8 @@ def run(args, capsys):
     (["eval", "/no/such/dir"], "--env is required"),
     (["train", "--resume", "/no/such/run"], "cannot resume"),
     (["play", "nope"], "unknown environment"),
+    (["play", "sokoban", "--kwargs", '{"dim": -1}'], "dim must be >= 4"),
+    (["env-server", "sokoban", "--kwargs", '{"nope": 1}'], "does not accept argument(s) 'nope'"),
     (["frobnicate"], "unknown command"),
     (["train", "--rollout.context", "full", "--rollout.context-window", "1"], "context_window=1"),
 ])

@@ -73,6 +73,7 @@ def test_the_demos_command_writes_jsonl_a_chat_template_accepts(tmp_path, capsys
     assert records[0]["messages"][-1]["content"] in text
     assert not out.with_name("demos.jsonl.tmp").exists()
     for args, message in ((["--episodes", "0"], "must be >= 1"), (["--kwargs", "{"], "not valid JSON"),
-                          (["--out", str(tmp_path / "no" / "x.jsonl")], "its directory does not exist")):
+                          (["--out", str(tmp_path / "no" / "x.jsonl")], "its directory does not exist"),
+                          (["--kwargs", '{"dim": -1}'], "dim must be >= 4"), (["--kwargs", '{"nope": 1}'], "nope")):
         assert main(["demos", "sokoban", "--out", str(tmp_path / "x.jsonl"), *args]) == 2
         assert message in capsys.readouterr().err

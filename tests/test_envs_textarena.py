@@ -248,6 +248,9 @@ def test_training_on_a_game_without_a_solver_refuses_sft_demonstrations(tmp_path
             "opponent", "test_envs_textarena:first_column", "--out", str(tmp_path / "run")]
     assert main(args) == 2
     assert "has no solver" in capsys.readouterr().err
+    assert main(["demos", "textarena", "--kwargs", '{"game": "Othello-v0", "opponent": "test_envs_textarena:'
+                 'first_column"}', "--out", str(tmp_path / "d.jsonl")]) == 2
+    assert "has no solver" in capsys.readouterr().err and not (tmp_path / "d.jsonl").exists()
 
 
 def test_rollouts_with_env_threads_play_the_episodes_of_one_thread(tiny_tokenizer):

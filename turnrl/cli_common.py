@@ -18,3 +18,13 @@ def env_kwargs(text: str, flag: str = "--kwargs") -> dict:
     if not isinstance(kwargs, dict):
         raise UsageError(f"{flag} must be a JSON object, e.g. '{{\"dim\": 8}}'")
     return kwargs
+
+
+def made_env(name: str, kwargs: dict):
+    """`turnrl.envs.make(name, **kwargs)`, with an unknown env or bad arguments as a one-line usage error."""
+    from turnrl.envs import make
+
+    try:
+        return make(name, **kwargs)
+    except (ValueError, TypeError) as err:
+        raise UsageError(str(err)) from None

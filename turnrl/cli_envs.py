@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from turnrl.cli_common import UsageError
+from turnrl.cli_common import UsageError, made_env
 from turnrl.cli_common import env_kwargs as _env_kwargs
 
 
@@ -24,6 +24,7 @@ def cmd_env_server(argv: list[str]) -> int:
     kwargs = _env_kwargs(args.kwargs)
     if not 0 <= args.port < 65536:
         raise UsageError("--port must be in [0, 65535]")
+    made_env(args.env, kwargs).close()  # a bad name or argument fails now, not at a client's first /open
     try:
         server = EnvServer(args.env, kwargs, host=args.host, port=args.port)
     except OSError as err:
@@ -60,7 +61,13 @@ def cmd_demos(argv: list[str]) -> int:
         raise UsageError("--episodes, --max-turns and --actions-per-turn must be >= 1 and --epsilon in [0, 1]")
     if not Path(args.out).resolve().parent.is_dir():
         raise UsageError(f"--out {args.out!r}: its directory does not exist")
-    records = demo_records(args.env, args.episodes, env_kwargs=_env_kwargs(args.kwargs), first_seed=args.first_seed,
+    from turnrl.prepare import has_solver
+
+    kwargs = _env_kwargs(args.kwargs)
+    if not has_solver(made_env(args.env, kwargs)):
+        raise UsageError(f"env {args.env!r} has no solver (its expert_action raises NotImplementedError): it has no "
+                         "demonstrations to write")
+    records = demo_records(args.env, args.episodes, env_kwargs=kwargs, first_seed=args.first_seed,
                            max_turns=args.max_turns, max_actions_per_turn=args.actions_per_turn, think=args.think,
                            epsilon=args.epsilon, system_prompt=not args.no_system_prompt)
     stats = write_demos(Path(args.out), records)
@@ -70,7 +77,6 @@ def cmd_demos(argv: list[str]) -> int:
 
 
 def cmd_play(argv: list[str]) -> int:
-    from turnrl.envs import make
     from turnrl.parsing import ACTION_SEP
 
     p = argparse.ArgumentParser(prog="turnrl play", description="Play an environment in the terminal. "
@@ -79,8 +85,7 @@ def cmd_play(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kwargs", default="{}", help="env constructor arguments as JSON")
     args = p.parse_args(argv)
-    kwargs = _env_kwargs(args.kwargs)
-    env = make(args.env, **kwargs)
+    env = made_env(args.env, _env_kwargs(args.kwargs))
     print(env.system_prompt(), "\n")
     obs, _ = env.reset(seed=args.seed)
     total = 0.0
