@@ -121,7 +121,11 @@ def check_env_config(cfg: TrainConfig) -> None:
         except (ValueError, TypeError, RemoteEnvError) as err:
             raise ConfigError(str(err)) from err
         demos = cfg.sft.episodes > 0 and name == (cfg.sft.env or cfg.env.name) and with_kwargs == (not cfg.sft.env)
-        if demos and not has_solver(make(name, **(cfg.env.kwargs if with_kwargs else {}))):
+        try:
+            solver = not demos or has_solver(make(name, **(cfg.env.kwargs if with_kwargs else {})))
+        except (ValueError, TypeError, RemoteEnvError) as err:  # its reset or expert failed: say why, in one line
+            raise ConfigError(f"env {name!r} could not play a demonstration: {err}") from err
+        if not solver:
             raise ConfigError(f"sft.episodes needs solver demonstrations, and env {name!r} has no solver "
                               "(its expert_action raises NotImplementedError): set --sft.episodes 0, or sft.env")
         takes = set(getattr(env, "reset_options", ()))
