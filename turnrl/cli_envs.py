@@ -61,10 +61,15 @@ def cmd_demos(argv: list[str]) -> int:
         raise UsageError("--episodes, --max-turns and --actions-per-turn must be >= 1 and --epsilon in [0, 1]")
     if not Path(args.out).resolve().parent.is_dir():
         raise UsageError(f"--out {args.out!r}: its directory does not exist")
-    from turnrl.prepare import has_solver
+    from turnrl.envs import has_solver
 
     kwargs = _env_kwargs(args.kwargs)
-    if not has_solver(made_env(args.env, kwargs)):
+    env = made_env(args.env, kwargs)
+    try:
+        solved = has_solver(env)
+    finally:
+        env.close()
+    if not solved:
         raise UsageError(f"env {args.env!r} has no solver (its expert_action raises NotImplementedError): it has no "
                          "demonstrations to write")
     records = demo_records(args.env, args.episodes, env_kwargs=kwargs, first_seed=args.first_seed,

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from turnrl.checkpoint import check_free_space, checkpoint_bytes, is_run_dir, run_model_dir, save_model_atomic
 from turnrl.config import SFT_SEED_BASE, ConfigError, TrainConfig
 from turnrl.devcheck import simulation_active
-from turnrl.envs import RemoteEnvError, make
+from turnrl.envs import RemoteEnvError, has_solver, make
 from turnrl.evaluate import renderer_for, settings_for
 from turnrl.models import LoraSpec, ModelLoadError, TinyModelSpec, count_parameters, load_policy
 from turnrl.reference import Reference, reference_of, saved_adapter_weights
@@ -115,16 +115,18 @@ def check_env_config(cfg: TrainConfig) -> None:
     if cfg.sft.env and cfg.sft.episodes > 0:
         envs.add((cfg.sft.env, False))
     for name, with_kwargs in envs:
-        try:
-            env = make(name, **(cfg.env.kwargs if with_kwargs else {}))
-            env.close()
-        except (ValueError, TypeError, RemoteEnvError) as err:
-            raise ConfigError(str(err)) from err
+        kwargs = cfg.env.kwargs if with_kwargs else {}
         demos = cfg.sft.episodes > 0 and name == (cfg.sft.env or cfg.env.name) and with_kwargs == (not cfg.sft.env)
         try:
-            solver = not demos or has_solver(make(name, **(cfg.env.kwargs if with_kwargs else {})))
+            env = make(name, **kwargs)
+        except (ValueError, TypeError, RemoteEnvError) as err:
+            raise ConfigError(str(err)) from err
+        try:
+            solver = not demos or has_solver(env)  # the demonstrations' env: does its expert answer?
         except (ValueError, TypeError, RemoteEnvError) as err:  # its reset or expert failed: say why, in one line
             raise ConfigError(f"env {name!r} could not play a demonstration: {err}") from err
+        finally:
+            env.close()
         if not solver:
             raise ConfigError(f"sft.episodes needs solver demonstrations, and env {name!r} has no solver "
                               "(its expert_action raises NotImplementedError): set --sft.episodes 0, or sft.env")
@@ -132,18 +134,6 @@ def check_env_config(cfg: TrainConfig) -> None:
         if cfg.attack.pool and name == cfg.env.name and not {"attack", "attack_target"} <= takes:
             raise ConfigError(f"attack.pool injects attacks through reset options 'attack' and 'attack_target', which "
                               f"env {name!r} does not take (Env.reset_options): use an env that does (role_chain)")
-
-
-def has_solver(env) -> bool:
-    """Whether the env's expert answers (textarena games without a turnrl solver raise NotImplementedError)."""
-    try:
-        env.reset(seed=0)
-        env.expert_action()
-    except NotImplementedError:
-        return False
-    finally:
-        env.close()
-    return True
 
 
 def build_policy(cfg: TrainConfig, name: str | None = None, *, value_head: bool | None = None):

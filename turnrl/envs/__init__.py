@@ -6,7 +6,7 @@ describes each. Use `make(name, **kwargs)`; `make("mypkg.mod:MyEnv")` loads your
 """
 
 from .bandit import BanditEnv
-from .base import Env, StepResult, check_env
+from .base import Env, StepResult, check_env, has_solver
 from .countdown import CountdownEnv
 from .frozen_lake import FrozenLakeEnv
 from .math_qa import MathQAEnv
@@ -70,6 +70,7 @@ __all__ = [
     "CalculatorMathEnv",
     "UnknownEnvError",
     "check_env",
+    "has_solver",
     "env_summary",
     "list_envs",
     "make",

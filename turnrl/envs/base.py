@@ -128,6 +128,17 @@ class Env(ABC):
         return StepResult(self.render(), 0.0, terminated, truncated, info)
 
 
+def has_solver(env: Env) -> bool:
+    """Whether the env's expert answers after `reset(seed=0)`: textarena games without a turnrl solver raise
+    NotImplementedError from `expert_action` (they train and evaluate, but give no demonstrations)."""
+    env.reset(seed=0)
+    try:
+        env.expert_action()
+    except NotImplementedError:
+        return False
+    return True
+
+
 # ---------------------------------------------------------------------- check_env
 
 _FIXED_GARBAGE = (
