@@ -195,7 +195,7 @@ class TextArenaEnv(Env):
                  opponent: str = "", opponent_url: str = "", opponent_model: str = "",
                  opponent_prompt: str = "textarena", invalid_moves: str = "retry", observe: str = "messages",
                  max_action_chars: int = 1000, opponent_max_tokens: int = 256, **game_kwargs: Any) -> None:
-        _textarena()
+        self._kinds = _textarena().ObservationType  # TextArena's message types
         specs = importlib.import_module("textarena.envs.registration").ENV_REGISTRY
         if game not in specs:
             close = difflib.get_close_matches(game, specs, n=1)
@@ -234,6 +234,11 @@ class TextArenaEnv(Env):
         self.opponent_prompt = opponent_prompt
         self._opponent = self._make_opponent(opponent, opponent_url, opponent_model, opponent_max_tokens,
                                              opponent_prompt)
+        # what an opponent seat reads: TextArena's text (a callable, or a served model so prompted), the chat of a
+        # turnrl agent (opponent_prompt="agent"), or nothing (random, solver: they read the game's state)
+        served = isinstance(self._opponent, _ServedOpponent)
+        self._opponent_reads = ("chat" if served and opponent_prompt == "agent" else
+                                None if self._opponent is None or isinstance(self._opponent, str) else "text")
         self._random: _OwnRandom | None = None
         self._done, self._reward, self._success, self._invalid = False, 0.0, False, 0
         self._history: dict[int, list[str]] = {}  # each opponent seat's messages, as TextArena's LLM text
@@ -301,7 +306,7 @@ class TextArenaEnv(Env):
         state.set_invalid_move = counted
         self._done, self._reward, self._success, self._invalid = False, 0.0, False, 0
         self._history = {pid: [] for pid in range(self.num_players)}
-        self._chats: dict[int, list[dict]] = {pid: [] for pid in range(self.num_players)}
+        self._chats = {pid: [] for pid in range(self.num_players)}
         self._board, self._seen, self._others = "", [], []
         self._play_others()
         return self._observation(), {"game": self.game, "player": self.player, "num_players": self.num_players,
@@ -372,8 +377,10 @@ class TextArenaEnv(Env):
                 return
             pid = state.current_player_id
             messages = self._take(pid)
-            self._history.setdefault(pid, []).extend(self._format(messages, pid, own_moves=True))
-            self._chats.setdefault(pid, []).append({"role": "user", "content": self._seat_text(messages, pid)})
+            if self._opponent_reads == "text":
+                self._history[pid].extend(self._format(messages, pid, own_moves=True))
+            elif self._opponent_reads == "chat":
+                self._chats[pid].append({"role": "user", "content": self._seat_text(messages, pid)})
             self._move(self._opponent_move(pid), mine=False)
         raise RuntimeError(f"{self.game}: the opponents made {_MAX_OPPONENT_MOVES} moves without the game "
                            f"handing the turn back to player {self.player}")
@@ -404,11 +411,10 @@ class TextArenaEnv(Env):
     def _format(self, messages: list, pid: int, own_moves: bool = False) -> list[str]:
         """Messages as TextArena's LLM wrapper writes them; the seat's own moves only in TextArena's text
         (`own_moves`), as a chat already holds them as the seat's replies."""
-        kinds = importlib.import_module("textarena").ObservationType
         roles = getattr(self._game.state, "role_mapping", {}) or {}
         lines = []
         for sender, text, kind in messages:
-            if sender == pid and kind == kinds.PLAYER_ACTION and not own_moves:
+            if sender == pid and kind == self._kinds.PLAYER_ACTION and not own_moves:
                 continue
             who = "GAME" if sender == GAME_ID else roles.get(sender, f"Player {sender}")
             lines.append(f"[{who}] {str(text).strip()}")
@@ -417,20 +423,18 @@ class TextArenaEnv(Env):
     def _seat_text(self, messages: list, pid: int) -> str:
         """A seat's new messages as its observation (`observe`)."""
         if self.observe == "board":
-            kinds = importlib.import_module("textarena").ObservationType
-            boards = [i for i, m in enumerate(messages) if m[2] == kinds.GAME_BOARD]
+            boards = [i for i, m in enumerate(messages) if m[2] == self._kinds.GAME_BOARD]
             if boards:  # the rules (first turn), a reason the game gave for refusing a move, the newest board
-                keep = (kinds.PROMPT, kinds.GAME_ADMIN)
+                keep = (self._kinds.PROMPT, self._kinds.GAME_ADMIN)
                 messages = [m for m in messages if m[2] in keep] + [messages[boards[-1]]]
         return "\n".join(self._format(messages, pid))
 
     def _observation(self) -> str:
         messages = self._take(self.player)
-        kinds = importlib.import_module("textarena").ObservationType
         for message in messages:  # what render() shows
-            if message[2] == kinds.GAME_BOARD:
+            if message[2] == self._kinds.GAME_BOARD:
                 self._board = self._format([message], self.player)[0]
-            elif message[2] != kinds.GAME_ADMIN:
+            elif message[2] != self._kinds.GAME_ADMIN:
                 self._seen.extend(self._format([message], self.player))
         lines = [self._seat_text(messages, self.player)]
         if self._done:
